@@ -1,0 +1,71 @@
+"""Small helpers shared by the benchmark scripts: timing, memory, tables, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+
+
+def block(tree: Any) -> Any:
+  return jax.block_until_ready(tree)
+
+
+def median_ms(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 10) -> float:
+  """Median wall time of fn() in ms, synchronising on its outputs every call."""
+  for _ in range(warmup):
+    block(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    block(fn())
+    times.append((time.perf_counter() - start) * 1e3)
+  return statistics.median(times)
+
+
+def device_memory_stats() -> dict[str, int]:
+  """The first local device's allocator stats ({} on backends without them, e.g. CPU)."""
+  return jax.local_devices()[0].memory_stats() or {}
+
+
+def compiled_temp_bytes(jitted: Callable, *args, **kwargs) -> int | None:
+  """XLA's compiled temp allocation for jitted(*args): available on every backend."""
+  analysis = jitted.lower(*args, **kwargs).compile().memory_analysis()
+  return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+def is_oom(err: BaseException) -> bool:
+  text = str(err)
+  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.1f}"
+    return "-" if v is None else str(v)
+  cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+  print(" | ".join(c.rjust(w) for c, w in zip(columns, widths)))
+  print("-+-".join("-" * w for w in widths))
+  for row in cells:
+    print(" | ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=2)
+  print(f"wrote {path}")
+
+
+def environment() -> dict[str, Any]:
+  dev = jax.devices()[0]
+  return {"jax": jax.__version__, "platform": dev.platform,
+          "device": getattr(dev, "device_kind", str(dev)), "date": time.strftime("%Y-%m-%d")}

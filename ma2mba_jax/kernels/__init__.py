@@ -1,0 +1,1 @@
+"""Compute kernels. They know nothing of models or training."""
