@@ -1,0 +1,113 @@
+"""Multi-Axis Gradient Checkpointing (MA-GC): a grid of l layers x s tokens.
+
+    for each time block of s tokens (lax.scan; carry = every layer's states):
+      for each group of l layers (lax.scan; carry = h of the block):
+        cell = jax.checkpoint(l layers over s tokens)
+
+What the forward keeps, by construction of the two scans around a checkpointed cell:
+  * layer checkpoints: each cell's input h [B, s, D], for every group and block
+    (L/l * S * D in all);
+  * sequence checkpoints: each cell's input states (conv [l, B, conv_dim, K-1] and
+    ssm [l, B, H, P, N]), i.e. every layer's states at every block boundary (L * S/s of them).
+The backward runs blocks last to first and groups top to bottom; each cell recomputes its
+forward from those two checkpoints and back-propagates, sending dh to the group below and
+d(states) to the previous block -- the SSD and conv1d take initial states as inputs and
+return their gradients, which is what makes this exact.
+
+T not a multiple of s and L not a multiple of l are handled by a last, shorter block and a
+last, smaller group.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from ma2mba_jax.remat.cells import cell_checkpoint, scan_layers
+from ma2mba_jax.remat.planner import MemoryConstants, magc_memory, plan_magc
+
+
+def _leading(tree: Any) -> int:
+  return jax.tree.leaves(tree)[0].shape[0]
+
+
+def apply_layer_groups(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
+                       ssm: jax.Array, *, group_size: int,
+                       checkpoint: Callable[[Callable], Callable]) -> tuple:
+  """Layers in groups of `group_size`, each group a checkpointed cell, scanned in order.
+
+  params leaves [L, ...]; h [B, S, D]; conv [L, B, conv_dim, K-1]; ssm [L, B, H, P, N].
+  """
+  n_layers = _leading(params)
+  n_full, n_rest = divmod(n_layers, group_size)
+  cell = checkpoint(lambda p, h, c, s: scan_layers(layer_fn, p, h, c, s))
+  convs, ssms = [], []
+
+  if n_full:
+    def grouped(a):  # [L, ...] -> [n_full, group_size, ...] (full groups only)
+      return a[:n_full * group_size].reshape((n_full, group_size) + a.shape[1:])
+
+    def group_step(h, group):
+      group_params, group_conv, group_ssm = group
+      h, group_conv, group_ssm = cell(group_params, h, group_conv, group_ssm)
+      return h, (group_conv, group_ssm)
+
+    h, (c, s) = jax.lax.scan(group_step, h, jax.tree.map(grouped, (params, conv, ssm)))
+    convs.append(c.reshape((-1,) + c.shape[2:]))
+    ssms.append(s.reshape((-1,) + s.shape[2:]))
+  if n_rest:
+    rest = lambda a: a[n_full * group_size:]
+    h, c, s = cell(jax.tree.map(rest, params), h, rest(conv), rest(ssm))
+    convs.append(c)
+    ssms.append(s)
+  return h, jnp.concatenate(convs, axis=0), jnp.concatenate(ssms, axis=0)
+
+
+def apply_magc(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
+               ssm: jax.Array, remat_cfg: Any) -> tuple:
+  """The MA-GC grid. `remat_cfg.l` and `remat_cfg.s` must be resolved ints (see resolve)."""
+  l, s = remat_cfg.l, remat_cfg.s
+  if not (isinstance(l, int) and isinstance(s, int)) or l < 1 or s < 1:
+    raise ValueError(f"MA-GC needs resolved positive ints for config.remat.l and .s, got "
+                     f"l={l!r}, s={s!r} (resolve 'auto' with remat.magc.resolve first)")
+  batch, seqlen, width = h.shape
+  checkpoint = cell_checkpoint(remat_cfg)
+  column = lambda h_blk, c, m: apply_layer_groups(layer_fn, params, h_blk, c, m,
+                                                  group_size=l, checkpoint=checkpoint)
+  n_blocks, n_rest = divmod(seqlen, s)
+  outputs = []
+  if n_blocks:
+    def block_step(states, h_blk):
+      h_blk, c, m = column(h_blk, *states)
+      return (c, m), h_blk
+
+    blocks = jnp.moveaxis(h[:, :n_blocks * s].reshape(batch, n_blocks, s, width), 1, 0)
+    (conv, ssm), h_out = jax.lax.scan(block_step, (conv, ssm), blocks)
+    outputs.append(jnp.moveaxis(h_out, 0, 1).reshape(batch, n_blocks * s, width))
+  if n_rest:
+    h_rest, conv, ssm = column(h[:, n_blocks * s:], conv, ssm)
+    outputs.append(h_rest)
+  return jnp.concatenate(outputs, axis=1), conv, ssm
+
+
+def resolve(remat_cfg: Any, model_cfg: Any, seqlen: int, *, bytes_per_element: int = 2,
+            budget_bytes: float | None = None) -> tuple[int, int, float]:
+  """Turns l/s = 'auto' into ints with the memory model; returns (l, s, predicted bytes).
+
+  Explicit ints are kept (and checked); `s` must be a multiple of the SSD chunk length.
+  """
+  chunk = model_cfg.chunk_len
+  constants = MemoryConstants.from_model(model_cfg)
+  budget = None if budget_bytes is None else budget_bytes / bytes_per_element
+  plan = plan_magc(model_cfg.n_layers, seqlen, constants, chunk_len=chunk,
+                   budget_elements=budget)
+  l = plan.l if remat_cfg.l == "auto" else int(remat_cfg.l)
+  s = plan.s if remat_cfg.s == "auto" else int(remat_cfg.s)
+  if not 1 <= l <= model_cfg.n_layers:
+    raise ValueError(f"config.remat.l={l} must be in 1..n_layers={model_cfg.n_layers}")
+  if s < 1 or s % chunk:
+    raise ValueError(f"config.remat.s={s} must be a positive multiple of the SSD chunk "
+                     f"length {chunk}")
+  return l, s, magc_memory(model_cfg.n_layers, seqlen, l, s, constants) * bytes_per_element

@@ -1,0 +1,67 @@
+"""Remat policies over a stack of layers, chosen by name from `config.remat`.
+
+Every policy computes the same function,
+
+    apply(layer_fn, params, h, conv, ssm, remat_cfg) -> (h, conv, ssm)
+
+    layer_fn(layer_params, h, conv_state, ssm_state) -> (h, conv_state, ssm_state)
+    params: pytree, leaves [L, ...]     h: [B, S, D] f32
+    conv: [L, B, conv_dim, K-1]         ssm: [L, B, H, P, N]
+
+and differs only in what the forward keeps for the backward:
+
+  none   everything (memory O(L*S))
+  layer  each layer's input: each layer under jax.checkpoint (the usual GC)
+  sqrt   each group of about sqrt(L) layers' input (O(sqrt(L)*S))
+  magc   a grid of l layers x s tokens (multi-axis GC, see magc.py; O(S) at the optimum)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+
+from ma2mba_jax.remat import magc
+from ma2mba_jax.remat.cells import cell_checkpoint, scan_layers
+
+LayerFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def apply_none(layer_fn: LayerFn, params, h, conv, ssm, remat_cfg) -> tuple:
+  del remat_cfg
+  return scan_layers(layer_fn, params, h, conv, ssm)
+
+
+def apply_layer(layer_fn: LayerFn, params, h, conv, ssm, remat_cfg) -> tuple:
+  return magc.apply_layer_groups(layer_fn, params, h, conv, ssm, group_size=1,
+                                 checkpoint=cell_checkpoint(remat_cfg))
+
+
+def sqrt_group_size(n_layers: int) -> int:
+  return max(1, round(math.sqrt(n_layers)))
+
+
+def apply_sqrt(layer_fn: LayerFn, params, h, conv, ssm, remat_cfg) -> tuple:
+  n_layers = jax.tree.leaves(params)[0].shape[0]
+  return magc.apply_layer_groups(layer_fn, params, h, conv, ssm,
+                                 group_size=sqrt_group_size(n_layers),
+                                 checkpoint=cell_checkpoint(remat_cfg))
+
+
+POLICIES: dict[str, Callable[..., tuple]] = {
+    "none": apply_none,
+    "layer": apply_layer,
+    "sqrt": apply_sqrt,
+    "magc": magc.apply_magc,
+}
+
+
+def apply_with_remat(layer_fn: LayerFn, params: Any, h: jax.Array, conv: jax.Array,
+                     ssm: jax.Array, remat_cfg: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Runs the layer stack under the policy named by `remat_cfg.policy`."""
+  policy = remat_cfg.policy
+  if policy not in POLICIES:
+    raise ValueError(f"config.remat.policy={policy!r} is not one of {sorted(POLICIES)}")
+  return POLICIES[policy](layer_fn, params, h, conv, ssm, remat_cfg)
