@@ -1,0 +1,214 @@
+"""The Grain input pipeline: annotation index -> shuffle -> shard -> decode and tokenise
+(worker processes) -> fixed-shape batches (see batching.py for the batch contract).
+
+    MapDataset.source(samples)        random access over the parsed annotation records
+      .shuffle(seed).repeat(epochs)   train split only: a new order each epoch
+      [shard_index::shard_count]      this process's share (jax.process_index/count)
+      .map(_Decode)                   PyAV decode + chat template (example.py)
+      .to_iter_dataset(read_options)  `read_threads` threads per worker
+      .mp_prefetch(num_workers)       worker processes (none when num_workers=0)
+    PadBatchIterDataset               pad or pack into the batch arrays, in this process
+
+Resuming: the iterator's state (`get_state`/`set_state`, JSON) is saved with the model
+through Orbax, e.g.
+
+    manager = ocp.CheckpointManager(workdir, item_names=("state", "data"))
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.restore(step, args=ocp.args.Composite(
+        state=..., data=grain.checkpoint.CheckpointRestore(iterator)))
+
+after which `iterator` yields exactly the batches the interrupted run would have seen next.
+
+The data config (a dict or ml_collections.ConfigDict), fields with defaults in DEFAULTS:
+  stage             1 | 2 | 3 (stage 3 packs each video's QA records into one sample)
+  sources           {split: [{"format": llava|webvid|scenewalk, "annotations": file,
+                    "media_root": folder}, ...]}
+  fps, image_size, tokens_per_frame, max_frames, max_tokens   per-example budget
+  batch_size        examples (rows) per batch for THIS process
+  packing           pack several examples into a row (else one example per row)
+  num_workers       decoding worker processes (0: decode in this process)
+  worker_buffer_size  decoded samples each worker keeps ready
+  read_threads, read_buffer_size  threads (and their queue) decoding inside each worker
+  decode_threads    FFmpeg threads per video decode (1; 0 = one per core)
+  seed, num_epochs (None: repeat forever), skip_bad, qa_per_sample
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import tokenizers
+from absl import flags
+
+from ma2mba_jax.data.batching import EMPTY, SKIPPED, PadBatchIterDataset
+from ma2mba_jax.data.errors import DataError
+from ma2mba_jax.data.example import ExampleSpec, build_example
+from ma2mba_jax.data.formats import FORMATS, Sample, pack_by_video, read_source
+from ma2mba_jax.data.tokenizer import special_ids
+
+log = logging.getLogger(__name__)
+
+DEFAULTS: dict[str, Any] = {
+    "fps": 1.0,
+    "image_size": 224,
+    "tokens_per_frame": 144,
+    "packing": False,
+    "num_workers": 0,
+    "worker_buffer_size": 2,
+    "read_threads": 1,
+    "read_buffer_size": 2,
+    "decode_threads": 1,
+    "seed": 0,
+    "num_epochs": None,
+    "skip_bad": False,
+    "qa_per_sample": None,
+}
+REQUIRED = ("stage", "sources", "max_frames", "max_tokens", "batch_size")
+TRAIN_SPLIT = "train"
+# Stands for a missing sample in an eval shard (Grain reads None as "filtered out").
+FILLER = "<filler>"
+
+
+def data_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The config's fields with defaults filled in, checked; ValueError names a bad field."""
+  settings = dict(DEFAULTS)
+  for key in config.keys():
+    settings[key] = config[key]
+  missing = [key for key in REQUIRED if key not in settings]
+  if missing:
+    raise ValueError(f"data config lacks field(s) {missing}")
+  if settings["stage"] not in (1, 2, 3):
+    raise ValueError(f"data.stage must be 1, 2 or 3, got {settings['stage']!r}")
+  for key in ("max_frames", "max_tokens", "batch_size", "tokens_per_frame", "image_size",
+              "worker_buffer_size", "read_threads", "read_buffer_size"):
+    if not isinstance(settings[key], int) or settings[key] < 1:
+      raise ValueError(f"data.{key} must be a positive integer, got {settings[key]!r}")
+  if not isinstance(settings["num_workers"], int) or settings["num_workers"] < 0:
+    raise ValueError(f"data.num_workers must be >= 0, got {settings['num_workers']!r}")
+  if not isinstance(settings["decode_threads"], int) or settings["decode_threads"] < 0:
+    raise ValueError(f"data.decode_threads must be >= 0, got {settings['decode_threads']!r}")
+  if not settings["fps"] > 0:
+    raise ValueError(f"data.fps must be > 0, got {settings['fps']!r}")
+  return settings
+
+
+def build_index(config: Mapping[str, Any], split: str = TRAIN_SPLIT) -> list[Sample]:
+  """All samples of `split`, parsed from its annotation files (records skipped under
+  skip_bad are logged and counted by `read_source`)."""
+  settings = data_settings(config)
+  sources = settings["sources"]
+  if split not in sources:
+    raise ValueError(f"data.sources has no split {split!r} (has {sorted(sources.keys())})")
+  samples: list[Sample] = []
+  qa_samples: list[Sample] = []  # stage 3: packed per video across all files below
+  for i, source in enumerate(sources[split]):
+    for key in ("format", "annotations"):
+      if key not in source:
+        raise ValueError(f"data.sources.{split}[{i}] lacks field '{key}'")
+    if source["format"] not in FORMATS:
+      raise ValueError(f"data.sources.{split}[{i}].format must be one of {FORMATS}, "
+                       f"got {source['format']!r}")
+    index = read_source(
+        source["format"], source["annotations"], source.get("media_root", "") or "",
+        skip_bad=settings["skip_bad"])
+    log.info("data %s: %d records from %s (%s)%s", split, len(index.samples),
+             source["annotations"], source["format"],
+             f", {len(index.skipped)} bad records skipped" if index.skipped else "")
+    packs = settings["stage"] == 3 and source["format"] == "llava"
+    (qa_samples if packs else samples).extend(index.samples)
+  if qa_samples:
+    packed = pack_by_video(qa_samples, settings["qa_per_sample"])
+    log.info("data %s: %d QA records packed into %d samples (one video each)", split,
+             len(qa_samples), len(packed))
+    samples.extend(packed)
+  if not samples:
+    raise DataError(f"data split {split!r} has no samples")
+  return samples
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decode:
+  """Grain map: Sample -> example dict (example.py) or a skip marker; FILLER -> empty row."""
+  tokenizer: tokenizers.Tokenizer
+  spec: ExampleSpec
+  skip_bad: bool
+
+  def __call__(self, sample: Sample | str) -> dict:
+    if sample == FILLER:
+      return {EMPTY: True}
+    try:
+      return build_example(sample, tokenizer=self.tokenizer, spec=self.spec)
+    except DataError as e:
+      if not self.skip_bad:
+        raise
+      return {SKIPPED: str(e)}
+
+
+def _shard_for_eval(samples: Sequence[Sample], index: int, count: int) -> list[Sample | str]:
+  """Every `count`-th sample from `index`, padded with FILLER (empty rows) so that every
+  process gets the same number of batches."""
+  per_shard = math.ceil(len(samples) / count)
+  return [samples[j] if (j := index + i * count) < len(samples) else FILLER
+          for i in range(per_shard)]
+
+
+def make_pipeline(
+    config: Mapping[str, Any],
+    *,
+    tokenizer: tokenizers.Tokenizer,
+    split: str = TRAIN_SPLIT,
+    seed: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> grain.IterDataset:
+  """The batches of `split` for one process, as a Grain IterDataset; `iter()` it.
+
+  The train split is shuffled with `seed` (default config seed), repeated for num_epochs
+  (forever when None) and drops a last incomplete batch. Other splits are read once in
+  order; their last batch is padded with empty rows (segment_ids all 0), and every process
+  gets the same number of batches. shard_index/shard_count default to
+  jax.process_index()/jax.process_count(). (With a finite num_epochs, train shards can
+  differ by a batch at the very end: train for a fixed number of steps.)
+  """
+  settings = data_settings(config)
+  if shard_index is None or shard_count is None:
+    import jax  # only here: the data side needs no accelerator otherwise
+    shard_index, shard_count = jax.process_index(), jax.process_count()
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+  samples = build_index(config, split)
+  train = split == TRAIN_SPLIT
+  if train:
+    ds = grain.MapDataset.source(samples)
+    ds = ds.shuffle(seed=settings["seed"] if seed is None else seed)
+    ds = ds.repeat(settings["num_epochs"])
+    ds = ds[shard_index::shard_count]
+  else:
+    ds = grain.MapDataset.source(_shard_for_eval(samples, shard_index, shard_count))
+  spec = ExampleSpec(fps=float(settings["fps"]), image_size=settings["image_size"],
+                     tokens_per_frame=settings["tokens_per_frame"],
+                     max_frames=settings["max_frames"], max_tokens=settings["max_tokens"],
+                     decode_threads=settings["decode_threads"])
+  ds = ds.map(_Decode(tokenizer, spec, bool(settings["skip_bad"])))
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=settings["read_threads"], prefetch_buffer_size=settings["read_buffer_size"]))
+  if settings["num_workers"] > 0:
+    # Grain's worker processes read absl flags; outside an absl app (tests, notebooks,
+    # scripts) nothing parsed them, so take their defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=settings["num_workers"],
+        per_worker_buffer_size=settings["worker_buffer_size"]))
+  return PadBatchIterDataset(
+      ds, batch_size=settings["batch_size"], max_tokens=settings["max_tokens"],
+      max_frames=settings["max_frames"], image_size=settings["image_size"],
+      tokens_per_frame=settings["tokens_per_frame"],
+      pad_id=special_ids(tokenizer).endoftext, pack=bool(settings["packing"]),
+      drop_remainder=train)
