@@ -1,7 +1,7 @@
 """Multi-Axis Gradient Checkpointing (MA-GC): a grid of l layers x s tokens.
 
-    for each time block of s tokens (lax.scan; carry = every layer's states):
-      for each group of l layers (lax.scan; carry = h of the block):
+    for each group of l layers (lax.scan; carry = h of every token):
+      for each time block of s tokens (lax.scan; carry = the group's states):
         cell = jax.checkpoint(l layers over s tokens)
 
 What the forward keeps, by construction of the two scans around a checkpointed cell:
@@ -9,7 +9,7 @@ What the forward keeps, by construction of the two scans around a checkpointed c
     (L/l * S * D in all);
   * sequence checkpoints: each cell's input states (conv [l, B, conv_dim, K-1] and
     ssm [l, B, H, P, N]), i.e. every layer's states at every block boundary (L * S/s of them).
-The backward runs blocks last to first and groups top to bottom; each cell recomputes its
+The backward runs groups top to bottom and blocks last to first; each cell recomputes its
 forward from those two checkpoints and back-propagates, sending dh to the group below and
 d(states) to the previous block -- the SSD and conv1d take initial states as inputs and
 return their gradients, which is what makes this exact.
@@ -65,31 +65,75 @@ def apply_layer_groups(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.
   return h, jnp.concatenate(convs, axis=0), jnp.concatenate(ssms, axis=0)
 
 
-def apply_magc(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
-               ssm: jax.Array, remat_cfg: Any) -> tuple:
-  """The MA-GC grid. `remat_cfg.l` and `remat_cfg.s` must be resolved ints (see resolve)."""
-  l, s = remat_cfg.l, remat_cfg.s
-  if not (isinstance(l, int) and isinstance(s, int)) or l < 1 or s < 1:
-    raise ValueError(f"MA-GC needs resolved positive ints for config.remat.l and .s, got "
-                     f"l={l!r}, s={s!r} (resolve 'auto' with remat.magc.resolve first)")
+def _group_over_time(cell: Callable, group_params: Any, h: jax.Array, conv: jax.Array,
+                     ssm: jax.Array, s: int) -> tuple:
+  """One group of layers over every token, one time block (cell) after another.
+
+  The scan's carry is the group's states: what it keeps for the backward at each block
+  boundary are the sequence checkpoints; its xs are the layer checkpoints (h [B, s, D]).
+  """
   batch, seqlen, width = h.shape
-  checkpoint = cell_checkpoint(remat_cfg)
-  column = lambda h_blk, c, m: apply_layer_groups(layer_fn, params, h_blk, c, m,
-                                                  group_size=l, checkpoint=checkpoint)
   n_blocks, n_rest = divmod(seqlen, s)
   outputs = []
   if n_blocks:
     def block_step(states, h_blk):
-      h_blk, c, m = column(h_blk, *states)
+      h_blk, c, m = cell(group_params, h_blk, *states)
       return (c, m), h_blk
 
     blocks = jnp.moveaxis(h[:, :n_blocks * s].reshape(batch, n_blocks, s, width), 1, 0)
     (conv, ssm), h_out = jax.lax.scan(block_step, (conv, ssm), blocks)
     outputs.append(jnp.moveaxis(h_out, 0, 1).reshape(batch, n_blocks * s, width))
   if n_rest:
-    h_rest, conv, ssm = column(h[:, n_blocks * s:], conv, ssm)
+    h_rest, conv, ssm = cell(group_params, h[:, n_blocks * s:], conv, ssm)
     outputs.append(h_rest)
-  return jnp.concatenate(outputs, axis=1), conv, ssm
+  return _concat(outputs, axis=1), conv, ssm
+
+
+def _concat(parts: list[jax.Array], axis: int) -> jax.Array:
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+
+
+def apply_magc(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
+               ssm: jax.Array, remat_cfg: Any) -> tuple:
+  """The MA-GC grid. `remat_cfg.l` and `remat_cfg.s` must be resolved ints (see resolve).
+
+  Traversal: a scan over layer groups, inside it a scan over time blocks, each cell under
+  jax.checkpoint. The grid and the checkpoints are the paper's; only the loop nesting is
+  swapped (the backward still meets every cell after the cell above it and the cell after
+  it in time). The reason is measured, not aesthetic: with time blocks outside, every time
+  block's backward produces a gradient for *all* parameters, which XLA accumulates in
+  parameter-sized loop buffers (for the 2.7B model at 16K tokens the compiled temp memory
+  was 41.3 GB against 33.2 GB this way); with groups outside, a group's gradient is
+  accumulated over its time blocks in a group-sized buffer and lands once in the output.
+  """
+  l, s = remat_cfg.l, remat_cfg.s
+  if not (isinstance(l, int) and isinstance(s, int)) or l < 1 or s < 1:
+    raise ValueError(f"MA-GC needs resolved positive ints for config.remat.l and .s, got "
+                     f"l={l!r}, s={s!r} (resolve 'auto' with remat.magc.resolve first)")
+  cell = cell_checkpoint(remat_cfg)(lambda p, h, c, m: scan_layers(layer_fn, p, h, c, m))
+  n_layers = _leading(params)
+  n_full, n_rest = divmod(n_layers, l)
+  convs, ssms = [], []
+  if n_full:
+    def grouped(a):  # [L, ...] -> [n_full, l, ...]; a free reshape when l divides L
+      a = a if n_rest == 0 else a[:n_full * l]
+      return a.reshape((n_full, l) + a.shape[1:])
+
+    def group_step(h, group):
+      group_params, group_conv, group_ssm = group
+      h, group_conv, group_ssm = _group_over_time(cell, group_params, h, group_conv,
+                                                  group_ssm, s)
+      return h, (group_conv, group_ssm)
+
+    h, (c, m) = jax.lax.scan(group_step, h, jax.tree.map(grouped, (params, conv, ssm)))
+    convs.append(c.reshape((-1,) + c.shape[2:]))
+    ssms.append(m.reshape((-1,) + m.shape[2:]))
+  if n_rest:
+    rest = lambda a: a[n_full * l:]
+    h, c, m = _group_over_time(cell, jax.tree.map(rest, params), h, rest(conv), rest(ssm), s)
+    convs.append(c)
+    ssms.append(m)
+  return h, _concat(convs, axis=0), _concat(ssms, axis=0)
 
 
 def resolve(remat_cfg: Any, model_cfg: Any, seqlen: int, *, bytes_per_element: int = 2,

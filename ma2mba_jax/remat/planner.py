@@ -67,8 +67,13 @@ def candidate_block_lengths(seqlen: int, chunk_len: int) -> list[int]:
 
 
 def plan_magc(n_layers: int, seqlen: int, constants: MemoryConstants, *, chunk_len: int,
-              budget_elements: float | None = None) -> Plan:
+              budget_elements: float | None = None, divisors_only: bool = True) -> Plan:
   """Chooses (l, s).
+
+  With `divisors_only`, l ranges over the divisors of L: then the layer groups are a free
+  reshape of the stacked parameters and their gradients, where a ragged last group costs
+  parameter-sized copies that the model above does not count (measured: 8 GB for the
+  2.7B model).
 
   Without a budget: the (l, s) of least predicted memory. With a budget: among the (l, s)
   that fit, the one with the largest cells (fewest, largest kernel calls; ties: least
@@ -81,6 +86,8 @@ def plan_magc(n_layers: int, seqlen: int, constants: MemoryConstants, *, chunk_l
   best_fit: Plan | None = None
   for s in candidate_block_lengths(seqlen, chunk_len):
     for l in range(1, n_layers + 1):
+      if divisors_only and n_layers % l:
+        continue
       m = magc_memory(n_layers, seqlen, l, s, constants)
       plan = Plan(l, s, m)
       if best is None or m < best.predicted_elements:
