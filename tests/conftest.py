@@ -5,6 +5,11 @@ import os
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite is compile-bound on CPU: LLVM's optimisations cost more than they save on these
+# tiny shapes (about 3x faster overall). Numerics are unchanged.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_backend_optimization_level=0").strip()
 
 
 def _has_gpu() -> bool:
@@ -21,3 +26,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
       if item.get_closest_marker("gpu"):
         item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """One persistent XLA compilation cache per test session: functions compiled again with
+  the same shapes (e.g. a resumed training run) load instead of recompiling."""
+  import jax
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  yield

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from ma2mba_jax.remat.cells import cell_checkpoint, scan_layers
+from ma2mba_jax.remat.cells import cell_checkpoint, cell_layer_fn, scan_layers
 from ma2mba_jax.remat.planner import MemoryConstants, magc_memory, plan_magc
 
 
@@ -110,7 +110,8 @@ def apply_magc(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
   if not (isinstance(l, int) and isinstance(s, int)) or l < 1 or s < 1:
     raise ValueError(f"MA-GC needs resolved positive ints for config.remat.l and .s, got "
                      f"l={l!r}, s={s!r} (resolve 'auto' with remat.magc.resolve first)")
-  cell = cell_checkpoint(remat_cfg)(lambda p, h, c, m: scan_layers(layer_fn, p, h, c, m))
+  inner_fn = cell_layer_fn(layer_fn, remat_cfg)
+  cell = cell_checkpoint(remat_cfg)(lambda p, h, c, m: scan_layers(inner_fn, p, h, c, m))
   n_layers = _leading(params)
   n_full, n_rest = divmod(n_layers, l)
   convs, ssms = [], []

@@ -1,0 +1,181 @@
+"""Shared config for the three training stages. Stage files only override what differs.
+
+Variants come as a comma-separated argument after the config path, e.g.
+  --config=configs/stage2.py:model=1.3b           the 1.8B model (CLIP-L + Mamba-2 1.3B)
+  --config=configs/stage2.py:demo                 tiny model on the synthetic demo data
+  --config=configs/stage2.py:model=3.1b,remat=sqrt
+Any field can still be overridden on the command line: --config.optim.lr_llm=2e-5.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Paper presets (models/video_presets.py): 0.7b, 1.8b, 3.1b; tiny for tests and the demo.
+MODEL_SIZES = ("0.7b", "1.8b", "3.1b", "tiny")
+REMAT_POLICIES = ("none", "layer", "sqrt", "magc")
+
+
+def parse_args(arg: str | None) -> dict[str, str]:
+  """'model=1.3b,demo' -> {'model': '1.3b', 'demo': ''}."""
+  out = {}
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    out[key.strip()] = value.strip()
+  unknown = set(out) - {"model", "demo", "remat"}
+  if unknown:
+    raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known: model=<size>, "
+                     f"demo, remat=<policy>")
+  return out
+
+
+def get_base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
+  args = parse_args(arg)
+  c = ml_collections.ConfigDict()
+  # Which training stage: 1 alignment, 2 long-video knowledge, 3 instruction tuning.
+  c.stage = stage
+  # Seed of parameter init, data order and dropout-free training randomness.
+  c.seed = 0
+  # Checkpoint to start from: a previous stage's workdir, or a converted checkpoint
+  # (python -m ma2mba_jax.convert); '' starts from random init (or resumes the workdir).
+  c.init_from = ""
+
+  c.model = ml_collections.ConfigDict()
+  # Video-Ma²mba preset: 0.7b, 1.8b, 3.1b or tiny.
+  c.model.preset = "3.1b"
+  # Matmul / SSD input dtype; parameters stay float32 (master weights).
+  c.model.compute_dtype = "bfloat16"
+  # SSD backend: auto | xla | pallas | triton.
+  c.model.ssd_impl = "auto"
+  # Frames encoded per vision micro-batch (under remat), bounds encoder memory.
+  c.model.frames_per_microbatch = 16
+
+  c.data = ml_collections.ConfigDict()
+  # Folder written by `python -m ma2mba_jax.data.synthetic`; sets `sources` from its manifest.
+  c.data.synthetic_dir = ""
+  # {split: [{format: llava|webvid|scenewalk, annotations: file, media_root: dir}]}.
+  c.data.sources = ml_collections.ConfigDict()
+  # Local tokenizer.json (GPT-NeoX's for the real models); default: the synthetic set's.
+  c.data.tokenizer = ""
+  # Append missing chat-template special tokens (GPT-NeoX's tokenizer lacks four of them).
+  c.data.add_special_tokens = False
+  # Frames per second sampled from videos (the paper: 1 FPS, every frame).
+  c.data.fps = 1.0
+  # Frames and tokens per example; examples are padded (or packed) to these.
+  c.data.max_frames = 3600
+  c.data.max_tokens = 524_288
+  # Pack several short examples into one row.
+  c.data.packing = False
+  # Grain worker processes and per-worker prefetch (0 workers: decode in this process).
+  c.data.num_workers = 8
+  c.data.worker_buffer_size = 2
+  # Skip (and count) bad samples instead of stopping with an error that names them.
+  c.data.skip_bad = False
+  # Stage 3: QA pairs of one video packed into one sample (None: all of them).
+  c.data.qa_per_sample = None
+
+  c.optim = ml_collections.ConfigDict()
+  # Peak learning rates per parameter group; a group is frozen when its lr is 0.
+  c.optim.lr_llm = 4e-5
+  c.optim.lr_vision = 4e-6
+  c.optim.lr_projector = 4e-5
+  # AdamW (paper: betas 0.9 / 0.95, weight decay 0.05), global-norm clip 1.0.
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.05
+  c.optim.grad_clip = 1.0
+  # Cosine schedule with linear warmup over this fraction of the steps.
+  c.optim.warmup_frac = 0.1
+  # Examples per optimizer step, summed over devices and micro-batches.
+  c.optim.global_batch = 32
+  # Examples per device per forward/backward; global_batch / (devices * this) = grad accum.
+  c.optim.micro_batch = 1
+
+  c.remat = ml_collections.ConfigDict()
+  # none | layer | sqrt | magc (multi-axis: l layers x s tokens).
+  c.remat.policy = args.get("remat") or "magc"
+  # MA-GC layers per group and tokens per time block (a multiple of the SSD chunk), as
+  # numbers in strings ('8', '4096') or 'auto' (the paper's memory model picks them).
+  c.remat.l = "auto"
+  c.remat.s = "auto"
+  # What a cell keeps inside for its backward: nothing | layers | dots | names
+  # (remat/cells.py).
+  c.remat.cell_saves = "nothing"
+  # With cell_saves=names: activations to keep (tags in models/mamba2.py).
+  c.remat.save_names = ()
+  # With l/s=auto: memory budget in GB for the memory model (None: least memory).
+  c.remat.budget_gb = ml_collections.FieldReference(None, field_type=float)
+
+  c.train = ml_collections.ConfigDict()
+  # Optimizer steps in this stage.
+  c.train.steps = 1000
+  # Console / JSONL / TensorBoard every this many steps.
+  c.train.log_every = 10
+  # Stop (resumably) after this step, e.g. to fit a time slot; 0 runs to train.steps.
+  c.train.stop_at_step = 0
+
+  c.ckpt = ml_collections.ConfigDict()
+  # Save every this many steps (and at the end), asynchronously.
+  c.ckpt.every_steps = 500
+  # Keep the newest this many checkpoints, plus every keep_period-th step forever.
+  c.ckpt.max_to_keep = 3
+  c.ckpt.keep_period = ml_collections.FieldReference(None, field_type=int)
+
+  c.eval = ml_collections.ConfigDict()
+  # Validation loss every this many steps (0: only at the end), on this many batches.
+  c.eval.every_steps = 0
+  c.eval.batches = 8
+
+  c.mesh = ml_collections.ConfigDict()
+  # Device mesh axes: data parallel and FSDP (parameters and optimizer state sharded).
+  # -1 takes all devices left over.
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+
+  if args.get("model"):
+    c.model.preset = args["model"]
+  if "demo" in args:
+    apply_demo(c)
+  validate(c)
+  return c
+
+
+def apply_demo(c: ml_collections.ConfigDict) -> None:
+  """The demo: tiny model on the synthetic data (python -m ma2mba_jax.data.synthetic)."""
+  c.model.preset = "tiny"
+  c.model.compute_dtype = "float32"
+  c.model.ssd_impl = "xla"
+  c.model.frames_per_microbatch = 4
+  c.data.synthetic_dir = "runs/demo/data"  # what scripts/demo.sh writes
+  c.data.max_frames = 16
+  c.data.max_tokens = 512
+  c.data.num_workers = 0
+  c.optim.lr_llm = 3e-3
+  c.optim.lr_vision = 1e-3
+  c.optim.lr_projector = 3e-3
+  c.optim.global_batch = 8
+  c.optim.micro_batch = 4
+  c.remat.s = "auto"
+  c.train.steps = 60
+  c.train.log_every = 10
+  c.ckpt.every_steps = 30
+  c.eval.batches = 2
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Fails fast on values out of range, naming the field."""
+  if c.model.preset not in MODEL_SIZES:
+    raise ValueError(f"config.model.preset={c.model.preset!r} is not one of {MODEL_SIZES}")
+  if c.remat.policy not in REMAT_POLICIES:
+    raise ValueError(f"config.remat.policy={c.remat.policy!r} is not one of {REMAT_POLICIES}")
+  if c.optim.global_batch % c.optim.micro_batch:
+    raise ValueError(f"config.optim.global_batch={c.optim.global_batch} must be a multiple "
+                     f"of config.optim.micro_batch={c.optim.micro_batch}")
+  for name in ("lr_llm", "lr_vision", "lr_projector", "weight_decay"):
+    if c.optim[name] < 0:
+      raise ValueError(f"config.optim.{name}={c.optim[name]} must be >= 0")
+  if not 0 <= c.optim.warmup_frac < 1:
+    raise ValueError(f"config.optim.warmup_frac={c.optim.warmup_frac} must be in [0, 1)")
+  if c.train.steps < 1:
+    raise ValueError(f"config.train.steps={c.train.steps} must be >= 1")

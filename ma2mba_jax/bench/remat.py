@@ -1,0 +1,191 @@
+"""Remat policies compared: activation memory and tokens/s of the Mamba-2 backbone, fwd+bwd.
+
+  python -m ma2mba_jax.bench.remat --model=2.7b --policies=none,layer,sqrt,magc \
+      --lengths=16384,65536,131072,524288 --json=bench_out/remat.json --png=bench_out/remat.png
+
+Random weights (f32 master, bf16 compute), random tokens, loss = next-token cross-entropy
+(computed in blocks, so the logits never exist whole). Each (policy, length) runs in a fresh
+process, because the allocator's peak counter cannot be reset. Activation memory is measured
+as the paper does: peak device memory minus the memory after parameters and gradients are
+allocated (gradients counted as one parameter-sized f32 tree). On CPU, where the allocator
+keeps no statistics, XLA's compiled temp size is reported instead. OOM is a result, not a
+crash. The paper's Table 3 (A100, 2.7B) is printed beside.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+import types
+
+from absl import app, flags
+
+_MODEL = flags.DEFINE_string("model", "2.7b", "Mamba-2 preset (models/presets.py).")
+_POLICIES = flags.DEFINE_list("policies", ["none", "layer", "sqrt", "magc"], "Remat policies.")
+_LENGTHS = flags.DEFINE_list("lengths", ["16384", "65536"], "Sequence lengths (tokens).")
+_BATCH = flags.DEFINE_integer("batch", 1, "Sequences per step.")
+_L = flags.DEFINE_string("l", "auto", "MA-GC layers per group (or auto).")
+_S = flags.DEFINE_string("s", "auto", "MA-GC tokens per time block (or auto).")
+_CELL_SAVES = flags.DEFINE_string("cell_saves", "nothing", "nothing | layers | dots | names.")
+_SSD_IMPL = flags.DEFINE_string("ssd_impl", "auto", "SSD backend.")
+_DTYPE = flags.DEFINE_string("compute_dtype", "bfloat16", "Compute dtype.")
+_REPEATS = flags.DEFINE_integer("repeats", 1, "Timed steps after the compiled first run.")
+_JSON = flags.DEFINE_string("json", None, "Write results here.")
+_PNG = flags.DEFINE_string("png", None, "Plot memory against length here.")
+_CHILD = flags.DEFINE_string("child", None, "Internal: run one 'policy:length' and print JSON.")
+_TIMEOUT = flags.DEFINE_integer("timeout", 900, "Seconds allowed per (policy, length).")
+
+# Paper Table 3 / Section 5 (A100 80 GB, 2.7B, BF16): activation GB by length.
+PAPER_GB = {
+    "none": {2**10: 2.7, 2**11: 5.4, 2**12: 10.7, 2**13: 21.4, 2**14: 42.6},
+    "layer": {2**14: 17.4},
+    "sqrt": {2**14: 8.7},
+    "magc": {2**10: 0.7, 2**11: 1.1, 2**12: 1.8, 2**13: 2.7, 2**14: 4.2, 2**15: 6.9,
+             2**16: 10.5, 2**17: 17.2, 2**18: 25.9, 2**19: 42.2},
+}
+PAPER_TOK_S = {"none": (2**14, 12168), "layer": (2**16, 8450), "sqrt": (2**17, 8618),
+               "magc": (2**19, 7914)}
+
+
+def run_one(policy: str, seqlen: int) -> dict:
+  """Builds the backbone, measures one (policy, length) in this process."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from ma2mba_jax.bench import common
+  from ma2mba_jax.models.mamba2 import Mamba2LM
+  from ma2mba_jax.models.presets import mamba2_config
+  from ma2mba_jax.remat import magc
+  from ma2mba_jax.remat.lm import apply_layers_with_remat
+  from ma2mba_jax.train.loss import blockwise_cross_entropy, shift_targets
+
+  cfg = mamba2_config(_MODEL.value, compute_dtype=_DTYPE.value, ssd_impl=_SSD_IMPL.value)
+  remat_cfg = types.SimpleNamespace(policy=policy, l=_L.value, s=_S.value,
+                                    cell_saves=_CELL_SAVES.value, save_names=())
+  row = {"policy": policy, "T": seqlen, "batch": _BATCH.value}
+  itemsize = jnp.dtype(_DTYPE.value).itemsize
+  if policy == "magc":
+    l, s, predicted = magc.resolve(remat_cfg, cfg, seqlen, bytes_per_element=itemsize)
+    remat_cfg.l, remat_cfg.s = l, s
+    row.update(l=l, s=s, predicted_GB=predicted * _BATCH.value / 1e9)
+
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: Mamba2LM(cfg, rngs=nnx.Rngs(0))))
+  params = jax.jit(lambda: nnx.split(Mamba2LM(cfg, rngs=nnx.Rngs(0)))[1])()
+  param_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
+  tokens = jax.random.randint(jax.random.key(1), (_BATCH.value, seqlen), 0, cfg.vocab_size)
+  mask = jnp.ones_like(tokens, dtype=bool)
+
+  def loss(params, tokens):
+    model = nnx.merge(graphdef, params)
+    h, _ = apply_layers_with_remat(model, model.embed(tokens), remat_cfg)
+    targets, weights = shift_targets(tokens, mask)
+    total, count = blockwise_cross_entropy(h, model.head, targets, weights)
+    return total / count
+
+  grad_fn = jax.jit(jax.grad(loss))
+  base = common.device_memory_stats().get("bytes_in_use")
+  try:
+    compiled = grad_fn.lower(params, tokens).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+      row["compiled_temp_GB"] = analysis.temp_size_in_bytes / 1e9
+    start = time.perf_counter()
+    grads = jax.block_until_ready(compiled(params, tokens))
+    first = time.perf_counter() - start
+    times = [first]
+    for _ in range(_REPEATS.value):
+      del grads
+      start = time.perf_counter()
+      grads = jax.block_until_ready(compiled(params, tokens))
+      times.append(time.perf_counter() - start)
+  except Exception as err:  # noqa: BLE001 - an OOM is a result
+    if not common.is_oom(err):
+      raise
+    row["error"] = "OOM"
+    return row
+  step_s = min(times[1:]) if len(times) > 1 else times[0]
+  row["step_s"] = step_s
+  row["tokens_per_s"] = _BATCH.value * seqlen / step_s
+  stats = common.device_memory_stats()
+  if base is not None and "peak_bytes_in_use" in stats:
+    row["activation_GB"] = (stats["peak_bytes_in_use"] - base - param_bytes) / 1e9
+  row["param_GB"] = param_bytes / 1e9
+  return row
+
+
+def run_child(spec: str) -> dict:
+  policy, seqlen = spec.split(":")
+  cmd = [sys.executable, "-m", "ma2mba_jax.bench.remat", f"--child={spec}",
+         f"--model={_MODEL.value}", f"--batch={_BATCH.value}", f"--l={_L.value}",
+         f"--s={_S.value}", f"--cell_saves={_CELL_SAVES.value}", f"--ssd_impl={_SSD_IMPL.value}",
+         f"--compute_dtype={_DTYPE.value}", f"--repeats={_REPEATS.value}"]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT.value)
+  except subprocess.TimeoutExpired:
+    return {"policy": policy, "T": int(seqlen), "error": f"timeout {_TIMEOUT.value}s"}
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  tail = (proc.stderr or proc.stdout)[-2000:]
+  oom = "RESOURCE_EXHAUSTED" in tail or "out of memory" in tail.lower()
+  return {"policy": policy, "T": int(seqlen), "error": "OOM" if oom else f"failed: {tail[-300:]}"}
+
+
+def plot(rows: list[dict], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for i, policy in enumerate(sorted({r["policy"] for r in rows})):
+    pts = sorted((r["T"], r.get("activation_GB", r.get("compiled_temp_GB")))
+                 for r in rows if r["policy"] == policy and "error" not in r)
+    if pts:
+      ax.plot(*zip(*pts), "o-", color=f"C{i}", label=f"{policy} (this run)")
+    paper = sorted(PAPER_GB.get(policy, {}).items())
+    if paper:
+      ax.plot(*zip(*paper), "x--", color=f"C{i}", alpha=0.6, label=f"{policy} (paper, A100)")
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("sequence length (tokens)")
+  ax.set_ylabel("activation memory (GB)")
+  ax.set_title(f"Mamba-2 {_MODEL.value}: activation memory, forward+backward")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  print(f"wrote {path}")
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    policy, seqlen = _CHILD.value.split(":")
+    print("RESULT " + json.dumps(run_one(policy, int(seqlen))), flush=True)
+    return
+  from ma2mba_jax.bench import common
+  rows = []
+  for seqlen in map(int, _LENGTHS.value):
+    for policy in _POLICIES.value:
+      row = run_child(f"{policy}:{seqlen}")
+      paper = PAPER_GB.get(policy, {}).get(seqlen)
+      if paper is not None:
+        row["paper_GB"] = paper
+      print(row, flush=True)
+      rows.append(row)
+  columns = ["policy", "T", "l", "s", "activation_GB", "compiled_temp_GB", "predicted_GB",
+             "paper_GB", "tokens_per_s", "step_s", "error"]
+  print()
+  common.print_table(rows, [c for c in columns if any(c in r for r in rows)])
+  print("paper tokens/s (A100): " + ", ".join(f"{p} {v:,} @ {t}" for p, (t, v) in
+                                               PAPER_TOK_S.items()))
+  common.write_json(_JSON.value, {"env": common.environment(), "model": _MODEL.value,
+                                  "rows": rows, "paper_GB": PAPER_GB})
+  if _PNG.value:
+    plot(rows, _PNG.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

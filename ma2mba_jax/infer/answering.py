@@ -1,0 +1,151 @@
+"""Answering questions about videos with a model: chats (generate.py) and benchmark
+questions (evaluate.py), on top of the streaming prefill and the sampler.
+
+A video is read once per call: every question about it continues from the state after the
+frames (the paper's layout puts the frames before the first question, so the state there is
+shared), and every multiple-choice option is scored from a copy of the state after its
+question.
+
+Option likelihood: the target of an option is what the template expects the assistant to say,
+followed by `<|endoftext|>`: its letter ("B", target 'letter', the default: the answer the
+Video-MME instruction asks for and the synthetic set trains) or its text ("a red circle",
+target 'text'). Options are ranked by the MEAN log-probability per target token (so option
+texts of different lengths compare fairly); the sums and token counts are kept too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tokenizers
+
+from ma2mba_jax.data.formats import format_multiple_choice
+from ma2mba_jax.data.tokenizer import vocab_size
+from ma2mba_jax.infer.benchmarks import MCItem, OpenItem, parse_choice
+from ma2mba_jax.infer.sample import Generation, Sampler, SamplingParams
+from ma2mba_jax.infer.stream import Conversation, Progress, Streamer, encode_text
+from ma2mba_jax.models.video_lm import VideoMa2mba
+
+METHODS = ("likelihood", "generate")
+TARGETS = ("letter", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+  """One question of a chat and its answer."""
+  question: str
+  answer: str
+  generation: Generation
+
+
+def make_sampler(model: VideoMa2mba, streamer: Streamer) -> Sampler:
+  """A Sampler that stops at `<|endoftext|>` and never emits `<|frame|>`."""
+  return Sampler(model.llm, vocab_size=vocab_size(streamer.tokenizer),
+                 stop_ids=(streamer.ids.endoftext,), banned_ids=(streamer.ids.frame,))
+
+
+def chat(streamer: Streamer, sampler: Sampler, video: str, questions: Sequence[str], *,
+         sampling: SamplingParams = SamplingParams(), fps: float = 1.0,
+         max_frames: int | None = None, progress: Progress | None = None) -> list[Turn]:
+  """Reads the video, then answers the questions in turn, each follow-up continuing the
+  running state after the previous answer (`answer<|endoftext|><|user|>question...`)."""
+  conv = streamer.read_video(video, fps=fps, max_frames=max_frames, progress=progress)
+  turns = []
+  for question in questions:
+    conv = streamer.ask(conv, question)
+    generation = sampler.generate(conv.states, conv.logits, sampling)
+    conv = streamer.add_answer(conv, generation.tokens)
+    turns.append(Turn(question, streamer.tokenizer.decode(list(generation.tokens)),
+                      generation))
+  return turns
+
+
+def progress_printer(label: str, stream=sys.stderr) -> Progress:
+  """progress(done, total) printing 'label: done/total frames (x%), r frames/s' in place."""
+  start = time.perf_counter()
+
+  def report(done: int, total: int) -> None:
+    rate = done / max(time.perf_counter() - start, 1e-9)
+    end = "\n" if done >= total else ""
+    stream.write(f"\r{label}: {done}/{total} frames ({100.0 * done / total:.0f}%), "
+                 f"{rate:.1f} frames/s{end}")
+    stream.flush()
+  return report
+
+
+class ModelAnswerer:
+  """Answers benchmark questions with a VideoMa2mba (the `Answerer` evaluate.py calls).
+
+  methods for multiple choice: 'likelihood' (see the module docstring) and/or 'generate'
+  (greedy decoding, the first option letter in the text, benchmarks.parse_choice).
+  """
+
+  def __init__(self, streamer: Streamer, sampler: Sampler, *, fps: float = 1.0,
+               max_frames: int | None = None, target: str = "letter",
+               mc_max_new_tokens: int = 8, open_max_new_tokens: int = 64,
+               progress: Callable[[str], Progress] | None = None):
+    if target not in TARGETS:
+      raise ValueError(f"likelihood target must be one of {TARGETS}, got {target!r}")
+    self.streamer, self.sampler = streamer, sampler
+    self.fps, self.max_frames, self.target = fps, max_frames, target
+    self.mc_sampling = SamplingParams(max_new_tokens=mc_max_new_tokens)
+    self.open_sampling = SamplingParams(max_new_tokens=open_max_new_tokens)
+    self.progress = progress
+
+  @classmethod
+  def create(cls, model: VideoMa2mba, tokenizer: tokenizers.Tokenizer, *,
+             frames_per_step: int = 16, **kwargs) -> ModelAnswerer:
+    """A Streamer and Sampler for the model, then the answerer (kwargs as __init__)."""
+    streamer = Streamer(model, tokenizer, frames_per_step=frames_per_step)
+    return cls(streamer, make_sampler(model, streamer), **kwargs)
+
+  def _read(self, video: str) -> Conversation:
+    progress = self.progress(video) if self.progress else None
+    return self.streamer.read_video(video, fps=self.fps, max_frames=self.max_frames,
+                                    progress=progress)
+
+  def _generate(self, conv: Conversation, sampling: SamplingParams) -> str:
+    generation = self.sampler.generate(conv.states, conv.logits, sampling)
+    return self.streamer.tokenizer.decode(list(generation.tokens))
+
+  def option_scores(self, conv: Conversation, item: MCItem) -> dict[str, dict[str, float]]:
+    """Per letter: {"sum": total log-prob, "n": target tokens, "mean": sum / n}."""
+    scores = {}
+    for letter in item.letters:
+      text = letter if self.target == "letter" else item.option_text(letter)
+      ids = encode_text(self.streamer.tokenizer, text, self.streamer.ids) + [
+          self.streamer.ids.endoftext]
+      logprobs = self.streamer.token_logprobs(conv, ids)
+      total = float(logprobs.sum())
+      scores[letter] = {"sum": total, "n": len(ids), "mean": total / len(ids)}
+    return scores
+
+  def answer_mc(self, video: str, items: Sequence[MCItem], methods: Sequence[str]
+                ) -> list[dict[str, Any]]:
+    """Per item: {"likelihood": {"choice", "scores"}} and/or {"generate": {"text",
+    "choice"}}, choices being letters (None when the generated text names no option)."""
+    video_conv = self._read(video)
+    out = []
+    for item in items:
+      conv = self.streamer.ask(video_conv,
+                               format_multiple_choice(item.question, item.options))
+      result: dict[str, Any] = {}
+      if "likelihood" in methods:
+        scores = self.option_scores(conv, item)
+        result["likelihood"] = {"choice": max(scores, key=lambda k: scores[k]["mean"]),
+                                "scores": scores}
+      if "generate" in methods:
+        text = self._generate(conv, self.mc_sampling)
+        result["generate"] = {"text": text, "choice": parse_choice(text, item)}
+      out.append(result)
+    return out
+
+  def answer_open(self, video: str, items: Sequence[OpenItem]) -> list[str]:
+    """Greedy answers to open-ended questions about one video."""
+    video_conv = self._read(video)
+    return [self._generate(self.streamer.ask(video_conv, item.question), self.open_sampling)
+            for item in items]

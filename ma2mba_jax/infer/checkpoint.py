@@ -1,0 +1,111 @@
+"""Loading a trained model and its tokenizer for inference.
+
+`--checkpoint` may be:
+  * a trainer workdir: the model is WORKDIR/model, the tokenizer the one WORKDIR/config.json
+    names (data.tokenizer, else <data.synthetic_dir>/tokenizer.json; relative paths are taken
+    from the current directory, as the trainer did, then from the workdir's parent);
+  * a model export (a folder with model_config.json, e.g. WORKDIR/model): the tokenizer is
+    `--tokenizer`, else the one the parent workdir's config.json names.
+`--tokenizer` always wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import tokenizers
+from flax import nnx
+
+from ma2mba_jax.convert import io as model_io
+from ma2mba_jax.data.tokenizer import load_tokenizer, vocab_size
+from ma2mba_jax.models.video_lm import VideoMa2mba
+
+MODEL_EXPORT = "model"  # the trainer's export folder inside a workdir
+TRAIN_CONFIG = "config.json"
+
+
+def _tokenizer_from_config(workdir: str) -> str | None:
+  """The tokenizer path a trainer workdir's config.json names, or None without one."""
+  path = os.path.join(workdir, TRAIN_CONFIG)
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    try:
+      config = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e})") from e
+  data = config.get("data") or {}
+  if data.get("tokenizer"):
+    field, candidate = "data.tokenizer", data["tokenizer"]
+  elif data.get("synthetic_dir"):
+    field = "data.synthetic_dir"
+    candidate = os.path.join(data["synthetic_dir"], "tokenizer.json")
+  else:
+    raise ValueError(f"{path}: neither data.tokenizer nor data.synthetic_dir is set; pass "
+                     "--tokenizer")
+  if os.path.isabs(candidate):
+    tried = [candidate]
+  else:
+    tried = [os.path.abspath(candidate),
+             os.path.join(os.path.dirname(os.path.abspath(workdir)), candidate)]
+  for option in tried:
+    if os.path.isfile(option):
+      return option
+  raise FileNotFoundError(f"{path}: the tokenizer from {field} is not at "
+                          f"{' or '.join(tried)}; pass --tokenizer")
+
+
+def resolve(checkpoint: str, tokenizer: str = "") -> tuple[str, str]:
+  """-> (model export folder, tokenizer.json path); errors name what is missing."""
+  checkpoint = os.fspath(checkpoint)
+  if not os.path.isdir(checkpoint):
+    raise FileNotFoundError(f"checkpoint {checkpoint} not found (expected a trainer workdir "
+                            f"or a model export folder)")
+  export = os.path.join(checkpoint, MODEL_EXPORT)
+  if os.path.isfile(os.path.join(export, model_io.CONFIG_FILE)):
+    model_dir, workdir = export, checkpoint
+  elif os.path.isfile(os.path.join(checkpoint, model_io.CONFIG_FILE)):
+    model_dir, workdir = checkpoint, os.path.dirname(os.path.abspath(checkpoint))
+  else:
+    raise FileNotFoundError(
+        f"{checkpoint}: neither {MODEL_EXPORT}/{model_io.CONFIG_FILE} (a trainer workdir) nor "
+        f"{model_io.CONFIG_FILE} (a model export) is there; has training finished?")
+  if not tokenizer:
+    tokenizer = _tokenizer_from_config(workdir) or ""
+  if not tokenizer:
+    raise ValueError(f"{checkpoint}: no {TRAIN_CONFIG} names the tokenizer; pass --tokenizer")
+  return model_dir, tokenizer
+
+
+def cast_matrices(model: nnx.Module, dtype: Any) -> nnx.Module:
+  """The model with every parameter of 2 or more dimensions stored in `dtype` (e.g.
+  bfloat16 to halve weight memory); vectors (norms, biases, A_log, D, dt_bias) stay f32."""
+  graphdef, state = nnx.split(model)
+  state = jax.tree.map(lambda a: a.astype(dtype) if a.ndim >= 2 else a, state)
+  return nnx.merge(graphdef, state)
+
+
+def load(checkpoint: str, *, tokenizer: str = "", compute_dtype: str = "",
+         param_dtype: str = "") -> tuple[VideoMa2mba, tokenizers.Tokenizer]:
+  """The VideoMa2mba and tokenizer of a checkpoint (see the module docstring).
+
+  compute_dtype: '' keeps the checkpoint's; 'float32' | 'bfloat16' overrides it.
+  param_dtype: '' keeps f32 weights; 'bfloat16' stores the matrices in bf16.
+  """
+  model_dir, tokenizer_path = resolve(checkpoint, tokenizer)
+  overrides = {"compute_dtype": compute_dtype} if compute_dtype else {}
+  model = model_io.restore_model(model_dir, **overrides)
+  if not isinstance(model, VideoMa2mba):
+    raise ValueError(f"{model_dir} holds a {type(model).__name__}, not a VideoMa2mba")
+  tok = load_tokenizer(tokenizer_path)
+  rows = model.llm.config.padded_vocab_size
+  if vocab_size(tok) > rows:
+    raise ValueError(f"{tokenizer_path} has {vocab_size(tok)} ids but the model in "
+                     f"{model_dir} embeds only {rows}: not this model's tokenizer")
+  if param_dtype:
+    model = cast_matrices(model, jnp.dtype(param_dtype))
+  return model, tok

@@ -1,0 +1,93 @@
+"""Training metrics: a JSONL file and TensorBoard event files in the workdir, and a console
+progress line (step, loss, learning rate, tokens/s, step time, device memory, ETA)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+from absl import logging
+
+
+def device_memory_gib() -> float | None:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2**30
+
+
+class MetricWriter:
+  """Writes scalars to workdir/metrics.jsonl and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str, *, stage: int):
+    self._enabled = jax.process_index() == 0
+    self._stage = stage
+    self._jsonl = None
+    self._tb = None
+    if self._enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:  # TensorBoard is optional; the JSONL file is always written
+        logging.warning("tensorboardX is not installed: metrics go to metrics.jsonl only")
+
+  def write(self, step: int, scalars: dict[str, Any]) -> None:
+    if not self._enabled:
+      return
+    record = {"step": step, "stage": self._stage, "time": time.time(), **scalars}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for key, value in scalars.items():
+        if isinstance(value, (int, float)) and math.isfinite(value):
+          self._tb.add_scalar(key, value, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """Rates and ETA over the steps since the last report."""
+
+  def __init__(self, first_step: int, total_steps: int):
+    self._total = total_steps
+    self._last_step = first_step
+    self._last_time = time.perf_counter()
+    self._tokens = 0
+
+  def add_tokens(self, n: int) -> None:
+    self._tokens += n
+
+  def report(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    elapsed = max(now - self._last_time, 1e-9)
+    steps = max(step - self._last_step, 1)
+    out = {"step_time_s": elapsed / steps, "tokens_per_s": self._tokens / elapsed,
+           "eta_s": (self._total - step) * elapsed / steps}
+    mem = device_memory_gib()
+    if mem is not None:
+      out["peak_memory_gib"] = mem
+    self._last_step, self._last_time, self._tokens = step, now, 0
+    return out
+
+
+def format_line(stage: int, step: int, total: int, scalars: dict[str, Any]) -> str:
+  eta = scalars.get("eta_s", 0.0)
+  parts = [f"[stage {stage}] step {step}/{total}", f"loss {scalars['loss']:.4f}"]
+  for key in sorted(k for k in scalars if k.startswith("lr/")):
+    parts.append(f"{key} {scalars[key]:.2e}")
+  parts.append(f"{scalars.get('tokens_per_s', 0):,.0f} tok/s")
+  parts.append(f"{scalars.get('step_time_s', 0):.2f} s/step")
+  if "peak_memory_gib" in scalars:
+    parts.append(f"mem {scalars['peak_memory_gib']:.1f} GiB")
+  parts.append(f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
+  return " | ".join(parts)

@@ -1,0 +1,88 @@
+"""The pure training step: (state, batch) -> (state, metrics), jitted once.
+
+The global batch arrives as [A * m, ...] rows (A micro-batches of m rows, m split over the
+mesh's batch axes); gradients are accumulated over the A micro-batches in a scan, then the
+optimizer updates only the trainable parameter groups (frozen groups get no gradient).
+The loss is the token-level mean cross-entropy over the whole global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ma2mba_jax.remat.lm import apply_layers_with_remat
+from ma2mba_jax.train.loss import blockwise_cross_entropy, shift_targets
+
+
+class TrainState(NamedTuple):
+  step: jax.Array          # int32 []
+  trainable: dict          # {group: params} being trained, pure dicts (f32 master weights)
+  frozen: dict             # {group: params} of the frozen groups
+  opt_state: Any
+  rng: jax.Array           # typed PRNG key; per-step randomness is fold_in(rng, step)
+
+
+def merge_params(trainable: dict, frozen: dict) -> dict:
+  """The whole model's params (a pure dict, which nnx.merge accepts)."""
+  return {**trainable, **frozen}
+
+
+def loss_sums(model: Any, batch: dict[str, jax.Array], remat_cfg: Any,
+              loss_block_len: int = 4096) -> tuple[jax.Array, jax.Array]:
+  """(sum of token cross-entropies, number of target tokens) of one micro-batch."""
+  h = model.embed_inputs(batch["tokens"], batch["vision_index"], batch["frames"],
+                         batch["frame_mask"])                        # [B, T, C] f32
+  h, _ = apply_layers_with_remat(model.llm, h, remat_cfg)
+  targets, weights = shift_targets(batch["tokens"], batch["loss_mask"])
+  weights = weights * (batch["segment_ids"] > 0)
+  return blockwise_cross_entropy(h, model.llm.head, targets, weights,
+                                 block_len=loss_block_len)
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                    remat_cfg: Any, n_micro: int):
+  """Returns train_step(state, batch) -> (state, metrics); jit it with donation."""
+
+  def micro_loss(trainable, frozen, micro):
+    model = nnx.merge(graphdef, merge_params(trainable, frozen))
+    return loss_sums(model, micro, remat_cfg)
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    # Micro-batch i takes rows i, i + A, i + 2A, ...: every device's contiguous share of the
+    # rows then splits evenly over the micro-batches, so no rows move between devices.
+    micro = jax.tree.map(
+        lambda a: jnp.swapaxes(a.reshape((-1, n_micro) + a.shape[1:]), 0, 1), batch)
+
+    def accumulate(carry, mb):
+      grads_sum, loss_sum, count = carry
+      (loss, n_tokens), grads = grad_fn(state.trainable, state.frozen, mb)
+      grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+      return (grads_sum, loss_sum + loss, count + n_tokens), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+    (grads, loss_sum, count), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), micro)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {"loss": loss_sum / denom, "target_tokens": count,
+               "grad_norm": optax.tree.norm(grads)}
+    return state._replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, remat_cfg: Any):
+  def eval_step(state: TrainState, batch):
+    model = nnx.merge(graphdef, merge_params(state.trainable, state.frozen))
+    loss, count = loss_sums(model, batch, remat_cfg)
+    return {"loss_sum": loss, "target_tokens": count}
+  return eval_step

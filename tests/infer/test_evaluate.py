@@ -1,0 +1,222 @@
+"""The evaluator on hand-made annotation files with stub answerers (known choices, one wrong),
+the readers' errors, answer parsing and F1; then the real answerer and checkpoint loading on
+the random tiny model."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from ma2mba_jax import evaluate
+from ma2mba_jax.convert.io import save_model
+from ma2mba_jax.data.errors import DataError
+from ma2mba_jax.infer import benchmarks, checkpoint
+from ma2mba_jax.infer.answering import ModelAnswerer
+from ma2mba_jax.infer.benchmarks import MCItem, exact_match, parse_choice, token_f1
+
+OPTIONS = ["A. red", "B. blue", "C. green", "D. yellow"]
+
+
+class StubAnswerer:
+  """Answers from a table: question_id -> (likelihood letter, generated text)."""
+
+  def __init__(self, table):
+    self.table, self.videos = table, []
+
+  def answer_mc(self, video, items, methods):
+    self.videos.append(os.path.basename(video))
+    out = []
+    for item in items:
+      letter, text = self.table[item.question_id]
+      result = {}
+      if "likelihood" in methods:
+        result["likelihood"] = {"choice": letter, "scores": {}}
+      if "generate" in methods:
+        result["generate"] = {"text": text, "choice": parse_choice(text, item)}
+      out.append(result)
+    return out
+
+  def answer_open(self, video, items):
+    self.videos.append(os.path.basename(video))
+    return [self.table[item.question_id] for item in items]
+
+
+def _touch_videos(root, *names):
+  os.makedirs(root, exist_ok=True)
+  for name in names:
+    with open(os.path.join(root, name), "wb") as f:
+      f.write(b"stub")  # the stub answerers never open them; readers check they exist
+
+
+def _videomme_record(qid, video, duration, answer, options=OPTIONS):
+  return {"video_id": qid.split("-")[0], "videoID": video, "duration": duration,
+          "question_id": qid, "task_type": "colour", "question": f"Question {qid}?",
+          "options": options, "answer": answer}
+
+
+def _write(path, records):
+  with open(path, "w") as f:
+    json.dump(records, f)
+  return str(path)
+
+
+def test_videomme_accuracy_by_duration_with_a_wrong_answer(tmp_path, capsys):
+  _touch_videos(tmp_path / "videos", "s1.mp4", "m1.mp4", "l1.mp4")
+  file = _write(tmp_path / "videomme.json", [
+      _videomme_record("1-1", "s1", "short", "A"),
+      _videomme_record("1-2", "s1", "short", "C"),
+      _videomme_record("2-1", "m1", "medium", "B"),
+      _videomme_record("3-1", "l1", "long", "D"),
+      _videomme_record("3-2", "l1", "long", "A"),
+  ])
+  stub = StubAnswerer({
+      "1-1": ("A", "A"), "1-2": ("C", "The answer is (C)."), "2-1": ("B", "blue"),
+      "3-1": ("B", "I think D."),   # likelihood wrong, generation right
+      "3-2": ("A", "none of them"),  # generation names no option: wrong
+  })
+  out = str(tmp_path / "out" / "report.json")
+  report = evaluate.run("videomme", file, answerer=stub, video_root=str(tmp_path / "videos"),
+                        json_path=out)
+  assert stub.videos == ["s1.mp4", "m1.mp4", "l1.mp4"]  # each video read once
+  rows = {(r["method"], r["group"]): r for r in report["rows"]}
+  assert [(r["method"], r["group"]) for r in report["rows"]] == [
+      (m, g) for m in ("likelihood", "generate") for g in ("short", "medium", "long", "overall")]
+  assert rows["likelihood", "overall"]["accuracy"] == pytest.approx(80.0)
+  assert rows["likelihood", "long"]["accuracy"] == pytest.approx(50.0)
+  assert rows["likelihood", "short"]["accuracy"] == pytest.approx(100.0)
+  assert rows["generate", "overall"]["correct"] == 4
+  assert rows["generate", "long"]["accuracy"] == pytest.approx(50.0)
+  assert all(r["chance"] == pytest.approx(25.0) for r in report["rows"])
+  records = {r["question_id"]: r for r in report["records"]}
+  assert records["3-2"]["generate"] == {"text": "none of them", "choice": None, "correct": False}
+  assert json.load(open(out))["rows"] == report["rows"]
+  printed = capsys.readouterr().out.strip().splitlines()
+  header = next(line for line in printed if "accuracy %" in line)
+  assert "chance %" in header
+  last = [cell.strip() for cell in printed[-1].split("|")]  # the table is printed last
+  assert last == ["generate", "overall", "5", "4", "80.0", "25.0"]
+
+
+def test_longvideobench_groups_and_mixed_chance(tmp_path):
+  _touch_videos(tmp_path / "videos", "a.mp4", "b.mp4")
+  record = lambda i, video, group, correct, n: {
+      "id": f"q{i}", "video_path": video, "question": "Which?", "duration_group": group,
+      "duration": 10.0, "candidates": [f"option {j}" for j in range(n)],
+      "correct_choice": correct}
+  file = _write(tmp_path / "lvb_val.json", [record(0, "a.mp4", 15, 1, 4),
+                                            record(1, "b.mp4", 3600, 4, 5)])
+  items = benchmarks.read_items("longvideobench", file)  # videos default to <dir>/videos
+  assert [i.options[-1] for i in items] == ["D. option 3", "E. option 4"]
+  assert [(i.answer, i.group) for i in items] == [("B", "8-15s"), ("E", "900-3600s")]
+  report = evaluate.run("longvideobench", file, methods=("likelihood",),
+                        answerer=StubAnswerer({"q0": ("B", ""), "q1": ("A", "")}))
+  rows = {r["group"]: r for r in report["rows"]}
+  assert rows["overall"]["accuracy"] == pytest.approx(50.0)
+  assert rows["overall"]["chance"] == pytest.approx(100 * (1 / 4 + 1 / 5) / 2)
+  assert rows["900-3600s"]["correct"] == 0
+
+
+def test_activitynet_qa_exact_match_f1_and_the_no_judge_note(tmp_path, capsys):
+  _touch_videos(tmp_path, "v_abc.mp4", "xyz.mkv")
+  questions = _write(tmp_path / "test_q.json", [
+      {"video_name": "abc", "question": "what is he doing", "question_id": "abc_0"},
+      {"video_name": "xyz", "question": "what colour is the car", "question_id": "xyz_0"}])
+  _write(tmp_path / "test_a.json", [{"question_id": "xyz_0", "answer": "red", "type": 4},
+                                    {"question_id": "abc_0", "answer": "playing guitar",
+                                     "type": 0}])
+  report = evaluate.run("activitynetqa", questions, answerer=StubAnswerer(
+      {"abc_0": "He is playing the guitar.", "xyz_0": "Red."}))
+  rows = {r["group"]: r for r in report["rows"]}
+  assert rows["color"]["exact_match"] == 100.0
+  assert rows["motion"]["exact_match"] == 0.0
+  assert rows["motion"]["f1"] == pytest.approx(100 * 2 * (2 / 4) * 1 / (2 / 4 + 1))
+  assert "no LLM judge" in capsys.readouterr().out
+
+
+def test_synthetic_reads_the_manifest(tmp_path):
+  _touch_videos(tmp_path / "eval" / "videos", "synth_001.mp4")
+  _write(tmp_path / "eval" / "videomme.json", [_videomme_record("001-1", "synth_001", "short",
+                                                                "C")])
+  _write(tmp_path / "manifest.json", {"eval": {"annotations": "eval/videomme.json",
+                                               "video_root": "eval/videos"}})
+  report = evaluate.run("synthetic", str(tmp_path), methods=("generate",),
+                        answerer=StubAnswerer({"001-1": ("A", "C")}))
+  assert report["rows"][-1]["accuracy"] == 100.0
+
+
+@pytest.mark.parametrize("benchmark, records, message", [
+    ("videomme", [_videomme_record("1-1", "s1", "short", "A"),
+                  _videomme_record("1-2", "s1", "short", "E")],
+     r"record 1 \(id 1-2\): answer 'E' is not one of the options"),
+    ("videomme", [{**_videomme_record("1-1", "s1", "short", "A"), "options": None}],
+     r"record 0 \(id 1-1\): missing field 'options'"),
+    ("videomme", [_videomme_record("1-1", "gone", "short", "A")],
+     r"record 0 \(id 1-1\): video file .*gone\.mp4 \(field 'videoID'\) not found"),
+    ("longvideobench", [{"id": "q7", "video_path": "s1.mp4", "question": "?",
+                         "candidates": ["x", "y"], "correct_choice": 2, "duration_group": 60}],
+     r"record 0 \(id q7\): field 'correct_choice' = 2 is not an index"),
+])
+def test_bad_records_name_file_record_and_field(tmp_path, benchmark, records, message):
+  _touch_videos(tmp_path / "videos", "s1.mp4")
+  file = _write(tmp_path / "annotations.json", records)
+  with pytest.raises(DataError, match=message) as error:
+    evaluate.run(benchmark, file, answerer=StubAnswerer({}),
+                 video_root=str(tmp_path / "videos"))
+  assert str(error.value).startswith(file)
+
+
+def test_parse_choice_exact_match_and_f1():
+  item = MCItem("q", "v.mp4", "Which colour?", tuple(OPTIONS), "B", "short")
+  assert parse_choice("B", item) == "B"
+  assert parse_choice("(C) green", item) == "C"
+  assert parse_choice("The answer is D.", item) == "D"
+  assert parse_choice("yellow!", item) == "D"  # no letter: the option text it equals
+  assert parse_choice("Because E.", item) is None  # E is not an option
+  assert parse_choice("", item) is None
+  assert item.option_text("B") == "blue"  # what likelihood_target=text scores
+  assert exact_match("The Red.", "red") == 1.0
+  assert exact_match("red car", "red") == 0.0
+  assert token_f1("a red car", "the red bus") == pytest.approx(0.5)
+  assert token_f1("red", "blue") == 0.0
+  assert token_f1("", "") == 1.0
+
+
+def test_model_answerer_scores_options_from_the_saved_state(streamer, sampler, video,
+                                                           tmp_path):
+  """The real answerer on the random tiny model: the chosen option is the argmax of the
+  mean log-probs, which equal log-probs scored directly from the question's state."""
+  answerer = ModelAnswerer(streamer, sampler, mc_max_new_tokens=4)
+  item = MCItem("q", video, "What colour is the circle?", tuple(OPTIONS), "A", "short")
+  (result,) = answerer.answer_mc(video, [item], ("likelihood", "generate"))
+  scores = result["likelihood"]["scores"]
+  assert result["likelihood"]["choice"] == max(scores, key=lambda k: scores[k]["mean"])
+  conv = streamer.ask(streamer.read_video(video), "\n".join(
+      ["What colour is the circle?", *OPTIONS,
+       "Answer with the option's letter from the given choices directly."]))
+  ids = streamer.tokenizer.encode("C").ids + [streamer.ids.endoftext]
+  assert scores["C"]["sum"] == pytest.approx(float(streamer.token_logprobs(conv, ids).sum()),
+                                             abs=1e-5)
+  assert set(result["generate"]) == {"text", "choice"}
+
+
+def test_checkpoint_load_from_workdir_and_export(tiny_model, tokenizer, tmp_path):
+  workdir = tmp_path / "work"
+  save_model(tiny_model, workdir / "model")
+  tokenizer.save(str(tmp_path / "tok.json"))
+  with open(workdir / "config.json", "w") as f:
+    json.dump({"data": {"tokenizer": str(tmp_path / "tok.json"), "synthetic_dir": ""}}, f)
+  model, tok = checkpoint.load(str(workdir))
+  np.testing.assert_array_equal(np.asarray(model.llm.embedding[...]),
+                                np.asarray(tiny_model.llm.embedding[...]))
+  assert tok.get_vocab() == tokenizer.get_vocab()
+  # The export folder itself finds the tokenizer through its workdir's config.json.
+  assert checkpoint.resolve(str(workdir / "model")) == (str(workdir / "model"),
+                                                        str(tmp_path / "tok.json"))
+  with pytest.raises(FileNotFoundError, match="model_config.json"):
+    checkpoint.resolve(str(tmp_path))
+  os.remove(workdir / "config.json")
+  with pytest.raises(ValueError, match="--tokenizer"):
+    checkpoint.resolve(str(workdir))
+  assert isinstance(model, type(tiny_model)) and nnx.graphdef(model) == nnx.graphdef(tiny_model)
