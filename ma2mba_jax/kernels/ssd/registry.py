@@ -17,6 +17,7 @@ package never imports a GPU-only library (jax-triton cannot be imported without 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Callable
 
 import jax
@@ -24,11 +25,18 @@ import jax
 # name -> (module path, attribute, platforms it runs on natively)
 _BACKENDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "xla": ("ma2mba_jax.kernels.ssd.reference", "ssd_chunked", ("cpu", "gpu", "tpu")),
+    # Pallas kernels (Triton lowering); elsewhere they run in the Pallas interpreter.
+    "pallas": ("ma2mba_jax.kernels.ssd.pallas", "ssd_pallas", ("gpu",)),
+    # Triton kernels through jax-triton (NVIDIA GPUs only; imported only when picked).
+    "triton": ("ma2mba_jax.kernels.ssd.triton", "ssd_triton", ("gpu",)),
 }
 
-# What `impl="auto"` picks on each platform, best first; the first one registered wins.
+# What `impl="auto"` picks on each platform, best first; the first one registered whose
+# optional library is installed wins. gpu: with kernel version 2, triton was the fastest
+# correct backend forward and forward+backward at every length measured on the H100, pallas
+# second (BENCHMARKS.md, "SSD kernels", run 2); pallas needs no extra library.
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "gpu": ("xla",),
+    "gpu": ("triton", "pallas", "xla"),
     "tpu": ("xla",),
     "cpu": ("xla",),
 }
@@ -61,9 +69,18 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
     return impl
   platform = platform or jax.default_backend()
   for name in _AUTO_ORDER.get(platform, ("xla",)):
-    if name in _BACKENDS:
+    if name in _BACKENDS and _installed(name):
       return name
   return "xla"
+
+
+# Backends that need a library beyond the pinned stack (the `gpu` extra installs it).
+_REQUIRES = {"triton": "jax_triton"}
+
+
+def _installed(name: str) -> bool:
+  requirement = _REQUIRES.get(name)
+  return requirement is None or importlib.util.find_spec(requirement) is not None
 
 
 def get_backend(name: str) -> Callable:

@@ -1,0 +1,140 @@
+"""Training-step benchmark of a real Video-Ma²mba preset at long lengths.
+
+  python -m ma2mba_jax.bench.train --preset=3.1b --lengths=16384,32768,65536 --json=out.json
+
+One optimizer step of the trainer's own `train_step` (all groups trained, AdamW, MA-GC with
+auto l/s, bf16 compute, f32 master weights) on a random batch of one sequence: frames at
+1 FPS with K tokens each, interleaved with text as the data pipeline lays them out. Each
+length runs in a fresh process (the allocator's peak cannot be reset); OOM is a result.
+Reports step time, tokens/s and peak device memory (everything: weights, gradients,
+optimizer state and activations).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import types
+
+from absl import app, flags
+
+_PRESET = flags.DEFINE_string("preset", "3.1b", "Video-Ma2mba preset.")
+_LENGTHS = flags.DEFINE_list("lengths", ["16384", "32768"], "Tokens per sequence.")
+_POLICY = flags.DEFINE_string("policy", "magc", "Remat policy.")
+_CELL_SAVES = flags.DEFINE_string("cell_saves", "nothing", "MA-GC cell policy.")
+_TEXT_EVERY = flags.DEFINE_integer("text_every", 4, "A 32-token caption after every N frames.")
+_JSON = flags.DEFINE_string("json", None, "Write results here.")
+_CHILD = flags.DEFINE_integer("child", 0, "Internal: run one length and print JSON.")
+_TIMEOUT = flags.DEFINE_integer("timeout", 600, "Seconds per length.")
+
+
+def synthetic_batch(seqlen: int, k: int, image_size: int, vocab: int, text_every: int):
+  """One row: blocks of `text_every` frames (K tokens each) and a 32-token caption."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+  block = text_every * k + 32
+  n_frames = (seqlen // block) * text_every
+  tokens = rng.integers(10, vocab, (1, seqlen)).astype(np.int32)
+  vision_index = np.full((1, seqlen), -1, np.int32)
+  loss_mask = np.zeros((1, seqlen), bool)
+  for i in range(seqlen // block):
+    start = i * block
+    frames = np.arange(i * text_every * k, (i + 1) * text_every * k)
+    vision_index[0, start:start + text_every * k] = frames
+    loss_mask[0, start + text_every * k:start + block] = True
+  return dict(tokens=tokens, loss_mask=loss_mask, vision_index=vision_index,
+              segment_ids=np.ones((1, seqlen), np.int32),
+              frames=rng.integers(0, 255, (1, n_frames, image_size, image_size, 3), np.uint8),
+              frame_mask=np.ones((1, n_frames), bool)), n_frames
+
+
+def run_one(seqlen: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  from flax import nnx
+
+  from ma2mba_jax.bench import common
+  from ma2mba_jax.models.video_lm import VideoMa2mba
+  from ma2mba_jax.models.video_presets import video_config
+  from ma2mba_jax.remat import magc
+  from ma2mba_jax.train import optim
+  from ma2mba_jax.train.step import TrainState, make_train_step
+
+  cfg = video_config(_PRESET.value, compute_dtype="bfloat16")
+  remat = types.SimpleNamespace(policy=_POLICY.value, l="auto", s="auto",
+                                cell_saves=_CELL_SAVES.value, save_names=())
+  row = {"preset": _PRESET.value, "T": seqlen, "policy": _POLICY.value}
+  if remat.policy == "magc":
+    remat.l, remat.s, _ = magc.resolve(remat, cfg.llm_config, seqlen)
+    row.update(l=remat.l, s=remat.s)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: VideoMa2mba(cfg, rngs=nnx.Rngs(0))),
+                                 nnx.Param)
+  params = jax.jit(lambda: nnx.to_pure_dict(
+      nnx.state(VideoMa2mba(cfg, rngs=nnx.Rngs(0)), nnx.Param)))()
+  optim_cfg = ml_collections.ConfigDict(dict(
+      lr_llm=4e-5, lr_vision=4e-6, lr_projector=4e-5, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.05, grad_clip=1.0, warmup_frac=0.1))
+  optimizer = optim.make_optimizer(optim_cfg, 1000, params)
+  state = TrainState(step=jnp.zeros((), jnp.int32), trainable=params, frozen={},
+                     opt_state=jax.jit(optimizer.init)(params), rng=jax.random.key(0))
+  batch, n_frames = synthetic_batch(seqlen, cfg.tokens_per_frame, cfg.image_size,
+                                    cfg.llm_config.vocab_size, _TEXT_EVERY.value)
+  batch = jax.device_put(batch)
+  row["frames"] = n_frames
+  step = jax.jit(make_train_step(graphdef, optimizer, remat, n_micro=1), donate_argnums=(0,))
+  try:
+    compiled = step.lower(state, batch).compile()
+    times = []
+    for _ in range(2):
+      start = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+  except Exception as err:  # noqa: BLE001 - an OOM is a result
+    if not common.is_oom(err):
+      raise
+    row["error"] = "OOM"
+    return row
+  row["step_s"] = times[-1]
+  row["tokens_per_s"] = seqlen / times[-1]
+  row["loss"] = float(metrics["loss"])
+  stats = common.device_memory_stats()
+  if "peak_bytes_in_use" in stats:
+    row["peak_GB"] = stats["peak_bytes_in_use"] / 1e9
+  row["params"] = sum(a.size for a in jax.tree.leaves(params))
+  return row
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    print("RESULT " + json.dumps(run_one(_CHILD.value)), flush=True)
+    return
+  from ma2mba_jax.bench import common
+  rows = []
+  for seqlen in map(int, _LENGTHS.value):
+    cmd = [sys.executable, "-m", "ma2mba_jax.bench.train", f"--child={seqlen}",
+           f"--preset={_PRESET.value}", f"--policy={_POLICY.value}",
+           f"--cell_saves={_CELL_SAVES.value}", f"--text_every={_TEXT_EVERY.value}"]
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT.value)
+      lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+      row = (json.loads(lines[-1][7:]) if lines else
+             {"T": seqlen, "error": "OOM" if "RESOURCE_EXHAUSTED" in proc.stderr
+              else "failed: " + proc.stderr[-300:]})
+    except subprocess.TimeoutExpired:
+      row = {"T": seqlen, "error": f"timeout {_TIMEOUT.value}s"}
+    print(row, flush=True)
+    rows.append(row)
+  print()
+  columns = ["preset", "policy", "T", "frames", "l", "s", "step_s", "tokens_per_s", "peak_GB",
+             "loss", "error"]
+  common.print_table(rows, [c for c in columns if any(c in r for r in rows)])
+  common.write_json(_JSON.value, {"env": common.environment(), "rows": rows})
+
+
+if __name__ == "__main__":
+  app.run(main)
