@@ -1,0 +1,78 @@
+"""Sequence-parallel SSD: one sequence split over the devices of a mesh axis.
+
+Each device holds a contiguous piece of T and runs the ordinary scan on it from a zero
+state. The pieces are then stitched exactly: the state entering piece d is
+
+    h_in[d] = exp(a[d-1]) h_in[d-1] + h_loc[d-1],      h_in[0] = initial_state
+
+where a[e] = sum over piece e of dt*A (<= 0) and h_loc[e] its final state from zero; this
+short scan over devices runs on every device after an all_gather of the (a, h_loc) pairs
+([n, B, H] and [n, B, H, P, N]: a few MB, whatever T is). Each device then adds what the
+entering state contributes to its outputs: y_t += exp(dA_1 + ... + dA_t) C_t . h_in.
+Gradients follow by autodiff through shard_map and all_gather (whose transpose is a
+reduce-scatter), so the backward passes d(state) between devices the same way.
+
+Letters: B batch, T time (split over the axis), H heads, P head dim, N state, G groups.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from ma2mba_jax.kernels.ssd.api import process_dt, ssd
+
+
+def _stitch(x, dt, A, B, C, D, dt_bias, initial_state, *, axis, n, dt_softplus, dt_limit,
+            chunk_len, impl):
+  """Per-device body: local scan, device-level state scan, correction."""
+  y, h_local = ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                   dt_limit=dt_limit, chunk_len=chunk_len, impl=impl)
+  dA = process_dt(dt, dt_bias, dt_softplus, dt_limit) * A.astype(jnp.float32)   # [B, t, H]
+  all_decay = jax.lax.all_gather(jnp.sum(dA, axis=1), axis)                      # [n, B, H]
+  all_states = jax.lax.all_gather(h_local, axis)                                # [n, B, H, P, N]
+  entering = []
+  h = initial_state
+  for e in range(n):  # n is the (static, small) number of devices on the axis
+    entering.append(h)
+    h = jnp.exp(all_decay[e])[..., None, None] * h + all_states[e]
+  final_state = h
+  h_in = jnp.stack(entering)[jax.lax.axis_index(axis)]                          # [B, H, P, N]
+  heads_per_group = x.shape[2] // C.shape[2]
+  C_heads = jnp.repeat(C.astype(jnp.float32), heads_per_group, axis=2)          # [B, t, H, N]
+  decay_from_start = jnp.exp(jnp.cumsum(dA, axis=1))                            # [B, t, H]
+  y_in = jnp.einsum("bthn,bhpn->bthp", C_heads, h_in) * decay_from_start[..., None]
+  return (y.astype(jnp.float32) + y_in).astype(x.dtype), final_state
+
+
+def ssd_sequence_parallel(x, dt, A, B, C, *, mesh: Mesh, axis: str = "sequence", D=None,
+                          dt_bias=None, dt_softplus: bool = True,
+                          dt_limit: tuple[float, float] = (0.0, math.inf),
+                          initial_state=None, chunk_len: int = 256, impl: str = "auto"):
+  """`ssd()` with x, dt, B, C split along T over `mesh` axis `axis` (T must divide evenly).
+
+  Returns y [B, T, H, P] (split along T like x) and final_state [B, H, P, N] f32
+  (replicated), equal to the single-device `ssd` on the whole sequence.
+  """
+  n = mesh.shape[axis]
+  batch, seqlen, n_heads, head_dim = x.shape
+  if seqlen % n:
+    raise ValueError(f"ssd_sequence_parallel: T={seqlen} must be a multiple of the "
+                     f"{n} devices on mesh axis {axis!r}")
+  if initial_state is None:
+    initial_state = jnp.zeros((batch, n_heads, head_dim, B.shape[3]), jnp.float32)
+  if D is None:
+    D = jnp.zeros((n_heads,), jnp.float32)
+  if dt_bias is None:
+    dt_bias = jnp.zeros((n_heads,), jnp.float32)
+  split_t, whole = P(None, axis), P()
+  body = functools.partial(_stitch, axis=axis, n=n, dt_softplus=dt_softplus,
+                           dt_limit=dt_limit, chunk_len=chunk_len, impl=impl)
+  fn = jax.shard_map(body, mesh=mesh,
+                     in_specs=(split_t, split_t, whole, split_t, split_t, whole, whole, whole),
+                     out_specs=(split_t, whole), check_vma=False)
+  return fn(x, dt, A, B, C, D, dt_bias, initial_state.astype(jnp.float32))
