@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import time
 from typing import Any, Callable, Sequence
 
@@ -41,6 +42,21 @@ def compiled_temp_bytes(jitted: Callable, *args, **kwargs) -> int | None:
 def is_oom(err: BaseException) -> bool:
   text = str(err)
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def run_child(cmd: Sequence[str], *, timeout: int, identity: dict[str, Any]) -> dict[str, Any]:
+  """Runs one measurement in a fresh process (the allocator's peak cannot be reset) and
+  returns the JSON of its last `RESULT {...}` line; an OOM, a timeout or a crash becomes
+  `identity` plus an "error" entry instead of an exception."""
+  try:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {**identity, "error": f"timeout {timeout}s"}
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  tail = (proc.stderr or proc.stdout)[-2000:]
+  return {**identity, "error": "OOM" if is_oom(Exception(tail)) else f"failed: {tail[-300:]}"}
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 import time
 import types
@@ -123,16 +122,9 @@ def run_child(spec: str) -> dict:
          f"--model={_MODEL.value}", f"--batch={_BATCH.value}", f"--l={_L.value}",
          f"--s={_S.value}", f"--cell_saves={_CELL_SAVES.value}", f"--ssd_impl={_SSD_IMPL.value}",
          f"--compute_dtype={_DTYPE.value}", f"--repeats={_REPEATS.value}"]
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT.value)
-  except subprocess.TimeoutExpired:
-    return {"policy": policy, "T": int(seqlen), "error": f"timeout {_TIMEOUT.value}s"}
-  for line in reversed(proc.stdout.splitlines()):
-    if line.startswith("RESULT "):
-      return json.loads(line[len("RESULT "):])
-  tail = (proc.stderr or proc.stdout)[-2000:]
-  oom = "RESOURCE_EXHAUSTED" in tail or "out of memory" in tail.lower()
-  return {"policy": policy, "T": int(seqlen), "error": "OOM" if oom else f"failed: {tail[-300:]}"}
+  from ma2mba_jax.bench import common
+  return common.run_child(cmd, timeout=_TIMEOUT.value,
+                          identity={"policy": policy, "T": int(seqlen)})
 
 
 def plot(rows: list[dict], path: str) -> None:

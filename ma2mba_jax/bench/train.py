@@ -13,7 +13,6 @@ optimizer state and activations).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 import types
@@ -119,14 +118,7 @@ def main(argv):
     cmd = [sys.executable, "-m", "ma2mba_jax.bench.train", f"--child={seqlen}",
            f"--preset={_PRESET.value}", f"--policy={_POLICY.value}",
            f"--cell_saves={_CELL_SAVES.value}", f"--text_every={_TEXT_EVERY.value}"]
-    try:
-      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT.value)
-      lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-      row = (json.loads(lines[-1][7:]) if lines else
-             {"T": seqlen, "error": "OOM" if "RESOURCE_EXHAUSTED" in proc.stderr
-              else "failed: " + proc.stderr[-300:]})
-    except subprocess.TimeoutExpired:
-      row = {"T": seqlen, "error": f"timeout {_TIMEOUT.value}s"}
+    row = common.run_child(cmd, timeout=_TIMEOUT.value, identity={"T": seqlen})
     print(row, flush=True)
     rows.append(row)
   print()
