@@ -13,6 +13,7 @@ import ml_collections
 
 # Paper presets (models/video_presets.py): 0.7b, 1.8b, 3.1b; tiny for tests and the demo.
 MODEL_SIZES = ("0.7b", "1.8b", "3.1b", "tiny")
+REMAT_OFFLOAD = ("none", "sequence", "all")
 REMAT_POLICIES = ("none", "layer", "sqrt", "magc")
 
 
@@ -104,6 +105,9 @@ def get_base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.remat.cell_saves = "nothing"
   # With cell_saves=names: activations to keep (tags in models/mamba2.py).
   c.remat.save_names = ()
+  # Checkpoints kept in host memory instead of on the device: none | sequence (each cell's
+  # input states) | all (and each cell's input h). Bounds length by host RAM (remat/cells.py).
+  c.remat.offload = "none"
   # With l/s=auto: memory budget in GB for the memory model (None: least memory).
   c.remat.budget_gb = ml_collections.FieldReference(None, field_type=float)
 
@@ -169,6 +173,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model.preset={c.model.preset!r} is not one of {MODEL_SIZES}")
   if c.remat.policy not in REMAT_POLICIES:
     raise ValueError(f"config.remat.policy={c.remat.policy!r} is not one of {REMAT_POLICIES}")
+  if c.remat.offload not in REMAT_OFFLOAD:
+    raise ValueError(f"config.remat.offload={c.remat.offload!r} is not one of {REMAT_OFFLOAD}")
   if c.optim.global_batch % c.optim.micro_batch:
     raise ValueError(f"config.optim.global_batch={c.optim.global_batch} must be a multiple "
                      f"of config.optim.micro_batch={c.optim.micro_batch}")

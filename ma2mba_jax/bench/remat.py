@@ -29,6 +29,8 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Sequences per step.")
 _L = flags.DEFINE_string("l", "auto", "MA-GC layers per group (or auto).")
 _S = flags.DEFINE_string("s", "auto", "MA-GC tokens per time block (or auto).")
 _CELL_SAVES = flags.DEFINE_string("cell_saves", "nothing", "nothing | layers | dots | names.")
+_OFFLOAD = flags.DEFINE_enum("offload", "none", ["none", "sequence", "all"],
+                             "Checkpoints kept in host memory (remat/cells.py).")
 _SSD_IMPL = flags.DEFINE_string("ssd_impl", "auto", "SSD backend.")
 _DTYPE = flags.DEFINE_string("compute_dtype", "bfloat16", "Compute dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Timed steps after the compiled first run.")
@@ -64,8 +66,9 @@ def run_one(policy: str, seqlen: int) -> dict:
 
   cfg = mamba2_config(_MODEL.value, compute_dtype=_DTYPE.value, ssd_impl=_SSD_IMPL.value)
   remat_cfg = types.SimpleNamespace(policy=policy, l=_L.value, s=_S.value,
-                                    cell_saves=_CELL_SAVES.value, save_names=())
-  row = {"policy": policy, "T": seqlen, "batch": _BATCH.value}
+                                    cell_saves=_CELL_SAVES.value, save_names=(),
+                                    offload=_OFFLOAD.value)
+  row = {"policy": policy, "T": seqlen, "batch": _BATCH.value, "offload": _OFFLOAD.value}
   itemsize = jnp.dtype(_DTYPE.value).itemsize
   if policy == "magc":
     l, s, predicted = magc.resolve(remat_cfg, cfg, seqlen, bytes_per_element=itemsize)
@@ -92,6 +95,9 @@ def run_one(policy: str, seqlen: int) -> dict:
     analysis = compiled.memory_analysis()
     if analysis is not None:
       row["compiled_temp_GB"] = analysis.temp_size_in_bytes / 1e9
+      host_temp = getattr(analysis, "host_temp_size_in_bytes", 0)
+      if host_temp:
+        row["host_temp_GB"] = host_temp / 1e9
     start = time.perf_counter()
     grads = jax.block_until_ready(compiled(params, tokens))
     first = time.perf_counter() - start
@@ -120,7 +126,8 @@ def run_child(spec: str) -> dict:
   policy, seqlen = spec.split(":")
   cmd = [sys.executable, "-m", "ma2mba_jax.bench.remat", f"--child={spec}",
          f"--model={_MODEL.value}", f"--batch={_BATCH.value}", f"--l={_L.value}",
-         f"--s={_S.value}", f"--cell_saves={_CELL_SAVES.value}", f"--ssd_impl={_SSD_IMPL.value}",
+         f"--s={_S.value}", f"--cell_saves={_CELL_SAVES.value}", f"--offload={_OFFLOAD.value}",
+         f"--ssd_impl={_SSD_IMPL.value}",
          f"--compute_dtype={_DTYPE.value}", f"--repeats={_REPEATS.value}"]
   from ma2mba_jax.bench import common
   return common.run_child(cmd, timeout=_TIMEOUT.value,
@@ -167,8 +174,8 @@ def main(argv):
         row["paper_GB"] = paper
       print(row, flush=True)
       rows.append(row)
-  columns = ["policy", "T", "l", "s", "activation_GB", "compiled_temp_GB", "predicted_GB",
-             "paper_GB", "tokens_per_s", "step_s", "error"]
+  columns = ["policy", "T", "offload", "l", "s", "activation_GB", "compiled_temp_GB",
+             "host_temp_GB", "predicted_GB", "paper_GB", "tokens_per_s", "step_s", "error"]
   print()
   common.print_table(rows, [c for c in columns if any(c in r for r in rows)])
   print("paper tokens/s (A100): " + ", ".join(f"{p} {v:,} @ {t}" for p, (t, v) in

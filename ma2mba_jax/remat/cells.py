@@ -10,6 +10,16 @@ states); what the cell keeps inside during its own backward is `remat.cell_saves
            xla SSD backend's [H, Q, Q] chunk matrices are)
   dots     keep matmul outputs (jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
   names    keep the activations the model tags with checkpoint_name (`remat.save_names`)
+
+and what the forward keeps of a cell's inputs may live in host memory instead of on the
+device (`remat.offload`, through jax.checkpoint_policies' offload to pinned host memory):
+  none      both kinds of checkpoint stay on the device
+  sequence  the sequence checkpoints (each cell's input conv/ssm states) go to the host
+  all       the layer checkpoints (each cell's input h) go too
+The cell's inputs are tagged with checkpoint_name inside the checkpointed function, so the
+copy the backward reads is the tagged one: it is moved to the host in the forward and back
+to the device when the cell's backward recomputes. On CPU, device and host memory are one,
+and XLA drops the moves (the numerics are the same either way).
 """
 
 from __future__ import annotations
@@ -17,6 +27,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
+
+# checkpoint_name tags of a cell's inputs (the two kinds of MA-GC checkpoint).
+SEQUENCE_CHECKPOINT = "magc_sequence_checkpoint"
+LAYER_CHECKPOINT = "magc_layer_checkpoint"
+OFFLOAD_CHOICES = {"none": (), "sequence": (SEQUENCE_CHECKPOINT,),
+                   "all": (SEQUENCE_CHECKPOINT, LAYER_CHECKPOINT)}
 
 
 def scan_layers(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
@@ -43,6 +60,28 @@ def _cell_policy(remat_cfg: Any):
                    f"names")
 
 
+def offloaded_names(remat_cfg: Any) -> tuple[str, ...]:
+  """The checkpoint tags `remat.offload` sends to host memory."""
+  offload = getattr(remat_cfg, "offload", "none")
+  if offload not in OFFLOAD_CHOICES:
+    raise ValueError(f"config.remat.offload={offload!r} is not one of "
+                     f"{', '.join(OFFLOAD_CHOICES)}")
+  return OFFLOAD_CHOICES[offload]
+
+
+def _with_offload(policy: Callable, names: tuple[str, ...]) -> Callable:
+  """`policy`, except that values tagged with one of `names` are offloaded to the host."""
+  offload = jax.checkpoint_policies.save_and_offload_only_these_names(
+      names_which_can_be_saved=(), names_which_can_be_offloaded=names,
+      offload_src="device", offload_dst="pinned_host")
+
+  def combined(prim, *args, **params):
+    if prim.name == "name" and params.get("name") in names:  # checkpoint_name's primitive
+      return offload(prim, *args, **params)
+    return policy(prim, *args, **params)
+  return combined
+
+
 def cell_layer_fn(layer_fn: Callable, remat_cfg: Any) -> Callable:
   """The per-layer function a cell runs: checkpointed per layer with cell_saves=layers."""
   if getattr(remat_cfg, "cell_saves", "nothing") == "layers":
@@ -51,6 +90,22 @@ def cell_layer_fn(layer_fn: Callable, remat_cfg: Any) -> Callable:
 
 
 def cell_checkpoint(remat_cfg: Any) -> Callable[[Callable], Callable]:
-  """Returns a decorator that puts a cell function under jax.checkpoint with the policy."""
+  """Returns a decorator that puts a cell function under jax.checkpoint with the policy.
+
+  The cell function is fn(params, h, conv, ssm) -> (h, conv, ssm).
+  """
   policy = _cell_policy(remat_cfg)
-  return lambda fn: jax.checkpoint(fn, policy=policy, prevent_cse=False)
+  names = offloaded_names(remat_cfg)
+  if not names:
+    return lambda fn: jax.checkpoint(fn, policy=policy, prevent_cse=False)
+  policy = _with_offload(policy, names)
+
+  def decorate(fn: Callable) -> Callable:
+    def tagged(params, h, conv, ssm):
+      if LAYER_CHECKPOINT in names:
+        h = checkpoint_name(h, LAYER_CHECKPOINT)
+      conv = checkpoint_name(conv, SEQUENCE_CHECKPOINT)
+      ssm = checkpoint_name(ssm, SEQUENCE_CHECKPOINT)
+      return fn(params, h, conv, ssm)
+    return jax.checkpoint(tagged, policy=policy, prevent_cse=False)
+  return decorate
