@@ -134,19 +134,29 @@ def run_child(spec: str) -> dict:
                           identity={"policy": policy, "T": int(seqlen)})
 
 
+def _series(row: dict) -> str:
+  offload = row.get("offload", "none")
+  return row["policy"] if offload == "none" else f"{row['policy']}, offload={offload}"
+
+
 def plot(rows: list[dict], path: str) -> None:
+  """Activation memory against length: one line per policy (and offload), paper dashed."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for i, policy in enumerate(sorted({r["policy"] for r in rows})):
+  policies = sorted({r["policy"] for r in rows})
+  all_series = sorted({_series(r) for r in rows})
+  for i, series in enumerate(all_series):
     pts = sorted((r["T"], r.get("activation_GB", r.get("compiled_temp_GB")))
-                 for r in rows if r["policy"] == policy and "error" not in r)
+                 for r in rows if _series(r) == series and "error" not in r)
     if pts:
-      ax.plot(*zip(*pts), "o-", color=f"C{i}", label=f"{policy} (this run)")
+      ax.plot(*zip(*pts), "o-", color=f"C{i}", label=f"{series} (this run)")
+  for i, policy in enumerate(policies):
     paper = sorted(PAPER_GB.get(policy, {}).items())
     if paper:
-      ax.plot(*zip(*paper), "x--", color=f"C{i}", alpha=0.6, label=f"{policy} (paper, A100)")
+      ax.plot(*zip(*paper), "x--", color=f"C{len(all_series) + i}", alpha=0.6,
+              label=f"{policy} (paper, A100)")
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
   ax.set_xlabel("sequence length (tokens)")
