@@ -25,7 +25,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from ma2mba_jax.remat.cells import cell_checkpoint, cell_layer_fn, scan_layers
+from ma2mba_jax.remat.cells import (cell_checkpoint, cell_layer_fn, offloaded_names,
+                                    scan_layers)
 from ma2mba_jax.remat.planner import MemoryConstants, magc_memory, plan_magc
 
 
@@ -141,13 +142,18 @@ def resolve(remat_cfg: Any, model_cfg: Any, seqlen: int, *, bytes_per_element: i
             budget_bytes: float | None = None) -> tuple[int, int, float]:
   """Turns l/s = 'auto' into ints with the memory model; returns (l, s, predicted bytes).
 
+  The prediction is device memory: checkpoints that `remat_cfg.offload` keeps on the host
+  are left out of it (and of the choice).
+
   Explicit ints are kept (and checked); `s` must be a multiple of the SSD chunk length.
   """
   chunk = model_cfg.chunk_len
   constants = MemoryConstants.from_model(model_cfg)
   budget = None if budget_bytes is None else budget_bytes / bytes_per_element
+  offloaded_names(remat_cfg)  # fails naming config.remat.offload when it is unknown
+  offload = getattr(remat_cfg, "offload", "none")
   plan = plan_magc(model_cfg.n_layers, seqlen, constants, chunk_len=chunk,
-                   budget_elements=budget)
+                   budget_elements=budget, offload=offload)
   l = plan.l if remat_cfg.l == "auto" else int(remat_cfg.l)
   s = plan.s if remat_cfg.s == "auto" else int(remat_cfg.s)
   if not 1 <= l <= model_cfg.n_layers:
@@ -155,4 +161,5 @@ def resolve(remat_cfg: Any, model_cfg: Any, seqlen: int, *, bytes_per_element: i
   if s < 1 or s % chunk:
     raise ValueError(f"config.remat.s={s} must be a positive multiple of the SSD chunk "
                      f"length {chunk}")
-  return l, s, magc_memory(model_cfg.n_layers, seqlen, l, s, constants) * bytes_per_element
+  predicted = magc_memory(model_cfg.n_layers, seqlen, l, s, constants, offload)
+  return l, s, predicted * bytes_per_element

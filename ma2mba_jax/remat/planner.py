@@ -11,6 +11,9 @@ with constants derived from the Mamba-2 config (the paper's Table 7 values follo
 C_L = d_model, C_S = d_inner*d_state + 3*conv_dim, C_grid = d_in_proj + d_inner,
 C_state = d_inner*d_state + conv_dim. s is a multiple of the SSD chunk length; (l, s) are
 chosen by brute force, as the paper does, optionally under a memory budget.
+
+Beyond the paper, checkpoints offloaded to host memory (`remat.offload`, remat/cells.py)
+leave the device-memory model: `sequence` drops the C_S term, `all` also the C_L term.
 """
 
 from __future__ import annotations
@@ -37,12 +40,20 @@ class MemoryConstants:
                c_state=cfg.d_inner * cfg.d_state + cfg.conv_dim)
 
 
-def magc_memory(n_layers: int, seqlen: int, l: int, s: int, k: MemoryConstants) -> float:
-  """Eq. 12-16 in elements (multiply by bytes per element for bytes)."""
+OFFLOADED_TERMS = {"none": (), "sequence": ("sequence",), "all": ("sequence", "layer")}
+
+
+def magc_memory(n_layers: int, seqlen: int, l: int, s: int, k: MemoryConstants,
+                offload: str = "none") -> float:
+  """Eq. 12-16 in elements of device memory (multiply by bytes per element for bytes)."""
+  if offload not in OFFLOADED_TERMS:
+    raise ValueError(f"offload={offload!r} is not one of {', '.join(OFFLOADED_TERMS)}")
+  on_host = OFFLOADED_TERMS[offload]
   n_groups = math.ceil(n_layers / l)
   n_blocks = math.ceil(seqlen / s)
-  return (n_groups * seqlen * k.c_layer + n_layers * n_blocks * k.c_seq
-          + l * s * k.c_grid + s * k.c_state)
+  layer_checkpoints = 0 if "layer" in on_host else n_groups * seqlen * k.c_layer
+  sequence_checkpoints = 0 if "sequence" in on_host else n_layers * n_blocks * k.c_seq
+  return layer_checkpoints + sequence_checkpoints + l * s * k.c_grid + s * k.c_state
 
 
 def ideal_memory(n_layers: int, seqlen: int) -> float:
@@ -67,7 +78,8 @@ def candidate_block_lengths(seqlen: int, chunk_len: int) -> list[int]:
 
 
 def plan_magc(n_layers: int, seqlen: int, constants: MemoryConstants, *, chunk_len: int,
-              budget_elements: float | None = None, divisors_only: bool = True) -> Plan:
+              budget_elements: float | None = None, divisors_only: bool = True,
+              offload: str = "none") -> Plan:
   """Chooses (l, s).
 
   With `divisors_only`, l ranges over the divisors of L: then the layer groups are a free
@@ -78,6 +90,7 @@ def plan_magc(n_layers: int, seqlen: int, constants: MemoryConstants, *, chunk_l
   Without a budget: the (l, s) of least predicted memory. With a budget: among the (l, s)
   that fit, the one with the largest cells (fewest, largest kernel calls; ties: least
   memory). Raises ValueError when nothing fits, naming the smallest achievable memory.
+  `offload` counts only what stays on the device (see magc_memory).
   """
   if n_layers < 1 or seqlen < 1 or chunk_len < 1:
     raise ValueError(f"plan_magc: need n_layers, seqlen, chunk_len >= 1, got "
@@ -88,7 +101,7 @@ def plan_magc(n_layers: int, seqlen: int, constants: MemoryConstants, *, chunk_l
     for l in range(1, n_layers + 1):
       if divisors_only and n_layers % l:
         continue
-      m = magc_memory(n_layers, seqlen, l, s, constants)
+      m = magc_memory(n_layers, seqlen, l, s, constants, offload)
       plan = Plan(l, s, m)
       if best is None or m < best.predicted_elements:
         best = plan
