@@ -3,7 +3,7 @@
   python -m ma2mba_jax.bench.train --preset=3.1b --lengths=16384,32768,65536 --json=out.json
 
 One optimizer step of the trainer's own `train_step` (all groups trained, AdamW, MA-GC with
-auto l/s, bf16 compute, f32 master weights) on a random batch of one sequence: frames at
+l/s auto or given, checkpoints optionally offloaded to the host, bf16 compute, f32 master weights) on a random batch of one sequence: frames at
 1 FPS with K tokens each, interleaved with text as the data pipeline lays them out. Each
 length runs in a fresh process (the allocator's peak cannot be reset); OOM is a result.
 Reports step time, tokens/s and peak device memory (everything: weights, gradients,
@@ -23,6 +23,10 @@ _PRESET = flags.DEFINE_string("preset", "3.1b", "Video-Ma2mba preset.")
 _LENGTHS = flags.DEFINE_list("lengths", ["16384", "32768"], "Tokens per sequence.")
 _POLICY = flags.DEFINE_string("policy", "magc", "Remat policy.")
 _CELL_SAVES = flags.DEFINE_string("cell_saves", "nothing", "MA-GC cell policy.")
+_L = flags.DEFINE_string("l", "auto", "MA-GC layers per group (or auto).")
+_S = flags.DEFINE_string("s", "auto", "MA-GC tokens per time block (or auto).")
+_OFFLOAD = flags.DEFINE_enum("offload", "none", ["none", "sequence", "all"],
+                             "Checkpoints kept in host memory (remat/cells.py).")
 _TEXT_EVERY = flags.DEFINE_integer("text_every", 4, "A 32-token caption after every N frames.")
 _JSON = flags.DEFINE_string("json", None, "Write results here.")
 _CHILD = flags.DEFINE_integer("child", 0, "Internal: run one length and print JSON.")
@@ -63,9 +67,11 @@ def run_one(seqlen: int) -> dict:
   from ma2mba_jax.train.step import TrainState, make_train_step
 
   cfg = video_config(_PRESET.value, compute_dtype="bfloat16")
-  remat = types.SimpleNamespace(policy=_POLICY.value, l="auto", s="auto",
-                                cell_saves=_CELL_SAVES.value, save_names=())
-  row = {"preset": _PRESET.value, "T": seqlen, "policy": _POLICY.value}
+  remat = types.SimpleNamespace(policy=_POLICY.value, l=_L.value, s=_S.value,
+                                cell_saves=_CELL_SAVES.value, save_names=(),
+                                offload=_OFFLOAD.value)
+  row = {"preset": _PRESET.value, "T": seqlen, "policy": _POLICY.value,
+         "offload": _OFFLOAD.value}
   if remat.policy == "magc":
     remat.l, remat.s, _ = magc.resolve(remat, cfg.llm_config, seqlen)
     row.update(l=remat.l, s=remat.s)
@@ -117,12 +123,13 @@ def main(argv):
   for seqlen in map(int, _LENGTHS.value):
     cmd = [sys.executable, "-m", "ma2mba_jax.bench.train", f"--child={seqlen}",
            f"--preset={_PRESET.value}", f"--policy={_POLICY.value}",
-           f"--cell_saves={_CELL_SAVES.value}", f"--text_every={_TEXT_EVERY.value}"]
+           f"--cell_saves={_CELL_SAVES.value}", f"--l={_L.value}", f"--s={_S.value}",
+           f"--offload={_OFFLOAD.value}", f"--text_every={_TEXT_EVERY.value}"]
     row = common.run_child(cmd, timeout=_TIMEOUT.value, identity={"T": seqlen})
     print(row, flush=True)
     rows.append(row)
   print()
-  columns = ["preset", "policy", "T", "frames", "l", "s", "step_s", "tokens_per_s", "peak_GB",
+  columns = ["preset", "policy", "T", "frames", "offload", "l", "s", "step_s", "tokens_per_s", "peak_GB",
              "loss", "error"]
   common.print_table(rows, [c for c in columns if any(c in r for r in rows)])
   common.write_json(_JSON.value, {"env": common.environment(), "rows": rows})
