@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
-# Paper presets (models/video_presets.py): 0.7b, 1.8b, 3.1b; tiny for tests and the demo.
-MODEL_SIZES = ("0.7b", "1.8b", "3.1b", "tiny")
-REMAT_OFFLOAD = ("none", "sequence", "all")
-REMAT_POLICIES = ("none", "layer", "sqrt", "magc")
+# Model presets: models/video_presets.py (0.7b, 1.8b, 3.1b; tiny for tests and the demo).
+# Remat policies: remat/policies.py. Allowed values: train/config_check.py.
 
 
 def parse_args(arg: str | None) -> dict[str, str]:
@@ -168,20 +166,7 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Fails fast on values out of range, naming the field."""
-  if c.model.preset not in MODEL_SIZES:
-    raise ValueError(f"config.model.preset={c.model.preset!r} is not one of {MODEL_SIZES}")
-  if c.remat.policy not in REMAT_POLICIES:
-    raise ValueError(f"config.remat.policy={c.remat.policy!r} is not one of {REMAT_POLICIES}")
-  if c.remat.offload not in REMAT_OFFLOAD:
-    raise ValueError(f"config.remat.offload={c.remat.offload!r} is not one of {REMAT_OFFLOAD}")
-  if c.optim.global_batch % c.optim.micro_batch:
-    raise ValueError(f"config.optim.global_batch={c.optim.global_batch} must be a multiple "
-                     f"of config.optim.micro_batch={c.optim.micro_batch}")
-  for name in ("lr_llm", "lr_vision", "lr_projector", "weight_decay"):
-    if c.optim[name] < 0:
-      raise ValueError(f"config.optim.{name}={c.optim[name]} must be >= 0")
-  if not 0 <= c.optim.warmup_frac < 1:
-    raise ValueError(f"config.optim.warmup_frac={c.optim.warmup_frac} must be in [0, 1)")
-  if c.train.steps < 1:
-    raise ValueError(f"config.train.steps={c.train.steps} must be >= 1")
+  """Fails fast on values out of range, naming the field (the trainer checks again after
+  command-line overrides)."""
+  from ma2mba_jax.train import config_check
+  config_check.validate(c)

@@ -31,6 +31,7 @@ from ma2mba_jax.data.tokenizer import load_tokenizer, vocab_size
 from ma2mba_jax.models.video_lm import VideoMa2mba
 from ma2mba_jax.models.video_presets import video_config
 from ma2mba_jax.remat import magc
+from ma2mba_jax.train import config_check
 from ma2mba_jax.train import checkpoint, metrics as metrics_lib, optim, sharding
 from ma2mba_jax.train.step import TrainState, make_eval_step, make_train_step
 
@@ -149,6 +150,7 @@ def _initial_params(config, model_cfg, abstract_params, shardings) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the stage described by `config` in `workdir`; returns the last
   logged metrics."""
+  config_check.validate(config)
   os.makedirs(workdir, exist_ok=True)
   logging.info("config:\n%s", config)
   with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -1,0 +1,61 @@
+"""Fails fast on a training config value out of range, naming the field.
+
+Run by the trainer on the final config, i.e. after command-line overrides such as
+`--config.remat.offload=...`, before anything is read or written.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ma2mba_jax.models.video_presets import VIDEO_PRESETS
+from ma2mba_jax.remat.cells import OFFLOAD_CHOICES
+from ma2mba_jax.remat.policies import POLICIES
+
+DTYPES = ("float32", "bfloat16")
+CELL_SAVES = ("nothing", "layers", "dots", "names")
+
+
+def _one_of(field: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"config.{field}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _auto_or_positive_int(field: str, value) -> None:
+  if value == "auto":
+    return
+  try:
+    ok = int(value) >= 1 and float(value) == int(value)
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ValueError(f"config.{field}={value!r} must be 'auto' or a positive integer")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first field out of range."""
+  _one_of("model.preset", c.model.preset, tuple(VIDEO_PRESETS))
+  _one_of("model.compute_dtype", c.model.compute_dtype, DTYPES)
+  _one_of("remat.policy", c.remat.policy, tuple(POLICIES))
+  _one_of("remat.offload", c.remat.get("offload", "none"), tuple(OFFLOAD_CHOICES))
+  _one_of("remat.cell_saves", c.remat.cell_saves, CELL_SAVES)
+  _auto_or_positive_int("remat.l", c.remat.l)
+  _auto_or_positive_int("remat.s", c.remat.s)
+  if c.remat.budget_gb is not None and c.remat.budget_gb <= 0:
+    raise ValueError(f"config.remat.budget_gb={c.remat.budget_gb} must be > 0 (or None)")
+  if c.optim.micro_batch < 1:
+    raise ValueError(f"config.optim.micro_batch={c.optim.micro_batch} must be >= 1")
+  if c.optim.global_batch % c.optim.micro_batch:
+    raise ValueError(f"config.optim.global_batch={c.optim.global_batch} must be a multiple "
+                     f"of config.optim.micro_batch={c.optim.micro_batch}")
+  for name in ("lr_llm", "lr_vision", "lr_projector", "weight_decay"):
+    if c.optim[name] < 0:
+      raise ValueError(f"config.optim.{name}={c.optim[name]} must be >= 0")
+  if not 0 <= c.optim.warmup_frac < 1:
+    raise ValueError(f"config.optim.warmup_frac={c.optim.warmup_frac} must be in [0, 1)")
+  if c.train.steps < 1:
+    raise ValueError(f"config.train.steps={c.train.steps} must be >= 1")
+  if c.train.log_every < 1:
+    raise ValueError(f"config.train.log_every={c.train.log_every} must be >= 1")
+  if c.ckpt.every_steps < 1:
+    raise ValueError(f"config.ckpt.every_steps={c.ckpt.every_steps} must be >= 1")
