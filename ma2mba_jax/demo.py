@@ -18,12 +18,18 @@ from absl import app, flags, logging
 from ma2mba_jax.data import synthetic
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the demo writes everything.")
-_STEPS = flags.DEFINE_list("steps", ["60", "60", "120"], "Training steps of stages 1, 2, 3.")
+_STEPS = flags.DEFINE_list("steps", ["400", "100", "600"], "Training steps of stages 1, 2, 3.")
 _EVAL_LIMIT = flags.DEFINE_integer("eval_limit", 0, "Evaluate only this many questions (0: all).")
 
-# Enough data for the tiny model to learn colours, shapes and motions in a few CPU minutes.
-DATA_COUNTS = dict(images=200, clips=100, walks=40, qa_videos=200, qa_val_videos=16,
-                   eval_videos=4)
+# Enough data for the tiny model to learn colours, shapes and motions in a few CPU minutes
+# without seeing an item many times. Eval: mostly short videos (the tiny model trains on
+# clips of at most 16 frames), some medium and long ones with needle questions.
+DATA_COUNTS = dict(images=1000, clips=300, walks=60, qa_videos=800, qa_val_videos=24,
+                   eval_videos=dict(short=18, medium=4, long=2))
+# Shapes bigger than the default (0.14 of the frame): at the tiny encoder's 32 x 32 pixels a
+# default shape covers 6% of the frame, and the colour and kind of so few pixels take the
+# demo's few hundred steps of a randomly initialised encoder longer than it has.
+SHAPE_RADIUS = 0.22
 
 
 def make_data(data_dir: str) -> None:
@@ -31,7 +37,8 @@ def make_data(data_dir: str) -> None:
     print(f"[demo] data: reusing {data_dir}", flush=True)
     return
   print(f"[demo] data: writing synthetic videos to {data_dir}", flush=True)
-  synthetic.generate(data_dir, seed=0, size="small", frame_size=32, **DATA_COUNTS)
+  synthetic.generate(data_dir, seed=0, size="small", frame_size=32, shape_radius=SHAPE_RADIUS,
+                     **DATA_COUNTS)
 
 
 def train_stages(workdir: str, data_dir: str) -> str:

@@ -12,8 +12,9 @@
 Layouts, answer parsing and scoring: infer/benchmarks.py. Multiple choice is answered by
 option likelihood and/or by generation (infer/answering.py says how); open-ended questions by
 greedy generation, scored by exact match and token F1 (no LLM judge). Each video is read once
-for all its questions. The results table (accuracy with the chance level beside it, overall
-and by duration group) is printed last; --json writes it with every question's record.
+for all its questions. The results table (accuracy with the chance level beside it and the
+one-sided p-value of doing that well by guessing, overall and by duration group) is printed
+last; --json writes it with every question's record.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ def _print_report(report: dict[str, Any]) -> None:
   else:
     rows = [{"method": r["method"], "duration": r["group"], "n": r["n"],
              "correct": r["correct"], "accuracy %": f"{r['accuracy']:.1f}",
-             "chance %": f"{r['chance']:.1f}"} for r in report["rows"]]
+             "chance %": f"{r['chance']:.1f}", "p vs chance": f"{r['p_value']:.2g}"}
+            for r in report["rows"]]
   print(f"{report['benchmark']}: {report['num_questions']} questions from "
         f"{report['annotations']}")
   print_table(rows, list(rows[0]))

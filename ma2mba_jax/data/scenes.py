@@ -34,6 +34,8 @@ BACKGROUNDS = {
     "brown": (110, 70, 40),
 }
 MOTIONS = ("left", "right", "up", "down", "still")
+# The shape's radius as a fraction of the frame side (before the scene's `scale`).
+SHAPE_RADIUS = 0.14
 # Where the shape's centre goes over a scene, as fractions of the frame (x, y; y down).
 _PATHS = {
     "left": ((0.8, 0.5), (0.2, 0.5)),
@@ -81,8 +83,10 @@ def random_scene(rng: np.random.Generator, duration: float, *, shapes=SHAPES,
       scale=float(rng.uniform(0.85, 1.15)))
 
 
-def draw(scene: Scene, progress: float, size: int) -> np.ndarray:
-  """The frame at `progress` in [0, 1] through the scene: uint8 [S, S, 3]."""
+def draw(scene: Scene, progress: float, size: int, *, radius: float = SHAPE_RADIUS
+         ) -> np.ndarray:
+  """The frame at `progress` in [0, 1] through the scene: uint8 [S, S, 3]; the shape's
+  radius is `radius` x the frame side x the scene's scale."""
   (x0, y0), (x1, y1) = _PATHS[scene.motion]
   cx = (x0 + (x1 - x0) * progress) * size
   cy = (y0 + (y1 - y0) * progress) * size
@@ -90,7 +94,7 @@ def draw(scene: Scene, progress: float, size: int) -> np.ndarray:
     cy += scene.offset * size
   else:
     cx += scene.offset * size
-  r = 0.14 * size * scene.scale
+  r = radius * size * scene.scale
   yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
   dx, dy = xx - cx, yy - cy
   if scene.shape == "circle":
@@ -118,7 +122,8 @@ def scene_bounds(scenes: list[Scene]) -> list[tuple[float, float]]:
   return bounds
 
 
-def write_video(path: str, scenes: list[Scene], *, size: int, fps: int) -> float:
+def write_video(path: str, scenes: list[Scene], *, size: int, fps: int,
+                radius: float = SHAPE_RADIUS) -> float:
   """Encodes the scenes one after another into an mp4 (H.264 when available, else
   MPEG-4 Part 2) at `fps` frames per second; returns the duration in seconds. Scene
   durations must be whole multiples of 1/fps."""
@@ -139,7 +144,7 @@ def write_video(path: str, scenes: list[Scene], *, size: int, fps: int) -> float
     for scene in scenes:
       count = round(scene.duration * fps)
       for i in range(count):
-        pixels = draw(scene, i / count, size)
+        pixels = draw(scene, i / count, size, radius=radius)
         container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
       frames += count
     container.mux(stream.encode(None))

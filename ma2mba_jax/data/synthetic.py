@@ -2,14 +2,15 @@
 training stages' formats, a Video-MME-style multiple-choice eval set, and a tokenizer.
 
     python -m ma2mba_jax.data.synthetic --out DIR [--seed 0] [--size tiny|small|long]
-        [--frame-size 64] [--video-fps 4] [--images N] [--clips N] [--walks N]
-        [--qa-videos N] [--qa-val-videos N] [--eval-videos N]
+        [--frame-size 64] [--video-fps 4] [--shape-radius 0.14] [--images N] [--clips N]
+        [--walks N] [--qa-videos N] [--qa-val-videos N] [--eval-videos N]
 
 Writes under DIR (see docs/data_formats.md for the layouts):
   stage1/llava_images.json + stage1/images/*.png   LLaVA-Pretrain image captions
   stage1/webvid.csv + stage1/videos/*.mp4          WebVid-style video captions
   stage2/scenewalk.json + stage2/videos/*.mp4      long videos, a caption per scene
   stage3/llava_video_qa{,_val}.json + videos       LLaVA-Video QA, several records a video
+                                                   (each question asked once a video)
   eval/videomme.json + eval/videos/*.mp4           4-option MC questions (chance 25%),
                                                    short/medium/long, with needle questions
   tokenizer.json                                   byte-level BPE trained on all the text
@@ -43,6 +44,8 @@ IMAGE_PROMPTS = ("Describe the image briefly.", "What is shown in this picture?"
                  "Give a short caption for the image.")
 DETAIL_PROMPT = "Describe the video in detail."
 NUM_OPTIONS = 4
+# Stage 3: tasks of a video asked as multiple choice (the others open-ended).
+MC_TASKS = 2
 # A question is a "needle" when its key scene is at most this fraction of the video.
 NEEDLE_FRACTION = 0.1
 # Random streams: one per file, keyed by (seed, kind, index).
@@ -61,7 +64,7 @@ class Preset:
   qa_videos: int
   qa_scenes: tuple[int, int]
   qa_val_videos: int
-  eval_videos: int  # per duration class
+  eval_videos: int | dict[str, int]  # per duration class (a dict: a count for each)
   eval_len: dict[str, tuple[int, int]]
   key_len: tuple[int, int]
 
@@ -85,8 +88,10 @@ PRESETS = {
 class _Writer:
   """Writes files under `out`, remembering them and every text for the tokenizer."""
 
-  def __init__(self, out: str, seed: int, frame_size: int, video_fps: int):
+  def __init__(self, out: str, seed: int, frame_size: int, video_fps: int,
+               shape_radius: float):
     self.out, self.seed, self.size, self.fps = out, seed, frame_size, video_fps
+    self.radius = shape_radius
     self.files: list[str] = []
     self.texts: list[str] = [SYSTEM_PROMPT, VIDEO_CAPTION_PROMPT, DETAIL_PROMPT,
                              *IMAGE_PROMPTS]
@@ -99,7 +104,8 @@ class _Writer:
     return os.path.join(self.out, relative)
 
   def video(self, relative: str, scenes: list[sc.Scene]) -> float:
-    return sc.write_video(self.path(relative), scenes, size=self.size, fps=self.fps)
+    return sc.write_video(self.path(relative), scenes, size=self.size, fps=self.fps,
+                          radius=self.radius)
 
   def json(self, relative: str, records) -> None:
     with open(self.path(relative), "w", encoding="utf-8") as f:
@@ -162,7 +168,7 @@ def _stage1(w: _Writer, preset: Preset) -> list[dict]:
     scene = sc.random_scene(rng, 1.0)
     name = f"img_{i:05d}"
     sc.write_png(w.path(f"stage1/images/{name}.png"),
-                 sc.draw(scene, float(rng.uniform(0, 1)), w.size))
+                 sc.draw(scene, float(rng.uniform(0, 1)), w.size, radius=w.radius))
     prompt = str(rng.choice(IMAGE_PROMPTS))
     records.append({"id": name, "image": f"images/{name}.png", "conversations": [
         {"from": "human", "value": f"<image>\n{prompt}"},
@@ -208,20 +214,27 @@ def _stage2(w: _Writer, preset: Preset) -> list[dict]:
 
 def _qa_records(w: _Writer, name: str, scenes: list[sc.Scene], key_index: int,
                 rng: np.random.Generator) -> list[dict]:
-  """LLaVA-Video records about one video: open QA, multiple choice, a detailed caption."""
+  """LLaVA-Video records about one video: multiple choice, open QA, a detailed caption.
+
+  Each task is asked once, in one of the two formats (the first MC_TASKS of a random order
+  as multiple choice, the rest open-ended): the pipeline packs a video's records into one
+  sample, and an answer given earlier in the same sample would let the model copy it from
+  the text instead of reading the frames. Multiple choice comes first, right after the
+  frames, where the eval set asks its questions."""
   video = f"videos/{name}.mp4"
   key = scenes[key_index]
   tasks = list(rng.permutation(sc.TASKS))
   open_turns, mc_turns = [], []
   for j, task in enumerate(tasks):
     question = sc.ask(key, str(task))
-    open_turns.append((question.question, question.answer_text))
-    if j < 2:
+    if j < MC_TASKS:
       options, letter = sc.options_for(question, rng, NUM_OPTIONS)
       mc_turns.append((format_multiple_choice(question.question, options), letter))
+    else:
+      open_turns.append((question.question, question.answer_text))
   detail = [(DETAIL_PROMPT, _detail(scenes))]
   records = []
-  for kind, turns in (("open", open_turns), ("mc", mc_turns), ("detail", detail)):
+  for kind, turns in (("mc", mc_turns), ("open", open_turns), ("detail", detail)):
     conversations = []
     for j, (q, a) in enumerate(turns):
       conversations.append({"from": "human", "value": ("<image>\n" if j == 0 else "") + q})
@@ -253,7 +266,9 @@ def _stage3(w: _Writer, preset: Preset) -> dict[str, list[dict]]:
 def _eval(w: _Writer, preset: Preset) -> dict:
   records, index = [], 0
   for duration_class, length in preset.eval_len.items():
-    for _ in range(preset.eval_videos):
+    count = (preset.eval_videos if isinstance(preset.eval_videos, int)
+             else preset.eval_videos.get(duration_class, 0))
+    for _ in range(count):
       rng = w.rng("eval", index)
       index += 1
       scenes, key_index = _video_with_key(rng, length, None, preset)
@@ -284,20 +299,29 @@ def _eval(w: _Writer, preset: Preset) -> dict:
 
 
 def generate(out: str, *, seed: int = 0, size: str = "tiny", frame_size: int = 64,
-             video_fps: int = 4, **counts: int) -> dict:
+             video_fps: int = 4, shape_radius: float = sc.SHAPE_RADIUS,
+             **counts: int) -> dict:
   """Writes the dataset under `out` (see the module docstring); returns the manifest.
 
   counts: overrides of the preset's item counts (images, clips, walks, qa_videos,
-  qa_val_videos, eval_videos).
+  qa_val_videos, eval_videos: one count for each duration class, or a dict of them, e.g.
+  {"short": 24, "medium": 8, "long": 4}).
+  shape_radius: the shapes' radius as a fraction of the frame side (scenes.SHAPE_RADIUS).
   """
   if size not in PRESETS:
     raise ValueError(f"size must be one of {sorted(PRESETS)}, got {size!r}")
   if frame_size < 16 or frame_size % 2:
     raise ValueError(f"frame_size must be an even number >= 16, got {frame_size}")
+  if not 0 < shape_radius <= 0.3:
+    raise ValueError(f"shape_radius must be in (0, 0.3], got {shape_radius}")
   preset = dataclasses.replace(PRESETS[size], **{k: v for k, v in counts.items()
                                                    if v is not None})
+  if isinstance(preset.eval_videos, dict) and set(preset.eval_videos) - set(preset.eval_len):
+    raise ValueError(f"eval_videos has unknown duration classes "
+                     f"{sorted(set(preset.eval_videos) - set(preset.eval_len))}; "
+                     f"known: {list(preset.eval_len)}")
   os.makedirs(out, exist_ok=True)
-  w = _Writer(out, seed, frame_size, video_fps)
+  w = _Writer(out, seed, frame_size, video_fps, shape_radius)
   stages = {"1": {"train": _stage1(w, preset)}, "2": {"train": _stage2(w, preset)},
             "3": _stage3(w, preset)}
   eval_info = _eval(w, preset)
@@ -305,6 +329,7 @@ def generate(out: str, *, seed: int = 0, size: str = "tiny", frame_size: int = 6
   tokenizer.save(w.path("tokenizer.json"))
   manifest = {
       "seed": seed, "size": size, "frame_size": frame_size, "video_fps": video_fps,
+      "shape_radius": shape_radius,
       "preset": dataclasses.asdict(preset), "sources": stages, "eval": eval_info,
       "tokenizer": "tokenizer.json", "vocab_size": tokenizer.get_vocab_size(),
       "attributes": {"shapes": list(sc.SHAPES), "colours": list(sc.COLOURS),
@@ -334,15 +359,17 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--size", choices=sorted(PRESETS), default="tiny")
   parser.add_argument("--frame-size", type=int, default=64, help="frame side in pixels")
   parser.add_argument("--video-fps", type=int, default=4, help="frame rate of the mp4s")
+  parser.add_argument("--shape-radius", type=float, default=sc.SHAPE_RADIUS,
+                      help="shape radius as a fraction of the frame side")
   for name in ("images", "clips", "walks", "qa-videos", "qa-val-videos", "eval-videos"):
     parser.add_argument(f"--{name}", type=int, default=None,
                         help="override the size preset's count")
   args = parser.parse_args(argv)
   manifest = generate(
       args.out, seed=args.seed, size=args.size, frame_size=args.frame_size,
-      video_fps=args.video_fps, images=args.images, clips=args.clips, walks=args.walks,
-      qa_videos=args.qa_videos, qa_val_videos=args.qa_val_videos,
-      eval_videos=args.eval_videos)
+      video_fps=args.video_fps, shape_radius=args.shape_radius, images=args.images,
+      clips=args.clips, walks=args.walks, qa_videos=args.qa_videos,
+      qa_val_videos=args.qa_val_videos, eval_videos=args.eval_videos)
   ev = manifest["eval"]
   print(f"wrote {len(manifest['files'])} files to {args.out}: "
         f"{ev['num_questions']} eval questions ({ev['num_options']} options, chance "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import os
 import re
 import string
@@ -272,10 +273,32 @@ def _ordered_groups(groups: Iterable[str]) -> list[str]:
   return known + sorted(groups - set(known))
 
 
+def chance_p_value(correct: int, chances: Sequence[float]) -> float:
+  """The one-sided p-value of `correct` right answers against guessing: the exact
+  probability that guessing gets at least `correct` right, question i right with
+  probability chances[i] (1 / its number of options). The binomial tail (math.comb) when
+  all chances are equal, else the Poisson-binomial tail by dynamic programming."""
+  n = len(chances)
+  if correct <= 0:
+    return 1.0
+  if correct > n:
+    return 0.0
+  if all(c == chances[0] for c in chances):
+    p = chances[0]
+    return min(1.0, sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k)
+                        for k in range(correct, n + 1)))
+  dist = [1.0]  # dist[k]: probability of k right among the questions so far
+  for p in chances:
+    dist = [(dist[k] if k < len(dist) else 0.0) * (1 - p)
+            + (dist[k - 1] * p if k > 0 else 0.0) for k in range(len(dist) + 1)]
+  return min(1.0, sum(dist[correct:]))
+
+
 def accuracy_rows(records: Sequence[dict[str, Any]], methods: Sequence[str]
                   ) -> list[dict[str, Any]]:
   """Per method: one row per duration group and one 'overall' row with n, correct,
-  accuracy (%) and chance (%, the mean of 1 / #options over the questions).
+  accuracy (%), chance (%, the mean of 1 / #options over the questions) and p_value (the
+  probability that guessing does at least as well, `chance_p_value`).
 
   records: {"group", "num_options", "<method>": {"correct": bool, ...}} per question.
   """
@@ -288,9 +311,11 @@ def accuracy_rows(records: Sequence[dict[str, Any]], methods: Sequence[str]
       if not subset:
         continue
       correct = sum(bool(r[method]["correct"]) for r in subset)
-      chance = sum(1.0 / r["num_options"] for r in subset) / len(subset)
+      chances = [1.0 / r["num_options"] for r in subset]
       rows.append({"method": method, "group": group, "n": len(subset), "correct": correct,
-                   "accuracy": 100.0 * correct / len(subset), "chance": 100.0 * chance})
+                   "accuracy": 100.0 * correct / len(subset),
+                   "chance": 100.0 * sum(chances) / len(subset),
+                   "p_value": chance_p_value(correct, chances)})
   return rows
 
 

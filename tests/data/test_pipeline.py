@@ -253,7 +253,7 @@ def test_stage3_packs_a_video_across_annotation_files(tiny_dataset, tmp_path):
     files.append({"format": "llava", "annotations": str(path), "media_root": folder})
   samples = build_index(_config(tiny_dataset, 3, sources={"train": files}))
   assert len(samples) == 4  # videos
-  assert all(len(s.exchanges) == 4 + 2 + 1 for s in samples)
+  assert all(len(s.exchanges) == 2 + 2 + 1 for s in samples)
   assert [s.id for s in samples] == [f"qa_{i:05d}_open+2#0" for i in range(4)]
 
 

@@ -92,7 +92,46 @@ def test_manifest_and_formats(tiny_dataset):
                     (3, "val"): [6]}
   packed = read_source("llava", sources[3]["train"][0]["annotations"],
                        sources[3]["train"][0]["media_root"], pack_per_video=True).samples
-  assert len(packed) == 4 and all(len(s.exchanges) == 4 + 2 + 1 for s in packed)
+  assert len(packed) == 4 and all(len(s.exchanges) == 2 + 2 + 1 for s in packed)
+
+
+def test_stage3_asks_each_question_once_per_video(tiny_dataset):
+  """A packed sample repeats no question, so no answer can be copied from an earlier turn;
+  its multiple-choice questions come first, right after the frames."""
+  out, _ = tiny_dataset
+  with open(os.path.join(out, "stage3", "llava_video_qa.json")) as f:
+    records = json.load(f)
+  by_video = {}
+  for record in records:
+    by_video.setdefault(record["video"], []).append(record)
+  assert len(by_video) == 4
+  for video_records in by_video.values():
+    assert [r["id"].rsplit("_", 1)[1] for r in video_records] == ["mc", "open", "detail"]
+    questions = [turn["value"].replace("<image>\n", "").split("\n")[0]
+                 for r in video_records[:2] for turn in r["conversations"][::2]]
+    assert len(questions) == len(set(questions)) == len(scenes.TASKS)
+    mc_answers = [turn["value"] for turn in video_records[0]["conversations"][1::2]]
+    assert len(mc_answers) == synthetic.MC_TASKS and set(mc_answers) <= set("ABCD")
+
+
+def test_shape_radius_sets_the_drawn_size():
+  scene = scenes.Scene("circle", "red", "black", "still", 1.0)
+  area = lambda radius: int((scenes.draw(scene, 0.5, 32, radius=radius)
+                             != scenes.BACKGROUNDS["black"]).any(-1).sum())
+  assert area(0.14) == area(scenes.SHAPE_RADIUS)
+  assert 2.0 < area(0.22) / area(0.14) < 3.0  # (0.22 / 0.14)^2 = 2.5
+  with pytest.raises(ValueError, match="shape_radius must be in"):
+    synthetic.generate("/tmp/unused", shape_radius=0.5)
+
+
+def test_eval_videos_per_duration_class(tmp_path):
+  manifest = synthetic.generate(str(tmp_path), frame_size=32, images=1, clips=1, walks=1,
+                                qa_videos=1, qa_val_videos=1,
+                                eval_videos={"short": 2, "long": 1})
+  assert manifest["eval"]["by_duration"] == {"short": 8, "medium": 0, "long": 4}
+  assert manifest["eval"]["num_questions"] == 12
+  with pytest.raises(ValueError, match="unknown duration classes"):
+    synthetic.generate(str(tmp_path / "x"), eval_videos={"huge": 1})
 
 
 def test_captions_are_true_of_the_pixels(tiny_dataset):

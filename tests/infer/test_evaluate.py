@@ -3,6 +3,7 @@ the readers' errors, answer parsing and F1; then the real answerer and checkpoin
 the random tiny model."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -94,9 +95,24 @@ def test_videomme_accuracy_by_duration_with_a_wrong_answer(tmp_path, capsys):
   assert json.load(open(out))["rows"] == report["rows"]
   printed = capsys.readouterr().out.strip().splitlines()
   header = next(line for line in printed if "accuracy %" in line)
-  assert "chance %" in header
+  assert "chance %" in header and "p vs chance" in header
   last = [cell.strip() for cell in printed[-1].split("|")]  # the table is printed last
-  assert last == ["generate", "overall", "5", "4", "80.0", "25.0"]
+  # p: guessing gets >= 4 of 5 right with probability 5 * 0.25^4 * 0.75 + 0.25^5.
+  assert last == ["generate", "overall", "5", "4", "80.0", "25.0", "0.016"]
+  assert rows["generate", "overall"]["p_value"] == pytest.approx(0.015625)
+
+
+def test_chance_p_value_is_the_exact_tail_of_guessing():
+  p = benchmarks.chance_p_value
+  assert p(0, [0.25] * 10) == 1.0 and p(11, [0.25] * 10) == 0.0
+  assert p(3, [0.25] * 3) == pytest.approx(0.25 ** 3)
+  tail = sum(math.comb(48, k) * 0.25 ** k * 0.75 ** (48 - k) for k in range(20, 49))
+  assert p(20, [0.25] * 48) == pytest.approx(tail, rel=1e-12)
+  # Mixed option counts (the Poisson-binomial path) agree with the binomial in the limit
+  # and with a hand count: right on one of (1/4, 1/5) with 1 - 3/4 * 4/5.
+  assert p(20, [0.25] * 47 + [0.25 + 1e-12]) == pytest.approx(tail, rel=1e-9)
+  assert p(1, [0.25, 0.2]) == pytest.approx(0.4)
+  assert p(2, [0.25, 0.2]) == pytest.approx(0.05)
 
 
 def test_longvideobench_groups_and_mixed_chance(tmp_path):
