@@ -235,6 +235,8 @@ def _qa_records(w: _Writer, name: str, scenes: list[sc.Scene], key_index: int,
   detail = [(DETAIL_PROMPT, _detail(scenes))]
   records = []
   for kind, turns in (("mc", mc_turns), ("open", open_turns), ("detail", detail)):
+    if not turns:
+      continue
     conversations = []
     for j, (q, a) in enumerate(turns):
       conversations.append({"from": "human", "value": ("<image>\n" if j == 0 else "") + q})
