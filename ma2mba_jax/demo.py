@@ -11,6 +11,7 @@ Everything goes under --workdir; running it again resumes where it stopped.
 
 from __future__ import annotations
 
+import json
 import os
 
 from absl import app, flags, logging
@@ -22,22 +23,41 @@ _STEPS = flags.DEFINE_list("steps", ["400", "100", "600"], "Training steps of st
 _EVAL_LIMIT = flags.DEFINE_integer("eval_limit", 0, "Evaluate only this many questions (0: all).")
 
 # Enough data for the tiny model to learn colours, shapes and motions in a few CPU minutes
-# without seeing an item many times. Eval: mostly short videos (the tiny model trains on
-# clips of at most 16 frames), some medium and long ones with needle questions.
+# without seeing an item many times. Eval: mostly short videos, which in the demo are a
+# single scene of 2-4 s (the tiny model, trained in minutes, does not learn to tell its
+# shapes apart well enough to find the scene a question names among several), and some
+# medium and long ones whose key scene is a needle among many (reported per duration).
 DATA_COUNTS = dict(images=1000, clips=300, walks=60, qa_videos=800, qa_val_videos=24,
-                   eval_videos=dict(short=18, medium=4, long=2))
+                   eval_videos=dict(short=18, medium=4, long=2),
+                   eval_len=dict(short=(2, 2), medium=(30, 60), long=(120, 180)))
 # Shapes bigger than the default (0.14 of the frame): at the tiny encoder's 32 x 32 pixels a
 # default shape covers 6% of the frame, and the colour and kind of so few pixels take the
 # demo's few hundred steps of a randomly initialised encoder longer than it has.
 SHAPE_RADIUS = 0.22
+FRAME_SIZE = 32
 
 
 def make_data(data_dir: str) -> None:
-  if os.path.isfile(os.path.join(data_dir, "manifest.json")):
+  manifest_path = os.path.join(data_dir, "manifest.json")
+  if os.path.isfile(manifest_path):
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+    written = {k: manifest.get(k) for k in ("generator_version", "frame_size", "shape_radius")}
+    written["preset"] = {k: manifest.get("preset", {}).get(k) for k in DATA_COUNTS}
+    wanted = {"generator_version": synthetic.GENERATOR_VERSION, "frame_size": FRAME_SIZE,
+              "shape_radius": SHAPE_RADIUS, "preset": DATA_COUNTS}
+    wanted = json.loads(json.dumps(wanted))  # tuples as the manifest's lists
+    if written != wanted:
+      workdir = os.path.dirname(os.path.abspath(data_dir))
+      raise SystemExit(
+          f"[demo] {data_dir} was written by another version of the demo ({written}, this "
+          f"one writes {wanted}); its data and the stages trained on it would not match. "
+          f"Remove {workdir} or pass another --workdir.")
     print(f"[demo] data: reusing {data_dir}", flush=True)
     return
   print(f"[demo] data: writing synthetic videos to {data_dir}", flush=True)
-  synthetic.generate(data_dir, seed=0, size="small", frame_size=32, shape_radius=SHAPE_RADIUS,
+  synthetic.generate(data_dir, seed=0, size="small", frame_size=FRAME_SIZE,
+                     shape_radius=SHAPE_RADIUS,
                      **DATA_COUNTS)
 
 
@@ -59,13 +79,18 @@ def train_stages(workdir: str, data_dir: str) -> str:
 
 
 def evaluate(final_stage: str, data_dir: str) -> dict:
-  """The synthetic multiple-choice set, by option likelihood and by generation."""
+  """The synthetic multiple-choice set, by option likelihood and by generation.
+
+  Likelihood scores each option's text as the answer to the bare question (target 'text',
+  a cloze test: see infer/answering.py); `python -m ma2mba_jax.evaluate
+  --likelihood_target=letter` scores the option letters after the multiple-choice prompt.
+  """
   from ma2mba_jax import evaluate as evaluate_lib
   from ma2mba_jax.infer import answering, checkpoint
   items = evaluate_lib.load_items("synthetic", data_dir, limit=_EVAL_LIMIT.value or None)
   model, tokenizer = checkpoint.load(final_stage)
   answerer = answering.ModelAnswerer.create(model, tokenizer, frames_per_step=8,
-                                            mc_max_new_tokens=8)
+                                            mc_max_new_tokens=8, target="text")
   print(f"[demo] evaluating {len(items)} multiple-choice questions on the synthetic set",
         flush=True)
   return evaluate_lib.evaluate_items(

@@ -118,7 +118,9 @@ def _print_report(report: dict[str, Any]) -> None:
     rows = [{"group": r["group"], "n": r["n"], "exact match %": f"{r['exact_match']:.1f}",
              "token F1 %": f"{r['f1']:.1f}"} for r in report["rows"]]
   else:
-    rows = [{"method": r["method"], "duration": r["group"], "n": r["n"],
+    target = report.get("likelihood_target")
+    label = lambda m: f"{m} ({target})" if m == "likelihood" and target else m
+    rows = [{"method": label(r["method"]), "duration": r["group"], "n": r["n"],
              "correct": r["correct"], "accuracy %": f"{r['accuracy']:.1f}",
              "chance %": f"{r['chance']:.1f}", "p vs chance": f"{r['p_value']:.2g}"}
             for r in report["rows"]]
@@ -147,6 +149,7 @@ def evaluate_items(benchmark: str, annotations: str, items, *, answerer: Answere
   if benchmark in benchmarks.MULTIPLE_CHOICE:
     records = _mc_records(items, answerer, methods)
     report.update(kind="multiple_choice", methods=list(methods),
+                  likelihood_target=getattr(answerer, "target", None),
                   rows=benchmarks.accuracy_rows(records, methods), records=records)
   else:
     records = _open_records(items, answerer)

@@ -46,6 +46,9 @@ DETAIL_PROMPT = "Describe the video in detail."
 NUM_OPTIONS = 4
 # Stage 3: tasks of a video asked as multiple choice (the others open-ended).
 MC_TASKS = 2
+# Bumped whenever what `generate` writes for given arguments changes (recorded in the
+# manifest, so that a dataset written by an older generator is recognised).
+GENERATOR_VERSION = 2
 # A question is a "needle" when its key scene is at most this fraction of the video.
 NEEDLE_FRACTION = 0.1
 # Random streams: one per file, keyed by (seed, kind, index).
@@ -219,8 +222,10 @@ def _qa_records(w: _Writer, name: str, scenes: list[sc.Scene], key_index: int,
   Each task is asked once, in one of the two formats (the first MC_TASKS of a random order
   as multiple choice, the rest open-ended): the pipeline packs a video's records into one
   sample, and an answer given earlier in the same sample would let the model copy it from
-  the text instead of reading the frames. Multiple choice comes first, right after the
-  frames, where the eval set asks its questions."""
+  the text instead of reading the frames. Open-ended answers are the answer word alone
+  ("orange"), as short-answer QA sets give them, so that saying what was seen is learned in
+  the words the eval's options use. Which format comes first, right after the frames, is
+  drawn per video."""
   video = f"videos/{name}.mp4"
   key = scenes[key_index]
   tasks = list(rng.permutation(sc.TASKS))
@@ -231,10 +236,13 @@ def _qa_records(w: _Writer, name: str, scenes: list[sc.Scene], key_index: int,
       options, letter = sc.options_for(question, rng, NUM_OPTIONS)
       mc_turns.append((format_multiple_choice(question.question, options), letter))
     else:
-      open_turns.append((question.question, question.answer_text))
+      open_turns.append((question.question, question.answer))
+  first_two = [("mc", mc_turns), ("open", open_turns)]
+  if rng.random() < 0.5:
+    first_two.reverse()
   detail = [(DETAIL_PROMPT, _detail(scenes))]
   records = []
-  for kind, turns in (("mc", mc_turns), ("open", open_turns), ("detail", detail)):
+  for kind, turns in (*first_two, ("detail", detail)):
     if not turns:
       continue
     conversations = []
@@ -330,7 +338,7 @@ def generate(out: str, *, seed: int = 0, size: str = "tiny", frame_size: int = 6
   tokenizer = train_tokenizer(w.texts, vocab_size=1024)
   tokenizer.save(w.path("tokenizer.json"))
   manifest = {
-      "seed": seed, "size": size, "frame_size": frame_size, "video_fps": video_fps,
+      "generator_version": GENERATOR_VERSION, "seed": seed, "size": size, "frame_size": frame_size, "video_fps": video_fps,
       "shape_radius": shape_radius,
       "preset": dataclasses.asdict(preset), "sources": stages, "eval": eval_info,
       "tokenizer": "tokenizer.json", "vocab_size": tokenizer.get_vocab_size(),

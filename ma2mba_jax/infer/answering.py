@@ -6,11 +6,16 @@ frames (the paper's layout puts the frames before the first question, so the sta
 shared), and every multiple-choice option is scored from a copy of the state after its
 question.
 
-Option likelihood: the target of an option is what the template expects the assistant to say,
-followed by `<|endoftext|>`: its letter ("B", target 'letter', the default: the answer the
-Video-MME instruction asks for and the synthetic set trains) or its text ("a red circle",
-target 'text'). Options are ranked by the MEAN log-probability per target token (so option
-texts of different lengths compare fairly); the sums and token counts are kept too.
+Option likelihood, two targets:
+  letter  (the default) the question is asked with its options and the Video-MME instruction,
+          and each option is scored as the answer "B": what that instruction asks for;
+  text    a cloze test: the question is asked alone, without the options, and each option's
+          text ("a red circle") is scored as the answer -- the model never has to map what
+          it saw to a letter, only to say it (as lm-evaluation-harness scores multiple
+          choice).
+A target is followed by `<|endoftext|>`. Options are ranked by the MEAN log-probability per
+target token (so option texts of different lengths compare fairly); the sums and token
+counts are kept too. Generation always asks the multiple-choice prompt.
 """
 
 from __future__ import annotations
@@ -131,11 +136,15 @@ class ModelAnswerer:
     video_conv = self._read(video)
     out = []
     for item in items:
-      conv = self.streamer.ask(video_conv,
-                               format_multiple_choice(item.question, item.options))
+      conv = None  # the multiple-choice prompt, when a method needs it
+      if "generate" in methods or self.target == "letter":
+        conv = self.streamer.ask(video_conv,
+                                 format_multiple_choice(item.question, item.options))
       result: dict[str, Any] = {}
       if "likelihood" in methods:
-        scores = self.option_scores(conv, item)
+        scored_conv = (conv if self.target == "letter"
+                       else self.streamer.ask(video_conv, item.question))
+        scores = self.option_scores(scored_conv, item)
         result["likelihood"] = {"choice": max(scores, key=lambda k: scores[k]["mean"]),
                                 "scores": scores}
       if "generate" in methods:

@@ -217,6 +217,18 @@ def test_model_answerer_scores_options_from_the_saved_state(streamer, sampler, v
   assert set(result["generate"]) == {"text", "choice"}
 
 
+def test_text_target_is_a_cloze_test_on_the_bare_question(streamer, sampler, video):
+  """target='text' asks the question without its options and scores each option's text."""
+  answerer = ModelAnswerer(streamer, sampler, target="text")
+  item = MCItem("q", video, "What colour is the circle?", tuple(OPTIONS), "A", "short")
+  (result,) = answerer.answer_mc(video, [item], ("likelihood",))
+  conv = streamer.ask(streamer.read_video(video), "What colour is the circle?")
+  for letter in "ABCD":
+    ids = streamer.tokenizer.encode(item.option_text(letter)).ids + [streamer.ids.endoftext]
+    assert result["likelihood"]["scores"][letter]["sum"] == pytest.approx(
+        float(streamer.token_logprobs(conv, ids).sum()), abs=1e-5)
+
+
 def test_checkpoint_load_from_workdir_and_export(tiny_model, tokenizer, tmp_path):
   workdir = tmp_path / "work"
   save_model(tiny_model, workdir / "model")

@@ -32,3 +32,15 @@ def test_demo_stage1_rows_fit_images_and_clips_whole(demo_data):
     assert example["num_dropped"] == 0 and example["loss_mask"].any()
     # Every second of a clip (the tiny set's are 2-3 s; the demo's 3-5 s) is shown.
     assert len(example["frames"]) >= (1 if sample.media == "image" else 2)
+
+
+def test_demo_refuses_data_written_by_another_generator(tmp_path):
+  """A workdir from an older demo is named, not silently trained on."""
+  import json
+
+  from ma2mba_jax import demo
+  data_dir = tmp_path / "demo" / "data"
+  data_dir.mkdir(parents=True)
+  (data_dir / "manifest.json").write_text(json.dumps({"frame_size": 32}))
+  with pytest.raises(SystemExit, match="was written by another version of the demo"):
+    demo.make_data(str(data_dir))
