@@ -23,11 +23,13 @@ _STEPS = flags.DEFINE_list("steps", ["400", "100", "600"], "Training steps of st
 _EVAL_LIMIT = flags.DEFINE_integer("eval_limit", 0, "Evaluate only this many questions (0: all).")
 
 # Enough data for the tiny model to learn colours, shapes and motions in a few CPU minutes
-# without seeing an item many times. Eval: mostly short videos, which in the demo are a
-# single scene of 2-4 s (the tiny model, trained in minutes, does not learn to tell its
-# shapes apart well enough to find the scene a question names among several), and some
-# medium and long ones whose key scene is a needle among many (reported per duration).
+# without seeing an item many times. The stage-3 QA videos and the short eval videos are a
+# single scene (2-5 s): the tiny model, trained in minutes, does not learn to tell its shapes
+# apart well enough to find the scene a question names among several, and trained on such
+# questions it learns answer priors instead of looking. The medium and long eval videos keep
+# their key scene a needle among many (reported per duration).
 DATA_COUNTS = dict(images=1000, clips=300, walks=60, qa_videos=800, qa_val_videos=24,
+                   qa_scenes=(1, 1),
                    eval_videos=dict(short=18, medium=4, long=2),
                    eval_len=dict(short=(2, 2), medium=(30, 60), long=(120, 180)))
 # Shapes bigger than the default (0.14 of the frame): at the tiny encoder's 32 x 32 pixels a
