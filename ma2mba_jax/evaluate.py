@@ -42,9 +42,11 @@ _VIDEO_ROOT = flags.DEFINE_string("video_root", "", "Folder of the videos (defau
                                   "benchmark, see infer/benchmarks.py).")
 _METHOD = flags.DEFINE_enum("method", "both", ["likelihood", "generate", "both"],
                             "Multiple choice: answer by option likelihood, generation, or both.")
-_TARGET = flags.DEFINE_enum("likelihood_target", "letter", ["letter", "text"],
-                            "What an option's likelihood scores: its letter or its text, "
-                            "followed by <|endoftext|>.")
+_TARGET = flags.DEFINE_enum("likelihood_target", None, ["letter", "text"],
+                            "What an option's likelihood scores: its letter after the "
+                            "multiple-choice prompt, or its text as the answer to the bare "
+                            "question (a cloze test; infer/answering.py). Default: text for "
+                            "the synthetic set (as the demo scores it), letter otherwise.")
 _JSON = flags.DEFINE_string("json", None, "Write the results here.")
 _LIMIT = flags.DEFINE_integer("limit", None, "Only the first N questions.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "tokenizer.json (default: from the "
@@ -185,6 +187,13 @@ def main(argv):
     sys.exit(f"evaluate: error: {e}")
 
 
+def likelihood_target(benchmark: str) -> str:
+  """--likelihood_target, or the benchmark's default when it is not given."""
+  if _TARGET.value is not None:
+    return _TARGET.value
+  return "text" if benchmark == "synthetic" else "letter"
+
+
 def _evaluate_checkpoint() -> None:
   # The annotations first: a bad record fails before the model loads.
   items = load_items(_BENCHMARK.value, _ANNOTATIONS.value, video_root=_VIDEO_ROOT.value,
@@ -195,7 +204,7 @@ def _evaluate_checkpoint() -> None:
   max_new = _MAX_NEW_TOKENS.value
   answerer = answering.ModelAnswerer.create(
       model, tokenizer, fps=_FPS.value, max_frames=_MAX_FRAMES.value,
-      frames_per_step=_FRAMES_PER_STEP.value, target=_TARGET.value,
+      frames_per_step=_FRAMES_PER_STEP.value, target=likelihood_target(_BENCHMARK.value),
       mc_max_new_tokens=max_new or 8, open_max_new_tokens=max_new or 64,
       progress=lambda video: answering.progress_printer(f"reading {os.path.basename(video)}"))
   methods = answering.METHODS if _METHOD.value == "both" else (_METHOD.value,)
