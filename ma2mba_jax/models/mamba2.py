@@ -39,6 +39,8 @@ from ma2mba_jax.kernels.ssd import process_dt, ssd
 
 Array = jax.Array
 f32 = jnp.float32
+# The dtypes Mamba2Config.compute_dtype accepts (matmul / conv / SSD inputs).
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 # Named activations of a block (sequence mode): in_proj output [B, T, 2E+2GN+H], conv output
 # [B, T, C], SSD output [B, T, H, P], out_proj output [B, T, D].
@@ -113,7 +115,7 @@ class Mamba2Config:
     if self.n_heads % self.n_groups:
       raise ValueError(f"Mamba2Config: n_groups = {self.n_groups} must divide the number of "
                        f"heads {self.n_heads}")
-    if self.compute_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    if self.compute_dtype not in tuple(map(jnp.dtype, COMPUTE_DTYPES)):
       raise ValueError(f"Mamba2Config.compute_dtype must be float32 or bfloat16, got "
                        f"{self.compute_dtype}")
     lo, hi = self.dt_limit

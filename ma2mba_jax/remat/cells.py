@@ -34,6 +34,7 @@ SEQUENCE_CHECKPOINT = "magc_sequence_checkpoint"
 LAYER_CHECKPOINT = "magc_layer_checkpoint"
 OFFLOAD_CHOICES = {"none": (), "sequence": (SEQUENCE_CHECKPOINT,),
                    "all": (SEQUENCE_CHECKPOINT, LAYER_CHECKPOINT)}
+CELL_SAVES = ("nothing", "layers", "dots", "names")
 
 
 def scan_layers(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
@@ -56,17 +57,21 @@ def _cell_policy(remat_cfg: Any):
     return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
   if saves == "names":
     return jax.checkpoint_policies.save_only_these_names(*tuple(remat_cfg.save_names))
-  raise ValueError(f"config.remat.cell_saves={saves!r} is not one of nothing, layers, dots, "
-                   f"names")
+  raise ValueError(f"config.remat.cell_saves={saves!r} is not one of {', '.join(CELL_SAVES)}")
 
 
-def offloaded_names(remat_cfg: Any) -> tuple[str, ...]:
-  """The checkpoint tags `remat.offload` sends to host memory."""
+def offload_choice(remat_cfg: Any) -> str:
+  """`remat.offload` ('none' when unset), checked against OFFLOAD_CHOICES."""
   offload = getattr(remat_cfg, "offload", "none")
   if offload not in OFFLOAD_CHOICES:
     raise ValueError(f"config.remat.offload={offload!r} is not one of "
                      f"{', '.join(OFFLOAD_CHOICES)}")
-  return OFFLOAD_CHOICES[offload]
+  return offload
+
+
+def offloaded_names(remat_cfg: Any) -> tuple[str, ...]:
+  """The checkpoint tags `remat.offload` sends to host memory."""
+  return OFFLOAD_CHOICES[offload_choice(remat_cfg)]
 
 
 def _with_offload(policy: Callable, names: tuple[str, ...]) -> Callable:

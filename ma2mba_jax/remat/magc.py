@@ -25,7 +25,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from ma2mba_jax.remat.cells import (cell_checkpoint, cell_layer_fn, offloaded_names,
+from ma2mba_jax.remat.cells import (cell_checkpoint, cell_layer_fn, offload_choice,
                                     scan_layers)
 from ma2mba_jax.remat.planner import MemoryConstants, magc_memory, plan_magc
 
@@ -150,8 +150,7 @@ def resolve(remat_cfg: Any, model_cfg: Any, seqlen: int, *, bytes_per_element: i
   chunk = model_cfg.chunk_len
   constants = MemoryConstants.from_model(model_cfg)
   budget = None if budget_bytes is None else budget_bytes / bytes_per_element
-  offloaded_names(remat_cfg)  # fails naming config.remat.offload when it is unknown
-  offload = getattr(remat_cfg, "offload", "none")
+  offload = offload_choice(remat_cfg)
   plan = plan_magc(model_cfg.n_layers, seqlen, constants, chunk_len=chunk,
                    budget_elements=budget, offload=offload)
   l = plan.l if remat_cfg.l == "auto" else int(remat_cfg.l)

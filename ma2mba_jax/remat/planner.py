@@ -22,6 +22,8 @@ import dataclasses
 import math
 from typing import Any
 
+from ma2mba_jax.remat.cells import LAYER_CHECKPOINT, OFFLOAD_CHOICES, SEQUENCE_CHECKPOINT
+
 
 @dataclasses.dataclass(frozen=True)
 class MemoryConstants:
@@ -40,19 +42,17 @@ class MemoryConstants:
                c_state=cfg.d_inner * cfg.d_state + cfg.conv_dim)
 
 
-OFFLOADED_TERMS = {"none": (), "sequence": ("sequence",), "all": ("sequence", "layer")}
-
-
 def magc_memory(n_layers: int, seqlen: int, l: int, s: int, k: MemoryConstants,
                 offload: str = "none") -> float:
   """Eq. 12-16 in elements of device memory (multiply by bytes per element for bytes)."""
-  if offload not in OFFLOADED_TERMS:
-    raise ValueError(f"offload={offload!r} is not one of {', '.join(OFFLOADED_TERMS)}")
-  on_host = OFFLOADED_TERMS[offload]
+  if offload not in OFFLOAD_CHOICES:
+    raise ValueError(f"offload={offload!r} is not one of {', '.join(OFFLOAD_CHOICES)}")
+  on_host = OFFLOAD_CHOICES[offload]
   n_groups = math.ceil(n_layers / l)
   n_blocks = math.ceil(seqlen / s)
-  layer_checkpoints = 0 if "layer" in on_host else n_groups * seqlen * k.c_layer
-  sequence_checkpoints = 0 if "sequence" in on_host else n_layers * n_blocks * k.c_seq
+  layer_checkpoints = 0 if LAYER_CHECKPOINT in on_host else n_groups * seqlen * k.c_layer
+  sequence_checkpoints = (0 if SEQUENCE_CHECKPOINT in on_host
+                          else n_layers * n_blocks * k.c_seq)
   return layer_checkpoints + sequence_checkpoints + l * s * k.c_grid + s * k.c_state
 
 

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from ma2mba_jax.models.mamba2 import COMPUTE_DTYPES
 from ma2mba_jax.models.video_presets import VIDEO_PRESETS
-from ma2mba_jax.remat.cells import OFFLOAD_CHOICES
+from ma2mba_jax.remat.cells import CELL_SAVES, OFFLOAD_CHOICES
 from ma2mba_jax.remat.policies import POLICIES
-
-DTYPES = ("float32", "bfloat16")
-CELL_SAVES = ("nothing", "layers", "dots", "names")
 
 
 def _one_of(field: str, value, choices) -> None:
@@ -35,7 +33,7 @@ def _auto_or_positive_int(field: str, value) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first field out of range."""
   _one_of("model.preset", c.model.preset, tuple(VIDEO_PRESETS))
-  _one_of("model.compute_dtype", c.model.compute_dtype, DTYPES)
+  _one_of("model.compute_dtype", c.model.compute_dtype, COMPUTE_DTYPES)
   _one_of("remat.policy", c.remat.policy, tuple(POLICIES))
   _one_of("remat.offload", c.remat.get("offload", "none"), tuple(OFFLOAD_CHOICES))
   _one_of("remat.cell_saves", c.remat.cell_saves, CELL_SAVES)
