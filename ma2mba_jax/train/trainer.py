@@ -209,7 +209,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     print(f"[stage {config.stage}] resumed at step {start}", flush=True)
   start = start or 0
 
+  # Every input of the step carries its sharding before the transfer guard: the state is
+  # placed once, and the step returns it with the same shardings (so step 2 reuses step 1's
+  # executable and nothing moves between devices implicitly).
+  state_shardings = TrainState(
+      step=sharding.replicated(mesh), rng=sharding.replicated(mesh),
+      trainable={g: param_shardings[g] for g in state.trainable},
+      frozen={g: param_shardings[g] for g in state.frozen}, opt_state=opt_shardings)
+  state = jax.device_put(state, state_shardings)
   train_step = jax.jit(make_train_step(graphdef, optimizer, remat_cfg, n_micro),
+                       out_shardings=(state_shardings, sharding.replicated(mesh)),
                        donate_argnums=(0,))
   writer = metrics_lib.MetricWriter(workdir, stage=config.stage)
   progress = metrics_lib.Progress(start, total_steps)
