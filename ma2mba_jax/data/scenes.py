@@ -36,6 +36,11 @@ BACKGROUNDS = {
 MOTIONS = ("left", "right", "up", "down", "still")
 # The shape's radius as a fraction of the frame side (before the scene's `scale`).
 SHAPE_RADIUS = 0.14
+# No B-frames and no lookahead (so no macroblock tree): with them, libx264 (core 165, PyAV
+# 19) reads memory it never wrote, and the same frames encode to different bytes depending on
+# what the process's heap held before (tests/data/test_synthetic.py shows it with
+# MALLOC_PERTURB_). Without them the bytes depend on the frames alone.
+X264_PARAMS = "bframes=0:rc-lookahead=0:mbtree=0"
 # Where the shape's centre goes over a scene, as fractions of the frame (x, y; y down).
 _PATHS = {
     "left": ((0.8, 0.5), (0.2, 0.5)),
@@ -137,7 +142,7 @@ def write_video(path: str, scenes: list[Scene], *, size: int, fps: int,
     stream.codec_context.thread_count = 1
     stream.codec_context.gop_size = 2 * fps
     if codec == "libx264":
-      stream.options = {"crf": "18", "preset": "veryfast"}
+      stream.options = {"crf": "18", "preset": "veryfast", "x264-params": X264_PARAMS}
     else:
       stream.codec_context.bit_rate = 400_000
     frames = 0

@@ -48,7 +48,7 @@ NUM_OPTIONS = 4
 MC_TASKS = 2
 # Bumped whenever what `generate` writes for given arguments changes (recorded in the
 # manifest, so that a dataset written by an older generator is recognised).
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 # A question is a "needle" when its key scene is at most this fraction of the video.
 NEEDLE_FRACTION = 0.1
 # Random streams: one per file, keyed by (seed, kind, index).
