@@ -38,11 +38,13 @@ if [ ! -x .venv/bin/python ] || ! is_new_enough .venv/bin/python; then
   "$py" -m venv .venv
 fi
 
+# constraints.txt pins every package to the exact version the tests ran on (CI installs the
+# same); a change to it or to pyproject.toml reinstalls.
 stamp=.venv/.ma2mba_installed
-want=$(cat pyproject.toml | sha1sum | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt | sha1sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing ma2mba_jax and its dependencies into .venv (a few minutes the first time)"
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,plot]"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,plot]"
   echo "$want" > "$stamp"
 fi
