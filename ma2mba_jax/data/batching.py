@@ -3,7 +3,8 @@
 Runs in the training process after the decoding workers, so it sees every element in
 order: it counts skipped and truncated samples exactly (in the iterator's `stats`, which
 are part of its checkpointed state; logged: the first ten, then at counts 16, 32, 64, ...)
-and its state restores to the exact next batch.
+and its state restores to the exact next batch. With skip_bad it gives up (DataError) when
+so many samples in a row are skipped that a whole pass over the data decoded nothing.
 
 Batch contract (B batch, T max_tokens, F max_frames, S image side, K tokens per frame):
   tokens        int32 [B, T]           token ids; padding holds `pad_id`.
@@ -28,13 +29,19 @@ from typing import Any
 import numpy as np
 from grain._src.python.dataset import dataset as grain_dataset
 
+from ma2mba_jax.data.errors import DataError
+
 log = logging.getLogger(__name__)
 
 # Element markers from the decoding stage.
 SKIPPED = "skipped"  # {"skipped": message}: a bad sample dropped under skip_bad
 EMPTY = "empty"  # {"empty": True}: filler that becomes an all-padding row (eval shards)
 
-_COUNTERS = ("batches", "examples", "skipped", "truncated", "dropped_exchanges")
+# skipped_in_a_row: skip markers since the last example placed (the skip_bad give-up test).
+_COUNTERS = ("batches", "examples", "skipped", "truncated", "dropped_exchanges",
+             "skipped_in_a_row")
+# Skip messages kept for the give-up error.
+_FIRST_BAD = 5
 
 
 def _worth_logging(count: int) -> bool:
@@ -103,6 +110,7 @@ class _PadBatchIterator(grain_dataset.DatasetIterator):
     self._pending_state: Any = None  # the parent's state before that example was read
     self._exhausted = False
     self.stats = dict.fromkeys(_COUNTERS, 0)
+    self._first_bad: list[str] = []  # the first skip messages this iterator saw
 
   def _read(self) -> tuple[dict | None, Any]:
     """The parent's next element (None at its end) and the parent's state before it."""
@@ -123,6 +131,26 @@ class _PadBatchIterator(grain_dataset.DatasetIterator):
                     "(%d of %d samples truncated so far)", example["id"],
                     example["num_dropped"], self.stats["truncated"], self.stats["examples"])
 
+  def _skip(self, message: str) -> None:
+    """Counts a skipped sample; gives up when the skips in a row reach `give_up_after`
+    (a whole pass over the index decoded nothing: skipping would go on forever)."""
+    stats = self.stats
+    stats["skipped"] += 1
+    stats["skipped_in_a_row"] += 1
+    if len(self._first_bad) < _FIRST_BAD:
+      self._first_bad.append(message)
+    if _worth_logging(stats["skipped"]):
+      log.warning("skip_bad: skipped %s (%d samples skipped so far)", message,
+                  stats["skipped"])
+    limit = self._cfg["give_up_after"]
+    if limit is not None and stats["skipped_in_a_row"] >= limit:
+      first = "\n".join(f"  {m}" for m in self._first_bad)
+      raise DataError(
+          f"skip_bad: {stats['skipped_in_a_row']} samples in a row could not be decoded "
+          f"({self._cfg['index_note']}), so no sample of a whole pass over the data decodes "
+          f"({stats['skipped']} skipped, {stats['examples']} decoded in all); fix or remove "
+          f"the bad files. The first bad samples:\n{first}")
+
   def __next__(self) -> dict[str, np.ndarray]:
     cfg = self._cfg
     batch_size, pack = cfg["batch_size"], cfg["pack"]
@@ -139,10 +167,7 @@ class _PadBatchIterator(grain_dataset.DatasetIterator):
         if element is None:
           break
       if SKIPPED in element:
-        self.stats["skipped"] += 1
-        if _worth_logging(self.stats["skipped"]):
-          log.warning("skip_bad: skipped %s (%d samples skipped so far)", element[SKIPPED],
-                      self.stats["skipped"])
+        self._skip(element[SKIPPED])
         continue
       if EMPTY not in element and not rows.fits(element, empty_row=True):
         raise ValueError(f"example {element['id']} does not fit in a batch row "
@@ -157,6 +182,7 @@ class _PadBatchIterator(grain_dataset.DatasetIterator):
         rows.next_row()
         continue
       self._account(element)
+      self.stats["skipped_in_a_row"] = 0
       rows.place(element)
       if not pack:
         rows.next_row()
@@ -184,15 +210,23 @@ class PadBatchIterDataset(grain_dataset.IterDataset):
   Without packing each example takes one row; with `pack`, examples fill a row in order
   while both its tokens and frames fit (greedy, order kept). With `drop_remainder` a last
   incomplete batch is dropped, otherwise padded with empty rows.
+
+  give_up_after: raise DataError once this many skip markers (skip_bad) come in a row
+  with no example between them (None: never); index_note says what that count is, for the
+  message (e.g. "twice the 120 samples of split 'train'").
   """
 
   def __init__(self, parent: grain_dataset.IterDataset, *, batch_size: int, max_tokens: int,
                max_frames: int, image_size: int, tokens_per_frame: int, pad_id: int,
-               pack: bool = False, drop_remainder: bool = True):
+               pack: bool = False, drop_remainder: bool = True,
+               give_up_after: int | None = None, index_note: str = "the limit"):
     super().__init__(parent)
+    if give_up_after is not None and give_up_after < 1:
+      raise ValueError(f"give_up_after must be >= 1 or None, got {give_up_after}")
     self._cfg = dict(batch_size=batch_size, max_tokens=max_tokens, max_frames=max_frames,
                      image_size=image_size, tokens_per_frame=tokens_per_frame, pad_id=pad_id,
-                     pack=pack, drop_remainder=drop_remainder)
+                     pack=pack, drop_remainder=drop_remainder, give_up_after=give_up_after,
+                     index_note=index_note)
 
   def __iter__(self) -> _PadBatchIterator:
     return _PadBatchIterator(self._parent.__iter__(), self._cfg)

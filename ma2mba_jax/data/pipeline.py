@@ -31,14 +31,22 @@ The data config (a dict or ml_collections.ConfigDict), fields with defaults in D
   worker_buffer_size  decoded samples each worker keeps ready
   read_threads, read_buffer_size  threads (and their queue) decoding inside each worker
   decode_threads    FFmpeg threads per video decode (1; 0 = one per core)
-  seed, num_epochs (None: repeat forever), skip_bad, qa_per_sample
+  seed, num_epochs (None: repeat forever), qa_per_sample
+  skip_bad          drop (log and count) bad records and samples instead of raising; gives
+                    up with a DataError when a whole pass over the index decodes nothing
+  validate_media    (default True) when the index is built, check every referenced media
+                    file once, in parallel (a video's header; an image's picture): all
+                    missing or unreadable files are named in one DataError before anything
+                    is decoded; with skip_bad their samples are dropped with a warning
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -51,6 +59,7 @@ from ma2mba_jax.data.errors import DataError
 from ma2mba_jax.data.example import ExampleSpec, build_example
 from ma2mba_jax.data.formats import FORMATS, Sample, pack_by_video, read_source
 from ma2mba_jax.data.tokenizer import special_ids
+from ma2mba_jax.data.video import probe_media
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +77,12 @@ DEFAULTS: dict[str, Any] = {
     "num_epochs": None,
     "skip_bad": False,
     "qa_per_sample": None,
+    "validate_media": True,
 }
+# Bad media files named in one DataError (the rest are counted).
+MAX_NAMED_BAD = 50
+# Threads that check media files (file opens: I/O bound).
+CHECK_THREADS = 16
 REQUIRED = ("stage", "sources", "max_frames", "max_tokens", "batch_size")
 TRAIN_SPLIT = "train"
 # Stands for a missing sample in an eval shard (Grain reads None as "filtered out").
@@ -100,13 +114,15 @@ def data_settings(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_index(config: Mapping[str, Any], split: str = TRAIN_SPLIT) -> list[Sample]:
   """All samples of `split`, parsed from its annotation files (records skipped under
-  skip_bad are logged and counted by `read_source`)."""
+  skip_bad are logged and counted by `read_source`), their media checked when
+  validate_media is on (see `check_media`)."""
   settings = data_settings(config)
   sources = settings["sources"]
   if split not in sources:
     raise ValueError(f"data.sources has no split {split!r} (has {sorted(sources.keys())})")
   samples: list[Sample] = []
   qa_samples: list[Sample] = []  # stage 3: packed per video across all files below
+  empty_files: list[str] = []
   for i, source in enumerate(sources[split]):
     for key in ("format", "annotations"):
       if key not in source:
@@ -117,11 +133,22 @@ def build_index(config: Mapping[str, Any], split: str = TRAIN_SPLIT) -> list[Sam
     index = read_source(
         source["format"], source["annotations"], source.get("media_root", "") or "",
         skip_bad=settings["skip_bad"])
+    if not index.samples and not index.skipped:
+      empty_files.append(str(source["annotations"]))
+      log.warning("data %s: %s holds no records (an empty annotation list)", split,
+                  source["annotations"])
+      continue
     log.info("data %s: %d records from %s (%s)%s", split, len(index.samples),
              source["annotations"], source["format"],
              f", {len(index.skipped)} bad records skipped" if index.skipped else "")
     packs = settings["stage"] == 3 and source["format"] == "llava"
     (qa_samples if packs else samples).extend(index.samples)
+  if empty_files and len(empty_files) == len(sources[split]):
+    raise DataError(f"data split {split!r}: every annotation file is empty: "
+                    f"{', '.join(empty_files)}")
+  if settings["validate_media"]:
+    samples = check_media(samples, skip_bad=settings["skip_bad"], split=split)
+    qa_samples = check_media(qa_samples, skip_bad=settings["skip_bad"], split=split)
   if qa_samples:
     packed = pack_by_video(qa_samples, settings["qa_per_sample"])
     log.info("data %s: %d QA records packed into %d samples (one video each)", split,
@@ -130,6 +157,50 @@ def build_index(config: Mapping[str, Any], split: str = TRAIN_SPLIT) -> list[Sam
   if not samples:
     raise DataError(f"data split {split!r} has no samples")
   return samples
+
+
+def check_media(samples: Sequence[Sample], *, skip_bad: bool = False,
+                split: str = TRAIN_SPLIT) -> list[Sample]:
+  """Checks each distinct media file of `samples` once, in CHECK_THREADS threads
+  (video.probe_media). Raises one DataError naming every bad file (up to MAX_NAMED_BAD)
+  with the annotation file and record that uses it; with skip_bad, returns the samples
+  whose media read and logs a warning with the counts instead."""
+  paths: dict[str, str] = {}  # path -> media kind, first use order
+  for sample in samples:
+    paths.setdefault(sample.path, sample.media)
+  if not paths:
+    return list(samples)
+  start = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(min(CHECK_THREADS, len(paths))) as pool:
+    reasons = list(pool.map(lambda item: probe_media(*item), paths.items()))
+  bad = {path: reason for path, reason in zip(paths, reasons) if reason is not None}
+  log.info("data %s: checked %d media files in %.1f s, %d bad", split, len(paths),
+           time.perf_counter() - start, len(bad))
+  if not bad:
+    return list(samples)
+  users: dict[str, list[Sample]] = {}
+  for sample in samples:
+    if sample.path in bad:
+      users.setdefault(sample.path, []).append(sample)
+  lines = []
+  for path, reason in list(bad.items())[:MAX_NAMED_BAD]:
+    first = users[path][0]
+    more = len(users[path]) - 1
+    lines.append(f"  {reason} [{first.source}: record {first.record} (id {first.id})"
+                 f"{f' and {more} more record(s)' if more else ''}]")
+  if len(bad) > MAX_NAMED_BAD:
+    lines.append(f"  ... and {len(bad) - MAX_NAMED_BAD} more bad files")
+  n_bad_samples = sum(len(u) for u in users.values())
+  summary = (f"data {split!r}: {len(bad)} of {len(paths)} media files are missing or "
+             f"unreadable ({n_bad_samples} of {len(samples)} records use them)")
+  if not skip_bad:
+    raise DataError(f"{summary}:\n" + "\n".join(lines) +
+                    "\n(fix or remove them, or set data.skip_bad=True to drop them)")
+  kept = [s for s in samples if s.path not in bad]
+  if not kept:
+    raise DataError(f"{summary}, so none is left:\n" + "\n".join(lines))
+  log.warning("skip_bad: %s; dropped:\n%s", summary, "\n".join(lines))
+  return kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,8 +260,19 @@ def make_pipeline(
     ds = ds.shuffle(seed=settings["seed"] if seed is None else seed)
     ds = ds.repeat(settings["num_epochs"])
     ds = ds[shard_index::shard_count]
+    # skip_bad gives up after twice this process's share of an epoch in a row: any such
+    # run of its elements holds its whole share of some epoch (or after all of a finite
+    # stream).
+    share = math.ceil(len(samples) / shard_count)
+    give_up_after = min(2 * share, len(ds))
+    index_note = (f"twice this process's share ({share}) of the {len(samples)} samples of "
+                  f"split {split!r}" if give_up_after == 2 * share else
+                  f"all {give_up_after} samples this process reads")
   else:
-    ds = grain.MapDataset.source(_shard_for_eval(samples, shard_index, shard_count))
+    shard = _shard_for_eval(samples, shard_index, shard_count)
+    ds = grain.MapDataset.source(shard)
+    give_up_after = sum(s != FILLER for s in shard) or None
+    index_note = f"all {give_up_after} samples of split {split!r} this process reads"
   spec = ExampleSpec(fps=float(settings["fps"]), image_size=settings["image_size"],
                      tokens_per_frame=settings["tokens_per_frame"],
                      max_frames=settings["max_frames"], max_tokens=settings["max_tokens"],
@@ -211,4 +293,5 @@ def make_pipeline(
       max_frames=settings["max_frames"], image_size=settings["image_size"],
       tokens_per_frame=settings["tokens_per_frame"],
       pad_id=special_ids(tokenizer).endoftext, pack=bool(settings["packing"]),
-      drop_remainder=train)
+      drop_remainder=train, give_up_after=give_up_after if settings["skip_bad"] else None,
+      index_note=index_note)

@@ -225,3 +225,28 @@ def load_image(path: str, size: int = 224) -> np.ndarray:
   except av.FFmpegError as e:
     raise DataError(f"{path}: cannot decode image ({e})") from e
   raise DataError(f"{path}: image holds no picture")
+
+
+def probe_media(path: str, media: str = "video") -> str | None:
+  """Checks that a media file reads, cheaply: None when it does, else the reason (a
+  DataError message naming the file). media 'video': opens the header once (container,
+  a video stream, its duration; no frame decoded). 'image': decodes the picture (an image
+  has no header that tells a corrupt file apart)."""
+  try:
+    if media == "video":
+      with Video(path, threads=1):
+        return None
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+      return f"{path}: image file not found"
+    try:
+      with av.open(path) as container:
+        if not container.streams.video:
+          return f"{path}: not an image"
+        for _ in container.decode(video=0):
+          return None
+    except (av.FFmpegError, OSError) as e:
+      return f"{path}: cannot decode image ({e})"
+    return f"{path}: image holds no picture"
+  except DataError as e:
+    return str(e)

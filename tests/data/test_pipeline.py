@@ -5,6 +5,7 @@ shuffling, and skip_bad accounting."""
 import json
 import logging
 import os
+import signal
 
 import grain
 import ml_collections
@@ -220,7 +221,9 @@ def bad_source(tiny_dataset, tmp_path):
 
 def test_bad_videos_raise_or_are_skipped_and_counted(tiny_dataset, tokenizer, bad_source,
                                                       caplog):
-  config = _config(tiny_dataset, 3, sources=bad_source, batch_size=1, num_epochs=1)
+  """When a sample is decoded (validate_media off: the files are not checked up front)."""
+  config = _config(tiny_dataset, 3, sources=bad_source, batch_size=1, num_epochs=1,
+                   validate_media=False)
   with pytest.raises(DataError, match="gone.mp4: video file not found|corrupt.mp4: cannot open"):
     list(make_pipeline(config, tokenizer=tokenizer, shard_index=0, shard_count=1))
   it = iter(make_pipeline({**config, "skip_bad": True}, tokenizer=tokenizer,
@@ -230,6 +233,119 @@ def test_bad_videos_raise_or_are_skipped_and_counted(tiny_dataset, tokenizer, ba
   assert len(batches) == 4 and it.stats["skipped"] == 2
   assert "record 12 (id gone)" in caplog.text and "record 13 (id broken)" in caplog.text
   assert "2 samples skipped so far" in caplog.text
+
+
+def test_validate_media_names_every_bad_file_before_decoding(tiny_dataset, bad_source,
+                                                             tmp_path, caplog):
+  """validate_media (the default): build_index names every missing or unreadable file, with
+  the record that uses it, in one error; with skip_bad their samples are dropped."""
+  config = _config(tiny_dataset, 3, sources=bad_source)
+  with pytest.raises(DataError) as error:
+    build_index(config)
+  message = str(error.value)
+  assert "2 of 6 media files are missing or unreadable (2 of 14 records use them)" in message
+  assert "gone.mp4: video file not found [" in message and "record 12 (id gone)]" in message
+  assert "corrupt.mp4: cannot open video" in message and "record 13 (id broken)]" in message
+  with caplog.at_level(logging.WARNING):
+    samples = build_index({**config, "skip_bad": True})
+  assert len(samples) == 4 and all("qa_" in s.path for s in samples)
+  assert "skip_bad: data 'train': 2 of 6 media files" in caplog.text
+  # Stage-1 images are decoded (an image has no header to tell a corrupt one apart); a
+  # video used by several records is named once, with the count of the others.
+  folder = os.path.join(tiny_dataset[0], "stage1")
+  (tmp_path / "zeros.png").write_bytes(b"\x00" * 500)
+  conv = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]
+  records = [{"id": "good", "image": "images/img_00000.png", "conversations": conv},
+             {"id": "zeros", "image": str(tmp_path / "zeros.png"), "conversations": conv},
+             {"id": "lost", "image": str(tmp_path / "lost.png"), "conversations": conv},
+             {"id": "v1", "video": str(tmp_path / "gone.mp4"), "conversations": conv},
+             {"id": "v2", "video": str(tmp_path / "gone.mp4"), "conversations": conv}]
+  (tmp_path / "images.json").write_text(json.dumps(records))
+  sources = {"train": [{"format": "llava", "annotations": str(tmp_path / "images.json"),
+                        "media_root": folder}]}
+  with pytest.raises(DataError) as error:
+    build_index(_config(tiny_dataset, 1, sources=sources))
+  lines = str(error.value).splitlines()
+  assert "3 of 4 media files are missing or unreadable (4 of 5 records use them)" in lines[0]
+  for line, name, reason in zip(lines[1:], ("zeros.png", "lost.png", "gone.mp4"),
+                                ("cannot decode image", "image file not found",
+                                 "video file not found")):
+    assert f"{name}: {reason}" in line, line
+  assert len(lines) == 5 and "data.skip_bad=True" in lines[4]
+  assert "record 3 (id v1) and 1 more record(s)]" in lines[3]
+  # Nothing left after dropping: an error, not an empty run.
+  (tmp_path / "bad_only.json").write_text(json.dumps(records[1:]))
+  bad_only = {"train": [{**sources["train"][0], "annotations": str(tmp_path / "bad_only.json")}]}
+  with pytest.raises(DataError, match="3 of 3 media files.*so none is left"):
+    build_index(_config(tiny_dataset, 1, skip_bad=True, sources=bad_only))
+
+
+def test_empty_annotation_list_warns_and_all_empty_is_an_error(tiny_dataset, tmp_path,
+                                                               caplog):
+  empty = tmp_path / "empty.json"
+  empty.write_text("[]")
+  real = synthetic.sources(tiny_dataset[0], 2)["train"]
+  sources = {"train": [*real, {"format": "scenewalk", "annotations": str(empty)}]}
+  with caplog.at_level(logging.INFO):
+    assert len(build_index(_config(tiny_dataset, 2, sources=sources))) == 2
+  warned = [r for r in caplog.records if "holds no records" in r.getMessage()]
+  assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+  assert str(empty) in warned[0].getMessage()
+  other = tmp_path / "empty2.jsonl"
+  other.write_text("\n")
+  with pytest.raises(DataError, match=f"every annotation file is empty: {empty}, {other}"):
+    build_index(_config(tiny_dataset, 2, sources={"train": [
+        {"format": "scenewalk", "annotations": str(empty)},
+        {"format": "scenewalk", "annotations": str(other)}]}))
+
+
+@pytest.fixture
+def fail_after_seconds():
+  """Turns a hang into a test failure: SIGALRM raises TimeoutError after `seconds`."""
+  def handler(signum, frame):
+    raise TimeoutError("still running: skip_bad loops instead of giving up")
+  previous = signal.signal(signal.SIGALRM, handler)
+  yield lambda seconds: signal.setitimer(signal.ITIMER_REAL, seconds)
+  signal.setitimer(signal.ITIMER_REAL, 0)
+  signal.signal(signal.SIGALRM, previous)
+
+
+def test_skip_bad_gives_up_when_no_sample_decodes(tiny_dataset, tokenizer, tmp_path,
+                                                  fail_after_seconds):
+  """Every video corrupt (and not checked up front): the endless train stream stops with
+  the counts and the first bad files instead of skipping forever."""
+  conv = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]
+  records = []
+  for i in range(3):
+    (tmp_path / f"bad{i}.mp4").write_bytes(bytes([i]) * 2000)
+    records.append({"id": f"bad{i}", "video": f"bad{i}.mp4", "conversations": conv})
+  (tmp_path / "qa.json").write_text(json.dumps(records))
+  sources = {"train": [{"format": "llava", "annotations": str(tmp_path / "qa.json")}]}
+  config = _config(tiny_dataset, 3, sources=sources, skip_bad=True, validate_media=False)
+  fail_after_seconds(60)
+  with pytest.raises(DataError) as error:
+    next(iter(make_pipeline(config, tokenizer=tokenizer, shard_index=0, shard_count=1)))
+  message = str(error.value)
+  assert ("skip_bad: 6 samples in a row could not be decoded (twice this process's share "
+          "(3) of the 3 samples of split 'train')") in message
+  assert "(6 skipped, 0 decoded in all)" in message
+  assert all(f"bad{i}.mp4: cannot open video" in message for i in range(3))
+  # One epoch only: it gives up after the 3 samples there are.
+  with pytest.raises(DataError, match="3 samples in a row .*all 3 samples this process"):
+    next(iter(make_pipeline({**config, "num_epochs": 1}, tokenizer=tokenizer,
+                            shard_index=0, shard_count=1)))
+
+
+def test_give_up_counts_skips_in_a_row_only():
+  bad = {SKIPPED: "bad.mp4: broken"}
+  # Two skips, an example, two skips: never three in a row.
+  it = iter(_batcher([bad, bad, HAND[0], bad, bad, HAND[1]], give_up_after=3, pack=False))
+  assert len([next(it), next(it)]) == 2 and it.stats["skipped"] == 4
+  assert it.stats["skipped_in_a_row"] == 0
+  it = iter(_batcher([HAND[0], bad, bad, bad, HAND[1]], give_up_after=3, pack=False))
+  next(it)
+  with pytest.raises(DataError, match="3 samples in a row .*3 skipped, 1 decoded"):
+    next(it)
 
 
 def test_truncation_is_counted(tiny_dataset, tokenizer, caplog):
