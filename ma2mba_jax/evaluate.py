@@ -15,6 +15,13 @@ greedy generation, scored by exact match and token F1 (no LLM judge). Each video
 for all its questions. The results table (accuracy with the chance level beside it and the
 one-sided p-value of doing that well by guessing, overall and by duration group) is printed
 last; --json writes it with every question's record.
+
+Each video's answers are appended to --records (default: beside --json, X.json ->
+X.records.jsonl; infer/answer_log.py) as soon as they are given. A run that stops keeps them;
+the same command again asks only the questions not answered yet, and its table covers all
+answers. A video that cannot be read stops the run with one line naming it (the answers so
+far stay in the records file), or, with --skip_bad, is skipped: its questions are counted
+as skipped and left out of the table (a later run tries them again).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from absl import app, flags, logging
 from ma2mba_jax.bench.common import environment, print_table, write_json
 from ma2mba_jax.data.errors import DataError
 from ma2mba_jax.infer import answering, benchmarks, checkpoint
+from ma2mba_jax.infer.answer_log import AnswerLog, record_key
 from ma2mba_jax.infer.benchmarks import MCItem, OpenItem
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Trainer workdir or model export folder.")
@@ -48,6 +56,11 @@ _TARGET = flags.DEFINE_enum("likelihood_target", None, ["letter", "text"],
                             "question (a cloze test; infer/answering.py). Default: text for "
                             "the synthetic set (as the demo scores it), letter otherwise.")
 _JSON = flags.DEFINE_string("json", None, "Write the results here.")
+_RECORDS = flags.DEFINE_string("records", "", "JSONL of per-question records, appended as "
+                               "each video is answered; an existing one is resumed (default: "
+                               "beside --json, X.json -> X.records.jsonl; none without --json).")
+_SKIP_BAD = flags.DEFINE_bool("skip_bad", False, "Skip (and count) a video that cannot be "
+                              "read instead of stopping.")
 _LIMIT = flags.DEFINE_integer("limit", None, "Only the first N questions.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "tokenizer.json (default: from the "
                                  "checkpoint's config.json).")
@@ -72,46 +85,51 @@ class Answerer(Protocol):
   def answer_open(self, video: str, items: Sequence[OpenItem]) -> list[str]: ...
 
 
-def _by_video(items):
-  """Items grouped by video, videos in order of first appearance."""
-  groups: dict[str, list] = {}
+def _mc_records(video: str, group: Sequence[MCItem], answerer: Answerer,
+                methods: Sequence[str]) -> list[dict[str, Any]]:
+  """The records of one video's multiple-choice questions."""
+  results = answerer.answer_mc(video, group, methods)
+  if len(results) != len(group):
+    raise RuntimeError(f"the answerer returned {len(results)} results for {len(group)} "
+                       f"questions about {video}")
+  records = []
+  for item, result in zip(group, results):
+    record = {"question_id": item.question_id, "video": item.video, "group": item.group,
+              "answer": item.answer, "num_options": len(item.options)}
+    for method in methods:
+      record[method] = {**result[method], "correct": result[method]["choice"] == item.answer}
+    records.append(record)
+  return records
+
+
+def _open_records(video: str, group: Sequence[OpenItem], answerer: Answerer
+                  ) -> list[dict[str, Any]]:
+  """The records of one video's open-ended questions."""
+  predictions = answerer.answer_open(video, group)
+  return [{"question_id": item.question_id, "video": item.video, "group": item.group,
+           "question": item.question, "answer": item.answer, "prediction": prediction,
+           "exact_match": benchmarks.exact_match(prediction, item.answer),
+           "f1": benchmarks.token_f1(prediction, item.answer)}
+          for item, prediction in zip(group, predictions, strict=True)]
+
+
+def _keys(items) -> list[tuple[str, str, int]]:
+  """record_key of each item; a repeated (question id, video) counts its repeats."""
+  seen: dict[tuple[str, str, int], int] = {}
+  keys = []
   for item in items:
-    groups.setdefault(item.video, []).append(item)
-  return groups
+    base = record_key(item.question_id, item.video)
+    keys.append(record_key(item.question_id, item.video, seen.get(base, 0)))
+    seen[base] = seen.get(base, 0) + 1
+  return keys
 
 
-def _mc_records(items: Sequence[MCItem], answerer: Answerer, methods: Sequence[str]
-                ) -> list[dict[str, Any]]:
-  records = []
-  videos = _by_video(items)
-  for index, (video, group) in enumerate(videos.items(), 1):
-    logging.info("video %d/%d: %s (%d questions)", index, len(videos), video, len(group))
-    results = answerer.answer_mc(video, group, methods)
-    if len(results) != len(group):
-      raise RuntimeError(f"the answerer returned {len(results)} results for {len(group)} "
-                         f"questions about {video}")
-    for item, result in zip(group, results):
-      record = {"question_id": item.question_id, "video": item.video, "group": item.group,
-                "answer": item.answer, "num_options": len(item.options)}
-      for method in methods:
-        record[method] = {**result[method], "correct": result[method]["choice"] == item.answer}
-      records.append(record)
-  return records
-
-
-def _open_records(items: Sequence[OpenItem], answerer: Answerer) -> list[dict[str, Any]]:
-  records = []
-  videos = _by_video(items)
-  for index, (video, group) in enumerate(videos.items(), 1):
-    logging.info("video %d/%d: %s (%d questions)", index, len(videos), video, len(group))
-    predictions = answerer.answer_open(video, group)
-    for item, prediction in zip(group, predictions, strict=True):
-      records.append({"question_id": item.question_id, "video": item.video,
-                      "group": item.group, "question": item.question, "answer": item.answer,
-                      "prediction": prediction,
-                      "exact_match": benchmarks.exact_match(prediction, item.answer),
-                      "f1": benchmarks.token_f1(prediction, item.answer)})
-  return records
+def records_path_for(json_path: str | None) -> str | None:
+  """The default --records: X.json -> X.records.jsonl beside it (None without a JSON)."""
+  if not json_path:
+    return None
+  stem = json_path[:-len(".json")] if json_path.endswith(".json") else json_path
+  return stem + ".records.jsonl"
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -128,6 +146,10 @@ def _print_report(report: dict[str, Any]) -> None:
             for r in report["rows"]]
   print(f"{report['benchmark']}: {report['num_questions']} questions from "
         f"{report['annotations']}")
+  if report["num_skipped"]:
+    print(f"SKIPPED: {report['num_skipped']} questions of {len(report['skipped'])} unreadable "
+          f"video(s) (--skip_bad), not in the table; it covers the {report['num_answered']} "
+          "answered")
   print_table(rows, list(rows[0]))
 
 
@@ -143,19 +165,72 @@ def load_items(benchmark: str, annotations: str, *, video_root: str = "", answer
 
 def evaluate_items(benchmark: str, annotations: str, items, *, answerer: Answerer,
                    methods: Sequence[str] = ("likelihood", "generate"),
-                   json_path: str | None = None) -> dict[str, Any]:
-  """Answers the items with `answerer` and scores them; writes JSON, prints the table
-  (last). Returns the report: rows (the table) and records (one per question)."""
+                   json_path: str | None = None, records_path: str | None = None,
+                   skip_bad: bool = False, settings: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+  """Answers the items with `answerer` video by video and scores them; writes JSON, prints
+  the table (last). Returns the report: rows (the table), records (one per answered
+  question, in the items' order) and skipped (bad videos, under skip_bad).
+
+  records_path (default: records_path_for(json_path)): each video's records are appended
+  there as soon as they exist, and questions already in it are not asked again; `settings`
+  (what else decides the answers: checkpoint, fps, ...) goes into its header with the
+  benchmark, annotations and methods, and must match to resume.
+  """
+  multiple_choice = benchmark in benchmarks.MULTIPLE_CHOICE
+  methods = list(methods) if multiple_choice else ["generate"]
+  target = getattr(answerer, "target", None) if multiple_choice else None
+  records_path = records_path or records_path_for(json_path)
+  header = {"benchmark": benchmark, "annotations": os.path.abspath(annotations),
+            "methods": methods, "likelihood_target": target, **(settings or {})}
+  keys = _keys(items)
+  videos: dict[str, list[tuple[Any, Any]]] = {}
+  for key, item in zip(keys, items):
+    videos.setdefault(item.video, []).append((key, item))
+  log = AnswerLog.open(records_path, header) if records_path else None
+  answers = dict(log.answers) if log else {}
+  skipped: list[dict[str, Any]] = []
+  try:
+    for index, (video, pairs) in enumerate(videos.items(), 1):
+      todo = [(key, item) for key, item in pairs if key not in answers]
+      if not todo:
+        continue
+      logging.info("video %d/%d: %s (%d questions)", index, len(videos), video, len(todo))
+      group = [item for _, item in todo]
+      try:
+        new = (_mc_records(video, group, answerer, methods) if multiple_choice
+               else _open_records(video, group, answerer))
+      except DataError as e:
+        if not skip_bad:
+          kept = f"; the {len(answers)} answers so far are in {records_path}" if log else ""
+          raise DataError(f"{e} (while answering {len(todo)} questions about it{kept}; "
+                          "--skip_bad skips such videos)") from e
+        logging.warning("skip_bad: skipped %s (%d questions): %s", video, len(todo), e)
+        skipped.append({"video": video, "questions": len(todo), "error": str(e)})
+        continue
+      for (key, _), record in zip(todo, new, strict=True):
+        if key[2]:
+          record["occurrence"] = key[2]
+        answers[key] = record
+      if log:
+        log.add(new)
+  finally:
+    if log:
+      log.close()
+  records = [answers[key] for key in keys if key in answers]
+  num_skipped = sum(s["questions"] for s in skipped)
+  if not records:
+    raise DataError(f"{annotations}: no question was answered: all {len(videos)} videos "
+                    f"failed (first: {skipped[0]['error'] if skipped else '?'})")
   report: dict[str, Any] = {"benchmark": benchmark, "annotations": os.fspath(annotations),
-                            "num_questions": len(items)}
-  if benchmark in benchmarks.MULTIPLE_CHOICE:
-    records = _mc_records(items, answerer, methods)
-    report.update(kind="multiple_choice", methods=list(methods),
-                  likelihood_target=getattr(answerer, "target", None),
+                            "num_questions": len(items), "num_answered": len(records),
+                            "num_skipped": num_skipped, "skipped": skipped,
+                            "records_file": records_path}
+  if multiple_choice:
+    report.update(kind="multiple_choice", methods=methods, likelihood_target=target,
                   rows=benchmarks.accuracy_rows(records, methods), records=records)
   else:
-    records = _open_records(items, answerer)
-    report.update(kind="open_ended", methods=["generate"], note=benchmarks.NO_JUDGE_NOTE,
+    report.update(kind="open_ended", methods=methods, note=benchmarks.NO_JUDGE_NOTE,
                   rows=benchmarks.open_ended_rows(records), records=records)
   report["environment"] = environment()
   write_json(json_path, report)
@@ -165,12 +240,15 @@ def evaluate_items(benchmark: str, annotations: str, items, *, answerer: Answere
 
 def run(benchmark: str, annotations: str, *, answerer: Answerer, video_root: str = "",
         answers: str = "", methods: Sequence[str] = ("likelihood", "generate"),
-        limit: int | None = None, json_path: str | None = None) -> dict[str, Any]:
+        limit: int | None = None, json_path: str | None = None,
+        records_path: str | None = None, skip_bad: bool = False,
+        settings: dict[str, Any] | None = None) -> dict[str, Any]:
   """load_items, then evaluate_items."""
   items = load_items(benchmark, annotations, video_root=video_root, answers=answers,
                      limit=limit)
   return evaluate_items(benchmark, annotations, items, answerer=answerer, methods=methods,
-                        json_path=json_path)
+                        json_path=json_path, records_path=records_path, skip_bad=skip_bad,
+                        settings=settings)
 
 
 def main(argv):
@@ -208,8 +286,15 @@ def _evaluate_checkpoint() -> None:
       mc_max_new_tokens=max_new or 8, open_max_new_tokens=max_new or 64,
       progress=lambda video: answering.progress_printer(f"reading {os.path.basename(video)}"))
   methods = answering.METHODS if _METHOD.value == "both" else (_METHOD.value,)
+  # What else decides the answers: a records file made with other values is not resumed.
+  settings = {"checkpoint": os.path.abspath(_CHECKPOINT.value), "fps": _FPS.value,
+              "max_frames": _MAX_FRAMES.value, "max_new_tokens": max_new,
+              "compute_dtype": _COMPUTE_DTYPE.value, "param_dtype": _PARAM_DTYPE.value,
+              "tokenizer": _TOKENIZER.value}
   evaluate_items(_BENCHMARK.value, _ANNOTATIONS.value, items, answerer=answerer,
-                 methods=methods, json_path=_JSON.value)
+                 methods=methods, json_path=_JSON.value,
+                 records_path=_RECORDS.value or None, skip_bad=_SKIP_BAD.value,
+                 settings=settings)
 
 
 if __name__ == "__main__":

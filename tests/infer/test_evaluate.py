@@ -21,13 +21,17 @@ OPTIONS = ["A. red", "B. blue", "C. green", "D. yellow"]
 
 
 class StubAnswerer:
-  """Answers from a table: question_id -> (likelihood letter, generated text)."""
+  """Answers from a table: question_id -> (likelihood letter, generated text); a video in
+  `bad` fails as an unreadable file does (DataError naming it)."""
 
-  def __init__(self, table):
-    self.table, self.videos = table, []
+  def __init__(self, table, bad=()):
+    self.table, self.videos, self.bad, self.asked = table, [], set(bad), []
 
   def answer_mc(self, video, items, methods):
     self.videos.append(os.path.basename(video))
+    if os.path.basename(video) in self.bad:
+      raise DataError(f"{video}: cannot open video (Invalid data found)")
+    self.asked.extend(item.question_id for item in items)
     out = []
     for item in items:
       letter, text = self.table[item.question_id]
@@ -181,6 +185,107 @@ def test_bad_records_name_file_record_and_field(tmp_path, benchmark, records, me
     evaluate.run(benchmark, file, answerer=StubAnswerer({}),
                  video_root=str(tmp_path / "videos"))
   assert str(error.value).startswith(file)
+
+
+def _five_questions(tmp_path):
+  """Five questions about three videos, and a stub answering 4 of them right."""
+  _touch_videos(tmp_path / "videos", "s1.mp4", "m1.mp4", "l1.mp4")
+  file = _write(tmp_path / "videomme.json", [
+      _videomme_record("1-1", "s1", "short", "A"), _videomme_record("1-2", "s1", "short", "C"),
+      _videomme_record("2-1", "m1", "medium", "B"),
+      _videomme_record("3-1", "l1", "long", "D"), _videomme_record("3-2", "l1", "long", "A")])
+  table = {"1-1": ("A", "A"), "1-2": ("C", "C"), "2-1": ("B", "B"), "3-1": ("B", "B"),
+           "3-2": ("A", "A")}
+  return file, table
+
+
+def _lines(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_answers_are_kept_when_a_video_fails_and_a_rerun_resumes(tmp_path, capsys):
+  file, table = _five_questions(tmp_path)
+  out = str(tmp_path / "eval.json")
+  kw = dict(video_root=str(tmp_path / "videos"), methods=("likelihood",), json_path=out)
+  stub = StubAnswerer(table, bad={"m1.mp4"})
+  with pytest.raises(DataError) as error:
+    evaluate.run("videomme", file, answerer=stub, **kw)
+  message = str(error.value)
+  assert message.startswith(str(tmp_path / "videos" / "m1.mp4") + ": cannot open video")
+  assert "the 2 answers so far are in " + str(tmp_path / "eval.records.jsonl") in message
+  assert "\n" not in message and not os.path.exists(out)
+  lines = _lines(tmp_path / "eval.records.jsonl")
+  assert lines[0]["header"]["benchmark"] == "videomme"
+  assert [r["question_id"] for r in lines[1:]] == ["1-1", "1-2"]
+  # The same command again (the video now reads): only the three others are asked, and
+  # the table covers all five answers.
+  again = StubAnswerer(table)
+  report = evaluate.run("videomme", file, answerer=again, **kw)
+  assert again.asked == ["2-1", "3-1", "3-2"]
+  assert [r["question_id"] for r in report["records"]] == ["1-1", "1-2", "2-1", "3-1", "3-2"]
+  overall = report["rows"][-1]
+  assert (overall["n"], overall["correct"]) == (5, 4)
+  assert json.load(open(out))["num_answered"] == 5
+  assert len(_lines(tmp_path / "eval.records.jsonl")) == 1 + 5
+  # A finished file: nothing is asked again.
+  done = StubAnswerer(table)
+  assert evaluate.run("videomme", file, answerer=done, **kw)["rows"] == report["rows"]
+  assert done.asked == []
+
+
+def test_skip_bad_skips_and_counts_a_bad_video(tmp_path, capsys):
+  file, table = _five_questions(tmp_path)
+  records = str(tmp_path / "answers.jsonl")
+  kw = dict(video_root=str(tmp_path / "videos"), methods=("likelihood",),
+            records_path=records)
+  report = evaluate.run("videomme", file, answerer=StubAnswerer(table, bad={"m1.mp4"}),
+                        skip_bad=True, **kw)
+  assert (report["num_questions"], report["num_answered"], report["num_skipped"]) == (5, 4, 1)
+  assert report["skipped"][0]["video"].endswith("m1.mp4")
+  assert "cannot open video" in report["skipped"][0]["error"]
+  assert report["rows"][-1]["n"] == 4 and "medium" not in [r["group"] for r in report["rows"]]
+  assert "SKIPPED: 1 questions of 1 unreadable video(s)" in capsys.readouterr().out
+  # The skipped video is tried again by a later run.
+  again = StubAnswerer(table)
+  assert evaluate.run("videomme", file, answerer=again, **kw)["rows"][-1]["n"] == 5
+  assert again.asked == ["2-1"]
+  # Every video bad: an error, not an empty table.
+  with pytest.raises(DataError, match="no question was answered: all 3 videos failed"):
+    evaluate.run("videomme", file, answerer=StubAnswerer(table, bad={"s1.mp4", "m1.mp4",
+                                                                     "l1.mp4"}),
+                 skip_bad=True, video_root=str(tmp_path / "videos"), methods=("likelihood",))
+
+
+def test_records_of_another_evaluation_are_not_resumed_and_a_torn_line_is_dropped(tmp_path):
+  file, table = _five_questions(tmp_path)
+  records = tmp_path / "answers.jsonl"
+  kw = dict(video_root=str(tmp_path / "videos"), records_path=str(records))
+  evaluate.run("videomme", file, answerer=StubAnswerer(table), methods=("likelihood",),
+               settings={"checkpoint": "/runs/a"}, **kw)
+  with pytest.raises(DataError, match=r"different evaluation \(checkpoint: '/runs/a' in the "
+                                      r"file, '/runs/b' now\)"):
+    evaluate.run("videomme", file, answerer=StubAnswerer(table), methods=("likelihood",),
+                 settings={"checkpoint": "/runs/b"}, **kw)
+  with pytest.raises(DataError, match=r"methods: \['likelihood'\] in the file"):
+    evaluate.run("videomme", file, answerer=StubAnswerer(table),
+                 settings={"checkpoint": "/runs/a"}, **kw)
+  # A kill in the middle of a write leaves a last line without its newline.
+  text = records.read_text().splitlines(keepends=True)
+  records.write_text("".join(text[:-1]) + text[-1][:20])
+  again = StubAnswerer(table)
+  report = evaluate.run("videomme", file, answerer=again, methods=("likelihood",),
+                        settings={"checkpoint": "/runs/a"}, **kw)
+  assert again.asked == ["3-2"] and report["rows"][-1]["n"] == 5
+  assert len(_lines(records)) == 1 + 5
+
+
+def test_model_answerer_raises_data_error_on_a_corrupt_video(streamer, sampler, tmp_path):
+  corrupt = tmp_path / "corrupt.mp4"
+  corrupt.write_bytes(b"\x00" * 1000)
+  item = MCItem("q", str(corrupt), "What colour?", tuple(OPTIONS), "A", "short")
+  with pytest.raises(DataError, match="corrupt.mp4: cannot open video"):
+    ModelAnswerer(streamer, sampler).answer_mc(str(corrupt), [item], ("likelihood",))
 
 
 def test_parse_choice_exact_match_and_f1():
