@@ -46,6 +46,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -83,6 +84,9 @@ DEFAULTS: dict[str, Any] = {
 MAX_NAMED_BAD = 50
 # Threads that check media files (file opens: I/O bound).
 CHECK_THREADS = 16
+# Media files that passed the check in this process, as (path, size, mtime): the eval split
+# is indexed again at every evaluation, and an unchanged file is not opened again.
+_GOOD_MEDIA: set[tuple[str, int, int]] = set()
 REQUIRED = ("stage", "sources", "max_frames", "max_tokens", "batch_size")
 TRAIN_SPLIT = "train"
 # Stands for a missing sample in an eval shard (Grain reads None as "filtered out").
@@ -171,8 +175,22 @@ def check_media(samples: Sequence[Sample], *, skip_bad: bool = False,
   if not paths:
     return list(samples)
   start = time.perf_counter()
+  def check(item: tuple[str, str]) -> str | None:
+    path, media = item
+    try:
+      stat = os.stat(path)
+      key = (path, stat.st_size, stat.st_mtime_ns)
+    except OSError:
+      key = None
+    if key in _GOOD_MEDIA:
+      return None
+    reason = probe_media(path, media)
+    if reason is None and key is not None:
+      _GOOD_MEDIA.add(key)
+    return reason
+
   with concurrent.futures.ThreadPoolExecutor(min(CHECK_THREADS, len(paths))) as pool:
-    reasons = list(pool.map(lambda item: probe_media(*item), paths.items()))
+    reasons = list(pool.map(check, paths.items()))
   bad = {path: reason for path, reason in zip(paths, reasons) if reason is not None}
   log.info("data %s: checked %d media files in %.1f s, %d bad", split, len(paths),
            time.perf_counter() - start, len(bad))

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ma2mba_jax.data import batching, synthetic
+from ma2mba_jax.data import batching, pipeline, synthetic
 from ma2mba_jax.data.batching import EMPTY, SKIPPED, PadBatchIterDataset
 from ma2mba_jax.data.errors import DataError
 from ma2mba_jax.data.pipeline import build_index, make_pipeline
@@ -278,6 +278,23 @@ def test_validate_media_names_every_bad_file_before_decoding(tiny_dataset, bad_s
   bad_only = {"train": [{**sources["train"][0], "annotations": str(tmp_path / "bad_only.json")}]}
   with pytest.raises(DataError, match="3 of 3 media files.*so none is left"):
     build_index(_config(tiny_dataset, 1, skip_bad=True, sources=bad_only))
+
+
+def test_validate_media_opens_each_file_once(tiny_dataset, monkeypatch):
+  """12 stage-3 records about 4 videos: 4 checks; an unchanged file is not checked again
+  (the eval split is indexed at every evaluation)."""
+  probed = []
+  real_probe = pipeline.probe_media
+  monkeypatch.setattr(pipeline, "probe_media", lambda *a: probed.append(a) or real_probe(*a))
+  monkeypatch.setattr(pipeline, "_GOOD_MEDIA", set())
+  assert len(build_index(_config(tiny_dataset, 3))) == 4
+  assert sorted(os.path.basename(p) for p, _ in probed) == [f"qa_{i:05d}.mp4" for i in range(4)]
+  assert {media for _, media in probed} == {"video"}
+  build_index(_config(tiny_dataset, 3))
+  assert len(probed) == 4
+  monkeypatch.setattr(pipeline, "_GOOD_MEDIA", set())
+  assert len(build_index(_config(tiny_dataset, 3, validate_media=False))) == 4
+  assert len(probed) == 4  # validate_media off: nothing opened
 
 
 def test_empty_annotation_list_warns_and_all_empty_is_an_error(tiny_dataset, tmp_path,
