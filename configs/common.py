@@ -106,8 +106,11 @@ def get_base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   # Checkpoints kept in host memory instead of on the device: none | sequence (each cell's
   # input states) | all (and each cell's input h). Bounds length by host RAM (remat/cells.py).
   c.remat.offload = "none"
-  # With l/s=auto: memory budget in GB for the memory model (None: least memory).
+  # With l/s=auto: activation budget in GB (None: planner=measure takes the device's memory
+  # less weights, gradients and optimizer state; planner=model the least memory).
   c.remat.budget_gb = ml_collections.FieldReference(None, field_type=float)
+  # How MA-GC's 'auto' is chosen: measure (XLA's compiled memory) | model (paper's Table 7).
+  c.remat.planner = "measure"
 
   c.train = ml_collections.ConfigDict()
   # Optimizer steps in this stage.

@@ -11,6 +11,7 @@ import ml_collections
 from ma2mba_jax.models.mamba2 import COMPUTE_DTYPES
 from ma2mba_jax.models.video_presets import VIDEO_PRESETS
 from ma2mba_jax.remat.cells import CELL_SAVES, OFFLOAD_CHOICES
+from ma2mba_jax.remat.measure import PLANNERS
 from ma2mba_jax.remat.policies import POLICIES
 
 
@@ -37,6 +38,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of("remat.policy", c.remat.policy, tuple(POLICIES))
   _one_of("remat.offload", c.remat.get("offload", "none"), tuple(OFFLOAD_CHOICES))
   _one_of("remat.cell_saves", c.remat.cell_saves, CELL_SAVES)
+  _one_of("remat.planner", c.remat.get("planner", "measure"), PLANNERS)
   _auto_or_positive_int("remat.l", c.remat.l)
   _auto_or_positive_int("remat.s", c.remat.s)
   if c.remat.budget_gb is not None and c.remat.budget_gb <= 0:
