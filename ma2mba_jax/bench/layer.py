@@ -4,7 +4,8 @@
 
 For one layer of the preset (random weights, f32 master, bf16 compute, batch 1), times the
 forward and the forward+backward (gradients for the parameters and the input) of
-  layer     the whole block: norm, in_proj, conv1d + SiLU, SSD, gated norm, out_proj, residual
+  layer     the whole block: norm, in_proj, conv1d + SiLU, SSD, gated norm, out_proj, residual,
+            with the first of `--block_impls` (each other one is timed as `layer_<impl>`)
   matmuls   in_proj and out_proj alone, on the same shapes (bf16 in, f32 accumulation)
   ssd       the SSD kernel alone (`--ssd_impl`), on the layer's x, dt, B, C
 and reports `other` = layer - matmuls - ssd: the memory-bound elementwise work (norms,
@@ -22,6 +23,8 @@ from absl import app, flags
 _MODEL = flags.DEFINE_string("model", "2.7b", "Mamba-2 preset (models/presets.py).")
 _LENGTHS = flags.DEFINE_list("lengths", ["16384"], "Tokens per call.")
 _SSD_IMPL = flags.DEFINE_string("ssd_impl", "auto", "SSD backend.")
+_BLOCK_IMPLS = flags.DEFINE_list("block_impls", ["fused", "autodiff"],
+                                 "Mamba2Config.block_impl values to time ('layer' is the first).")
 _DTYPE = flags.DEFINE_string("compute_dtype", "bfloat16", "Compute dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per measurement (median).")
 _JSON = flags.DEFINE_string("json", None, "Write results here.")
@@ -39,7 +42,8 @@ def measure(seqlen: int) -> list[dict]:
 
   cfg = mamba2_config(_MODEL.value, compute_dtype=_DTYPE.value, ssd_impl=_SSD_IMPL.value)
   cd = jnp.dtype(_DTYPE.value)
-  graphdef, params = nnx.split(Mamba2Block(cfg, rngs=nnx.Rngs(0)))
+  impls = list(_BLOCK_IMPLS.value)
+  _, params = nnx.split(Mamba2Block(cfg.replace(block_impl=impls[0]), rngs=nnx.Rngs(0)))
   keys = iter(jax.random.split(jax.random.key(1), 16))
   normal = lambda shape, dtype=jnp.float32, scale=1.0: (
       scale * jax.random.normal(next(keys), shape)).astype(dtype)
@@ -48,9 +52,14 @@ def measure(seqlen: int) -> list[dict]:
   conv0 = jnp.zeros((1, cfg.conv_dim, cfg.d_conv - 1), jnp.float32)
   ssm0 = jnp.zeros((1, cfg.n_heads, cfg.head_dim, cfg.d_state), jnp.float32)
 
-  def layer(params, h):
-    out, _, _ = block_apply(graphdef, params, h, conv0, ssm0)
-    return out
+  def layer_fn(impl):
+    graphdef = nnx.split(nnx.eval_shape(
+        lambda: Mamba2Block(cfg.replace(block_impl=impl), rngs=nnx.Rngs(0))))[0]
+
+    def layer(params, h):
+      out, _, _ = block_apply(graphdef, params, h, conv0, ssm0)
+      return out
+    return layer
 
   w_in = normal((cfg.d_model, cfg.d_in_proj), scale=cfg.d_model ** -0.5)
   w_out = normal((cfg.d_inner, cfg.d_model), scale=cfg.d_inner ** -0.5)
@@ -79,7 +88,8 @@ def measure(seqlen: int) -> list[dict]:
     return jax.jit(jax.grad(loss, argnums=tuple(range(n_args))))
 
   parts = {
-      "layer": (layer, (params, h)),
+      "layer": (layer_fn(impls[0]), (params, h)),
+      **{f"layer_{impl}": (layer_fn(impl), (params, h)) for impl in impls[1:]},
       "matmuls": (matmuls, (w_in, w_out, u, y)),
       "ssd": (ssd_call, (x, dt, A, B, C)),
   }
@@ -120,7 +130,8 @@ def main(argv):
   common.print_table(rows, ["part", "T", "fwd_ms", "fwd_bwd_ms", "fwd_share", "fwd_bwd_share",
                             "fwd_TFLOP_s", "fwd_bwd_TFLOP_s", "tokens_per_s"])
   common.write_json(_JSON.value, {"env": common.environment(), "model": _MODEL.value,
-                                  "ssd_impl": _SSD_IMPL.value, "rows": rows})
+                                  "ssd_impl": _SSD_IMPL.value,
+                                  "block_impls": _BLOCK_IMPLS.value, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -9,13 +9,20 @@ process, because the allocator's peak counter cannot be reset. Activation memory
 as the paper does: peak device memory minus the memory after parameters and gradients are
 allocated (gradients counted as one parameter-sized f32 tree). On CPU, where the allocator
 keeps no statistics, XLA's compiled temp size is reported instead. OOM is a result, not a
-crash. The paper's Table 3 (A100, 2.7B) is printed beside.
+crash. The paper's Table 3 (A100, 2.7B) is printed beside. tokens/s is from the median of
+the `--repeats` steps after the first.
+
+Memory per token and layer (`--block_impl=fused|autodiff`, models/fused_block.py): each row
+reports XLA's compiled temp over layers x tokens (an upper bound: the backward's working set
+is in it), and with `--marginal` the bytes of one more layer per token, from a compile (not
+a run) of the same row with half the layers (policy `none` only).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 import types
@@ -32,6 +39,14 @@ _CELL_SAVES = flags.DEFINE_string("cell_saves", "nothing", "nothing | layers | d
 _OFFLOAD = flags.DEFINE_enum("offload", "none", ["none", "sequence", "all"],
                              "Checkpoints kept in host memory (remat/cells.py).")
 _SSD_IMPL = flags.DEFINE_string("ssd_impl", "auto", "SSD backend.")
+_BLOCK_IMPL = flags.DEFINE_enum("block_impl", None, ["fused", "autodiff"],
+                                "Mamba2Config.block_impl (default: the config's).")
+_N_LAYERS = flags.DEFINE_integer("n_layers", None, "Override the preset's layer count.")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False,
+                                  "Only compile and report XLA's memory analysis.")
+_MARGINAL = flags.DEFINE_bool(
+    "marginal", False, "Also compile (not run) each row with half the layers and report the "
+    "bytes per token of one more layer: (temp(L) - temp(L/2)) / (L/2 * B * T).")
 _DTYPE = flags.DEFINE_string("compute_dtype", "bfloat16", "Compute dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Timed steps after the compiled first run.")
 _JSON = flags.DEFINE_string("json", None, "Write results here.")
@@ -64,11 +79,18 @@ def run_one(policy: str, seqlen: int) -> dict:
   from ma2mba_jax.remat.lm import apply_layers_with_remat
   from ma2mba_jax.train.loss import blockwise_cross_entropy, shift_targets
 
-  cfg = mamba2_config(_MODEL.value, compute_dtype=_DTYPE.value, ssd_impl=_SSD_IMPL.value)
+  overrides = dict(compute_dtype=_DTYPE.value, ssd_impl=_SSD_IMPL.value)
+  if _BLOCK_IMPL.value:
+    overrides["block_impl"] = _BLOCK_IMPL.value
+  if _N_LAYERS.value:
+    overrides["n_layers"] = _N_LAYERS.value
+  cfg = mamba2_config(_MODEL.value, **overrides)
   remat_cfg = types.SimpleNamespace(policy=policy, l=_L.value, s=_S.value,
                                     cell_saves=_CELL_SAVES.value, save_names=(),
                                     offload=_OFFLOAD.value)
-  row = {"policy": policy, "T": seqlen, "batch": _BATCH.value, "offload": _OFFLOAD.value}
+  row = {"policy": policy, "T": seqlen, "batch": _BATCH.value, "offload": _OFFLOAD.value,
+         "block_impl": cfg.block_impl, "n_layers": cfg.n_layers,
+         "cell_saves": _CELL_SAVES.value}
   itemsize = jnp.dtype(_DTYPE.value).itemsize
   if policy == "magc":
     l, s, predicted = magc.resolve(remat_cfg, cfg, seqlen, bytes_per_element=itemsize)
@@ -95,9 +117,15 @@ def run_one(policy: str, seqlen: int) -> dict:
     analysis = compiled.memory_analysis()
     if analysis is not None:
       row["compiled_temp_GB"] = analysis.temp_size_in_bytes / 1e9
+      # An upper bound on what is saved per token and layer: the whole plan (the backward's
+      # working set and gradient buffers included) over layers x tokens.
+      row["temp_per_token_layer_KB"] = (analysis.temp_size_in_bytes / 1e3
+                                        / (cfg.n_layers * _BATCH.value * seqlen))
       host_temp = getattr(analysis, "host_temp_size_in_bytes", 0)
       if host_temp:
         row["host_temp_GB"] = host_temp / 1e9
+    if _COMPILE_ONLY.value:
+      return row
     start = time.perf_counter()
     grads = jax.block_until_ready(compiled(params, tokens))
     first = time.perf_counter() - start
@@ -112,8 +140,12 @@ def run_one(policy: str, seqlen: int) -> dict:
       raise
     row["error"] = "OOM"
     return row
-  step_s = min(times[1:]) if len(times) > 1 else times[0]
+  # The median of the steps after the first (which may still pay for autotuning).
+  timed = times[1:] or times
+  step_s = statistics.median(timed)
   row["step_s"] = step_s
+  row["step_s_min"] = min(timed)
+  row["timed_steps"] = len(timed)
   row["tokens_per_s"] = _BATCH.value * seqlen / step_s
   stats = common.device_memory_stats()
   if base is not None and "peak_bytes_in_use" in stats:
@@ -122,16 +154,38 @@ def run_one(policy: str, seqlen: int) -> dict:
   return row
 
 
-def run_child(spec: str) -> dict:
+def run_child(spec: str, n_layers: int | None = None, compile_only: bool = False) -> dict:
   policy, seqlen = spec.split(":")
   cmd = [sys.executable, "-m", "ma2mba_jax.bench.remat", f"--child={spec}",
          f"--model={_MODEL.value}", f"--batch={_BATCH.value}", f"--l={_L.value}",
          f"--s={_S.value}", f"--cell_saves={_CELL_SAVES.value}", f"--offload={_OFFLOAD.value}",
          f"--ssd_impl={_SSD_IMPL.value}",
          f"--compute_dtype={_DTYPE.value}", f"--repeats={_REPEATS.value}"]
+  if _BLOCK_IMPL.value:
+    cmd.append(f"--block_impl={_BLOCK_IMPL.value}")
+  n_layers = n_layers or _N_LAYERS.value
+  if n_layers:
+    cmd.append(f"--n_layers={n_layers}")
+  if compile_only or _COMPILE_ONLY.value:
+    cmd.append("--compile_only")
   from ma2mba_jax.bench import common
   return common.run_child(cmd, timeout=_TIMEOUT.value,
-                          identity={"policy": policy, "T": int(seqlen)})
+                          identity={"policy": policy, "T": int(seqlen),
+                                    "block_impl": _BLOCK_IMPL.value, "n_layers": n_layers})
+
+
+def add_marginal(row: dict) -> None:
+  """Adds the bytes per token of one more layer, from a half-depth compile of the same row."""
+  n_layers = row.get("n_layers")
+  if row["policy"] != "none" or "compiled_temp_GB" not in row or not n_layers or n_layers < 4:
+    return  # only for the plain layer stack, deep enough that a layer's cost is linear
+  half = run_child(f"{row['policy']}:{row['T']}", n_layers=n_layers // 2, compile_only=True)
+  if "compiled_temp_GB" not in half:
+    row["marginal_error"] = half.get("error")
+    return
+  extra_layers = n_layers - n_layers // 2
+  row["per_token_layer_KB"] = ((row["compiled_temp_GB"] - half["compiled_temp_GB"]) * 1e6
+                               / (extra_layers * row["batch"] * row["T"]))
 
 
 def _series(row: dict) -> str:
@@ -179,13 +233,17 @@ def main(argv):
   for seqlen in map(int, _LENGTHS.value):
     for policy in _POLICIES.value:
       row = run_child(f"{policy}:{seqlen}")
+      if _MARGINAL.value:
+        add_marginal(row)
       paper = PAPER_GB.get(policy, {}).get(seqlen)
       if paper is not None:
         row["paper_GB"] = paper
       print(row, flush=True)
       rows.append(row)
-  columns = ["policy", "T", "offload", "l", "s", "activation_GB", "compiled_temp_GB",
-             "host_temp_GB", "predicted_GB", "paper_GB", "tokens_per_s", "step_s", "error"]
+  columns = ["policy", "block_impl", "T", "offload", "l", "s", "activation_GB",
+             "compiled_temp_GB", "host_temp_GB", "temp_per_token_layer_KB",
+             "per_token_layer_KB", "predicted_GB", "paper_GB", "tokens_per_s", "step_s",
+             "error"]
   print()
   common.print_table(rows, [c for c in columns if any(c in r for r in rows)])
   print("paper tokens/s (A100): " + ", ".join(f"{p} {v:,} @ {t}" for p, (t, v) in

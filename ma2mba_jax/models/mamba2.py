@@ -41,6 +41,8 @@ Array = jax.Array
 f32 = jnp.float32
 # The dtypes Mamba2Config.compute_dtype accepts (matmul / conv / SSD inputs).
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# The values Mamba2Config.block_impl accepts.
+BLOCK_IMPLS = ("fused", "autodiff")
 
 # Named activations of a block (sequence mode): in_proj output [B, T, 2E+2GN+H], conv output
 # [B, T, C], SSD output [B, T, H, P], out_proj output [B, T, D].
@@ -92,6 +94,10 @@ class Mamba2Config:
   compute_dtype: Any = jnp.float32
   # SSD backend: auto | xla | pallas | triton (see kernels/ssd/registry.py).
   ssd_impl: str = "auto"
+  # How a block's sequence-mode backward is made (BLOCK_IMPLS): "fused" is one custom_vjp
+  # that keeps h and the in_proj output and recomputes the rest (models/fused_block.py);
+  # "autodiff" is JAX's autodiff of the modules below. Same function, same parameters.
+  block_impl: str = "autodiff"
 
   def __post_init__(self):
     # Normalise dtypes ("bfloat16", jnp.bfloat16 -> np.dtype) so configs compare and hash
@@ -118,6 +124,9 @@ class Mamba2Config:
     if self.compute_dtype not in tuple(map(jnp.dtype, COMPUTE_DTYPES)):
       raise ValueError(f"Mamba2Config.compute_dtype must be float32 or bfloat16, got "
                        f"{self.compute_dtype}")
+    if self.block_impl not in BLOCK_IMPLS:
+      raise ValueError(f"Mamba2Config.block_impl must be one of {', '.join(BLOCK_IMPLS)}, got "
+                       f"{self.block_impl!r}")
     lo, hi = self.dt_limit
     if not 0.0 <= lo <= hi:
       raise ValueError(f"Mamba2Config.dt_limit must be (lo, hi) with 0 <= lo <= hi, got "
@@ -219,10 +228,15 @@ class GatedRMSNorm(nnx.Module):
 
   def __call__(self, y: Array, z: Array) -> Array:
     """y, z: [..., E] -> [..., E] in f32."""
-    gated = y.astype(f32) * jax.nn.silu(z.astype(f32))
-    grouped = gated.reshape(gated.shape[:-1] + (self.n_groups, -1))  # [..., G, E/G]
-    normed = _rms_normalize(grouped, self.eps).reshape(gated.shape)
-    return normed * self.weight[...].astype(f32)
+    return gated_rms_norm(y, z, self.weight[...], self.n_groups, self.eps)
+
+
+def gated_rms_norm(y: Array, z: Array, weight: Array, n_groups: int, eps: float) -> Array:
+  """`GatedRMSNorm` as a function: y, z [..., E], weight [E] -> [..., E] in f32."""
+  gated = y.astype(f32) * jax.nn.silu(z.astype(f32))
+  grouped = gated.reshape(gated.shape[:-1] + (n_groups, -1))     # [..., G, E/G]
+  normed = _rms_normalize(grouped, eps).reshape(gated.shape)
+  return normed * weight.astype(f32)
 
 
 class Linear(nnx.Module):
@@ -374,7 +388,16 @@ class Mamba2Block(nnx.Module):
 
   def __call__(self, h: Array, conv_state: Array, ssm_state: Array
                ) -> tuple[Array, Array, Array]:
-    """h [B, T, D] f32 and the layer's states -> (h [B, T, D] f32, conv_state, ssm_state)."""
+    """h [B, T, D] f32 and the layer's states -> (h [B, T, D] f32, conv_state, ssm_state).
+
+    With `config.block_impl == "fused"` the same function with a hand-written backward
+    (models/fused_block.py).
+    """
+    config = self.mixer.config
+    if config.block_impl == "fused":
+      from ma2mba_jax.models import fused_block  # it imports this module
+      return fused_block.fused_block_apply(config, fused_block.block_params(self), h,
+                                           conv_state, ssm_state)
     out, conv_state, ssm_state = self.mixer(self.norm(h), conv_state, ssm_state)
     return h.astype(f32) + out.astype(f32), conv_state, ssm_state
 
