@@ -48,6 +48,10 @@ def get_base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.model.ssd_impl = "auto"
   # Frames encoded per vision micro-batch (under remat), bounds encoder memory.
   c.model.frames_per_microbatch = 16
+  # Local HF CLIP / SigLIP vision directory the encoder starts from in a fresh stage ('' none).
+  c.model.vision_init = ""
+  # Local HF Mamba2ForCausalLM / state-spaces Mamba-2 directory the LM starts from ('' none).
+  c.model.llm_init = ""
 
   c.data = ml_collections.ConfigDict()
   # Folder written by `python -m ma2mba_jax.data.synthetic`; sets `sources` from its manifest.

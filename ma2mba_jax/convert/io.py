@@ -5,6 +5,10 @@ Layout of a saved model directory:
     out_dir/params/             Orbax (StandardCheckpointer) checkpoint of the nnx.Param
                                 state as a pure nested dict (e.g. params["embedding"])
     out_dir/model_config.json   {"format_version", "model_class", "config", "num_params"}
+    out_dir/tokenizer.json      the tokenizer the model was trained with (added special
+                                tokens included), when save_model is given it; with
+                                tokenizer_config.json / special_tokens_map.json beside it
+                                (data/tokenizer.py `save_tokenizer`)
 
 Generic over models that follow one convention: `cls(config, *, rngs=nnx.Rngs(...))`
 builds the model, `model.config` is a (possibly nested) frozen dataclass, and every piece
@@ -93,8 +97,11 @@ def _import_trusted(name: str) -> type:
 # --------------------------------------------------------------------------- save / restore
 
 
-def save_model(model: nnx.Module, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-  """Writes out_dir/params (Orbax) and out_dir/model_config.json; returns out_dir (absolute)."""
+def save_model(model: nnx.Module, out_dir: str | Path, *, overwrite: bool = False,
+               tokenizer: Any = None) -> Path:
+  """Writes out_dir/params (Orbax) and out_dir/model_config.json (and, given a
+  `tokenizers.Tokenizer`, out_dir/tokenizer.json and its HF config files); returns out_dir
+  (absolute)."""
   out = Path(out_dir).absolute()
   params_dir = out / PARAMS_DIR
   if params_dir.exists() and not overwrite:
@@ -108,7 +115,17 @@ def save_model(model: nnx.Module, out_dir: str | Path, *, overwrite: bool = Fals
   meta = {"format_version": FORMAT_VERSION, "model_class": _qualified_name(type(model)),
           "config": encode_config(model.config), "num_params": _count(params)}
   (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+  if tokenizer is not None and jax.process_index() == 0:
+    from ma2mba_jax.data.tokenizer import save_tokenizer  # noqa: PLC0415
+    save_tokenizer(tokenizer, str(out))
   return out
+
+
+def saved_tokenizer(model_dir: str | Path) -> Path | None:
+  """model_dir/tokenizer.json if save_model wrote one, else None (older exports)."""
+  from ma2mba_jax.data.tokenizer import TOKENIZER_FILE  # noqa: PLC0415
+  path = Path(model_dir) / TOKENIZER_FILE
+  return path if path.is_file() else None
 
 
 def read_model_config(model_dir: str | Path) -> tuple[type, Any]:

@@ -255,8 +255,13 @@ def expected_shapes(config: Mamba2Config, layout: str) -> dict[str, tuple[int, .
   return shapes
 
 
-def check_tensors(tensors: dict[str, np.ndarray], config: Mamba2Config, layout: str) -> None:
-  """Raises CheckpointError naming every missing, unexpected or misshapen tensor."""
+def _is_float(array: np.ndarray) -> bool:
+  return array.dtype.kind == "f" or array.dtype.name == "bfloat16"
+
+
+def tensor_problems(tensors: dict[str, np.ndarray], config: Mamba2Config,
+                    layout: str) -> list[str]:
+  """Every missing, unexpected, misshapen or non-float tensor, one line each."""
   expected = expected_shapes(config, layout)
   extra = set(tensors) - set(expected)
   tied_head = config.tie_embeddings and "lm_head.weight" in extra
@@ -272,11 +277,21 @@ def check_tensors(tensors: dict[str, np.ndarray], config: Mamba2Config, layout: 
     if tuple(tensors[name].shape) != expected[name]:
       problems.append(f"tensor {name}: expected shape {expected[name]}, got "
                       f"{tuple(tensors[name].shape)}")
+    elif not _is_float(tensors[name]):
+      problems.append(f"tensor {name}: dtype {tensors[name].dtype}, expected a floating "
+                      "point type")
   embedding_name = _EMBEDDING_NAME[layout]
   if tied_head and not problems and not np.array_equal(tensors["lm_head.weight"],
                                                        tensors[embedding_name]):
     problems.append(f"tensor lm_head.weight differs from {embedding_name} although the "
-                    f"config ties the embeddings")
+                    f"model ties the embeddings")
+  return problems
+
+
+def check_tensors(tensors: dict[str, np.ndarray], config: Mamba2Config, layout: str) -> None:
+  """Raises CheckpointError naming every missing, unexpected, misshapen or non-float
+  tensor."""
+  problems = tensor_problems(tensors, config, layout)
   if problems:
     raise CheckpointError(f"checkpoint does not match the {layout} Mamba-2 layout of "
                           f"{config}:\n  " + "\n  ".join(problems))
@@ -319,6 +334,84 @@ def tensors_to_params(tensors: dict[str, np.ndarray], config: Mamba2Config,
   if not config.tie_embeddings:
     params["lm_head"] = {"kernel": get("lm_head.weight").T}
   return params
+
+
+def params_to_tensors(params: dict[str, Any], config: Mamba2Config,
+                      layout: str = "hf") -> dict[str, np.ndarray]:
+  """The inverse of `tensors_to_params`: Mamba2LM parameters (a pure dict) -> checkpoint
+  tensors of `layout` (float32; a tied head is not written, as transformers saves it)."""
+  f32 = lambda a: np.ascontiguousarray(np.asarray(a, np.float32))
+  layers, mixer = params["layers"], params["layers"]["mixer"]
+  tensors = {_EMBEDDING_NAME[layout]: f32(params["embedding"]),
+             "backbone.norm_f.weight": f32(params["final_norm"]["weight"])}
+  for i in range(config.n_layers):
+    p = f"backbone.layers.{i}."
+    tensors.update({
+        p + "norm.weight": f32(layers["norm"]["weight"][i]),
+        p + "mixer.in_proj.weight": f32(np.asarray(mixer["in_proj"]["kernel"][i]).T),
+        p + "mixer.conv1d.weight": f32(np.asarray(mixer["conv_weight"][i]).T[:, None, :]),
+        p + "mixer.conv1d.bias": f32(mixer["conv_bias"][i]),
+        p + "mixer.dt_bias": f32(mixer["dt_bias"][i]),
+        p + "mixer.A_log": f32(mixer["A_log"][i]),
+        p + "mixer.D": f32(mixer["D"][i]),
+        p + "mixer.norm.weight": f32(mixer["norm"]["weight"][i]),
+        p + "mixer.out_proj.weight": f32(np.asarray(mixer["out_proj"]["kernel"][i]).T),
+    })
+  if not config.tie_embeddings:
+    tensors["lm_head.weight"] = f32(np.asarray(params["lm_head"]["kernel"]).T)
+  check_tensors(tensors, config, layout)  # fails only on a mapping bug
+  return tensors
+
+
+def hf_config(config: Mamba2Config, *, eos_token_id: int | None = None,
+              pad_token_id: int | None = None, bos_token_id: int | None = None
+              ) -> dict[str, Any]:
+  """transformers' Mamba2Config (as a dict, for config.json) of `config`; `vocab_size` is
+  the embedding's row count (the padded vocabulary), as HF checkpoints store it."""
+  c = config
+  return {
+      "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2",
+      "vocab_size": c.padded_vocab_size, "hidden_size": c.d_model,
+      "num_hidden_layers": c.n_layers, "state_size": c.d_state, "head_dim": c.head_dim,
+      "num_heads": c.n_heads, "expand": c.expand, "intermediate_size": c.d_inner,
+      "n_groups": c.n_groups, "conv_kernel": c.d_conv, "chunk_size": c.chunk_len,
+      "time_step_min": c.dt_min, "time_step_max": c.dt_max,
+      "time_step_floor": c.dt_init_floor, "time_step_limit": list(c.dt_limit),
+      "time_step_rank": "auto", "layer_norm_epsilon": c.norm_eps,
+      "rms_norm": True, "norm_before_gate": False, "use_bias": False, "use_conv_bias": True,
+      "hidden_act": "silu", "residual_in_fp32": True, "rescale_prenorm_residual": False,
+      "initializer_range": 0.1, "use_cache": True,
+      "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32",
+      "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
+      "bos_token_id": bos_token_id,
+  }
+
+
+def architecture_problems(want: Mamba2Config, got: Mamba2Config) -> list[str]:
+  """'field: the model has X, the checkpoint Y' for every field that changes the
+  parameters' shapes or the computation (embedding rows compared after padding; tying is
+  checked on the tensors)."""
+  problems = []
+  for field in ("d_model", "n_layers", "d_state", "head_dim", "expand", "n_groups", "d_conv",
+                "padded_vocab_size", "norm_eps", "dt_limit"):
+    a, b = getattr(want, field), getattr(got, field)
+    if a != b:
+      what = "embedding rows (vocabulary, padded)" if field == "padded_vocab_size" else field
+      problems.append(f"{what}: the model has {a!r}, the checkpoint {b!r}")
+  return problems
+
+
+def llm_params(path: str | Path, config: Mamba2Config) -> dict[str, Any]:
+  """The parameters (pure dict, numpy) of the HF or state-spaces checkpoint directory
+  `path` for a Mamba2LM of `config` (e.g. a preset's): the checkpoint's architecture must be
+  `config`'s; CheckpointError names the directory and every field and tensor that is not."""
+  got, layout = read_config(path)
+  tensors, source = read_tensors(path)
+  problems = architecture_problems(config, got) + tensor_problems(tensors, config, layout)
+  if problems:
+    raise CheckpointError(f"{path}: the {layout} Mamba-2 checkpoint ({source.name}) does not "
+                          f"fit the model's LM:\n  " + "\n  ".join(problems))
+  return tensors_to_params(tensors, config, layout)
 
 
 def model_from_params(config: Mamba2Config, params: dict[str, Any]) -> Mamba2LM:

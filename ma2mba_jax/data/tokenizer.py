@@ -6,11 +6,17 @@ The chat template (paper Table 5) needs five special tokens, each a single id:
 `<|frame|>` is the placeholder id at every vision-token position. GPT-NeoX's tokenizer has
 only `<|endoftext|>` (id 0); `load_tokenizer(..., add_missing=True)` appends the others after
 its 50,277 ids (they land inside the released checkpoints' vocabulary padding).
+
+`save_tokenizer` writes the tokenizer a run trained with (added tokens included) beside an
+exported model, with Hugging Face's tokenizer_config.json (the chat template as Jinja) so
+that `transformers.AutoTokenizer` reads it too; `load_tokenizer(dir/tokenizer.json)` reads it
+back with the same ids.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Iterable
@@ -75,6 +81,59 @@ def load_tokenizer(path: str, *, add_missing: bool = False) -> tokenizers.Tokeni
   special_ids(tokenizer, source=path)
   tokenizer.encode_special_tokens = True  # "<|user|>" inside data text stays plain text
   return tokenizer
+
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+
+
+def chat_template_jinja(system_prompt: str) -> str:
+  """The paper's template (data/template.py) as a transformers chat template (text only:
+  our code puts the `<|frame|>` tokens of the frames at the start of a user turn)."""
+  quoted = system_prompt.replace("\\", "\\\\").replace("'", "\\'")
+  return ("{%- if not messages or messages[0]['role'] != 'system' -%}"
+          f"{SYSTEM}{{{{ '{quoted}' }}}}{ENDOFTEXT}"
+          "{%- endif -%}"
+          "{%- for message in messages -%}"
+          "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+          "{{ raise_exception('roles are system, user and assistant') }}"
+          "{%- endif -%}"
+          "<|{{ message['role'] }}|>{{ message['content'] }}" + ENDOFTEXT +
+          "{%- endfor -%}"
+          "{%- if add_generation_prompt -%}" + ASSISTANT + "{%- endif -%}")
+
+
+def save_tokenizer(tokenizer: tokenizers.Tokenizer, out_dir: str, *,
+                   system_prompt: str | None = None) -> str:
+  """Writes out_dir/tokenizer.json (with every added token), tokenizer_config.json and
+  special_tokens_map.json (transformers' files; the chat template as Jinja, and under
+  "ma2mba_chat" the special token ids and system prompt our template uses). Returns the
+  path of tokenizer.json."""
+  if system_prompt is None:
+    from ma2mba_jax.data.template import SYSTEM_PROMPT  # noqa: PLC0415 (imports this module)
+    system_prompt = SYSTEM_PROMPT
+  ids = special_ids(tokenizer, source="<tokenizer to save>")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, TOKENIZER_FILE)
+  tokenizer.save(path)
+  special = {"eos_token": ENDOFTEXT, "bos_token": ENDOFTEXT, "unk_token": ENDOFTEXT,
+             "pad_token": ENDOFTEXT,
+             "additional_special_tokens": [SYSTEM, USER, ASSISTANT, FRAME]}
+  config = {
+      "tokenizer_class": "PreTrainedTokenizerFast", **special,
+      "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+      "model_max_length": 1_000_000_000,
+      "chat_template": chat_template_jinja(system_prompt),
+      "ma2mba_chat": {"system_prompt": system_prompt,
+                      "special_token_ids": dataclasses.asdict(ids),
+                      "vocab_size": vocab_size(tokenizer)},
+  }
+  for name, data in ((TOKENIZER_CONFIG_FILE, config), (SPECIAL_TOKENS_MAP_FILE, special)):
+    with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+      json.dump(data, f, indent=2, ensure_ascii=False)
+      f.write("\n")
+  return path
 
 
 def vocab_size(tokenizer: tokenizers.Tokenizer) -> int:

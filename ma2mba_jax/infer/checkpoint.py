@@ -1,12 +1,15 @@
 """Loading a trained model and its tokenizer for inference.
 
 `--checkpoint` may be:
-  * a trainer workdir: the model is WORKDIR/model, the tokenizer the one WORKDIR/config.json
-    names (data.tokenizer, else <data.synthetic_dir>/tokenizer.json; relative paths are taken
-    from the current directory, as the trainer did, then from the workdir's parent);
-  * a model export (a folder with model_config.json, e.g. WORKDIR/model): the tokenizer is
-    `--tokenizer`, else the one the parent workdir's config.json names.
-`--tokenizer` always wins.
+  * a trainer workdir: the model is WORKDIR/model;
+  * a model export (a folder with model_config.json, e.g. WORKDIR/model).
+The tokenizer is, in this order: `--tokenizer`; the one saved with the export
+(MODEL/tokenizer.json: the tokenizer training used, its added special tokens included);
+for older exports without one, the one the workdir's config.json names (data.tokenizer,
+else <data.synthetic_dir>/tokenizer.json; relative paths are taken from the current
+directory, as the trainer did, then from the workdir's parent), with the chat template's
+missing special tokens appended when that config had data.add_special_tokens (as the
+trainer did; so also for a `--tokenizer` file).
 """
 
 from __future__ import annotations
@@ -28,16 +31,31 @@ MODEL_EXPORT = "model"  # the trainer's export folder inside a workdir
 TRAIN_CONFIG = "config.json"
 
 
-def _tokenizer_from_config(workdir: str) -> str | None:
-  """The tokenizer path a trainer workdir's config.json names, or None without one."""
+def _train_config(workdir: str) -> dict | None:
+  """A trainer workdir's config.json, or None without one."""
   path = os.path.join(workdir, TRAIN_CONFIG)
   if not os.path.isfile(path):
     return None
   with open(path, encoding="utf-8") as f:
     try:
-      config = json.load(f)
+      return json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _adds_special_tokens(workdir: str) -> bool:
+  """Whether the run in `workdir` appended the chat template's special tokens
+  (data.add_special_tokens in its config.json)."""
+  config = _train_config(workdir) or {}
+  return bool((config.get("data") or {}).get("add_special_tokens", False))
+
+
+def _tokenizer_from_config(workdir: str) -> str | None:
+  """The tokenizer path a trainer workdir's config.json names, or None without one."""
+  path = os.path.join(workdir, TRAIN_CONFIG)
+  config = _train_config(workdir)
+  if config is None:
+    return None
   data = config.get("data") or {}
   if data.get("tokenizer"):
     field, candidate = "data.tokenizer", data["tokenizer"]
@@ -59,8 +77,8 @@ def _tokenizer_from_config(workdir: str) -> str | None:
                           f"{' or '.join(tried)}; pass --tokenizer")
 
 
-def resolve(checkpoint: str, tokenizer: str = "") -> tuple[str, str]:
-  """-> (model export folder, tokenizer.json path); errors name what is missing."""
+def _locate(checkpoint: str) -> tuple[str, str]:
+  """-> (model export folder, its workdir)."""
   checkpoint = os.fspath(checkpoint)
   if not os.path.isdir(checkpoint):
     raise FileNotFoundError(f"checkpoint {checkpoint} not found (expected a trainer workdir "
@@ -74,10 +92,20 @@ def resolve(checkpoint: str, tokenizer: str = "") -> tuple[str, str]:
     raise FileNotFoundError(
         f"{checkpoint}: neither {MODEL_EXPORT}/{model_io.CONFIG_FILE} (a trainer workdir) nor "
         f"{model_io.CONFIG_FILE} (a model export) is there; has training finished?")
+  return model_dir, workdir
+
+
+def resolve(checkpoint: str, tokenizer: str = "") -> tuple[str, str]:
+  """-> (model export folder, tokenizer.json path); errors name what is missing."""
+  model_dir, workdir = _locate(checkpoint)
+  if not tokenizer:
+    saved = model_io.saved_tokenizer(model_dir)
+    tokenizer = str(saved) if saved else ""
   if not tokenizer:
     tokenizer = _tokenizer_from_config(workdir) or ""
   if not tokenizer:
-    raise ValueError(f"{checkpoint}: no {TRAIN_CONFIG} names the tokenizer; pass --tokenizer")
+    raise ValueError(f"{checkpoint}: the export has no tokenizer.json and no {TRAIN_CONFIG} "
+                     "names the tokenizer; pass --tokenizer")
   return model_dir, tokenizer
 
 
@@ -97,11 +125,12 @@ def load(checkpoint: str, *, tokenizer: str = "", compute_dtype: str = "",
   param_dtype: '' keeps f32 weights; 'bfloat16' stores the matrices in bf16.
   """
   model_dir, tokenizer_path = resolve(checkpoint, tokenizer)
+  add_missing = _adds_special_tokens(_locate(checkpoint)[1])
   overrides = {"compute_dtype": compute_dtype} if compute_dtype else {}
   model = model_io.restore_model(model_dir, **overrides)
   if not isinstance(model, VideoMa2mba):
     raise ValueError(f"{model_dir} holds a {type(model).__name__}, not a VideoMa2mba")
-  tok = load_tokenizer(tokenizer_path)
+  tok = load_tokenizer(tokenizer_path, add_missing=add_missing)
   rows = model.llm.config.padded_vocab_size
   if vocab_size(tok) > rows:
     raise ValueError(f"{tokenizer_path} has {vocab_size(tok)} ids but the model in "

@@ -25,6 +25,7 @@ from absl import logging
 from flax import nnx
 
 from ma2mba_jax.convert import io as model_io
+from ma2mba_jax.convert import pretrained
 from ma2mba_jax.data import synthetic
 from ma2mba_jax.data.pipeline import make_pipeline
 from ma2mba_jax.data.tokenizer import load_tokenizer, vocab_size
@@ -118,11 +119,13 @@ def _split_groups(params: dict, trainable_groups: tuple[str, ...]) -> tuple[dict
 
 
 def _initial_params(config, model_cfg, abstract_params, shardings) -> dict:
-  """Random init (sharded from the start), then `init_from` if set."""
+  """Random init (sharded from the start), then model.vision_init / model.llm_init (HF
+  checkpoints, convert/pretrained.py) if set, then `init_from` if set."""
   def create():
     return nnx.to_pure_dict(nnx.state(VideoMa2mba(model_cfg, rngs=nnx.Rngs(config.seed)),
                                       nnx.Param))
   params = jax.jit(create, out_shardings=shardings)()
+  params = pretrained.apply_pretrained(config, model_cfg, params, shardings)
   if not config.init_from:
     return params
   src = config.init_from
@@ -266,16 +269,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if "val_loss" in last:
       print(f"[stage {config.stage}] validation loss {last['val_loss']:.4f} "
             f"over {last['val_tokens']:.0f} target tokens", flush=True)
-  export_model(workdir, graphdef, state)
+  export_model(workdir, graphdef, state, tokenizer=tokenizer)
   return last
 
 
-def export_model(workdir: str, graphdef: nnx.GraphDef, state: TrainState) -> str:
-  """Writes workdir/model (params + model_config.json) for the next stage and inference."""
+def export_model(workdir: str, graphdef: nnx.GraphDef, state: TrainState,
+                 tokenizer: Any = None) -> str:
+  """Writes workdir/model (params + model_config.json, and the run's tokenizer with its
+  added special tokens: tokenizer.json) for the next stage and inference."""
   if jax.process_index() != 0:
     return ""
   model = nnx.merge(graphdef, {**state.trainable, **state.frozen})
-  path = model_io.save_model(model, os.path.join(workdir, MODEL_EXPORT), overwrite=True)
+  path = model_io.save_model(model, os.path.join(workdir, MODEL_EXPORT), overwrite=True,
+                             tokenizer=tokenizer)
   logging.info("exported the model to %s", path)
   return str(path)
 
