@@ -76,6 +76,9 @@ def get_base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.data.skip_bad = False
   # Stage 3: QA pairs of one video packed into one sample (None: all of them).
   c.data.qa_per_sample = None
+  # Open every video's header when the sources are read, naming missing/unreadable files
+  # before the model is built.
+  c.data.validate_media = True
 
   c.optim = ml_collections.ConfigDict()
   # Peak learning rates per parameter group; a group is frozen when its lr is 0.
@@ -123,6 +126,9 @@ def get_base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.train.log_every = 10
   # Stop (resumably) after this step, e.g. to fit a time slot; 0 runs to train.steps.
   c.train.stop_at_step = 0
+  # Fields a rerun may change in a workdir made with other values, e.g. 'optim.lr_llm,
+  # init_from' (a section name allows all its fields); see train/workdir.py.
+  c.train.allow_changes = ""
 
   c.ckpt = ml_collections.ConfigDict()
   # Save every this many steps (and at the end), asynchronously.

@@ -6,13 +6,18 @@
      previous stage's export (`python -m ma2mba_jax.main --config=configs/stageN.py:demo`);
   3. evaluates the result on the synthetic multiple-choice set, with chance beside it.
 
-Everything goes under --workdir; running it again resumes where it stopped.
+Everything goes under --workdir; running it again resumes where it stopped. A stage whose
+settings or input changed since it was trained (e.g. `--steps=5,2,2` after `--steps=3,2,2`
+trains stage 1 further, so stages 2 and 3 start from a new model) is trained again from the
+start; its old workdir is kept as stageN.old.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 
 from absl import app, flags, logging
 
@@ -63,6 +68,23 @@ def make_data(data_dir: str) -> None:
                      **DATA_COUNTS)
 
 
+def restart_if_changed(config, stage_dir: str) -> bool:
+  """Moves stage_dir aside (to stage_dir.old) when it was trained with other settings or
+  from another input model than `config` names, so that the stage trains again from the
+  start instead of resuming stale state; True if it did."""
+  from ma2mba_jax.train import workdir as workdir_lib
+  found = workdir_lib.changes(config, stage_dir)
+  if not found:
+    return False
+  old = stage_dir.rstrip(os.sep) + ".old"
+  shutil.rmtree(old, ignore_errors=True)
+  os.replace(stage_dir, old)
+  print(f"[demo] stage {config.stage}: {stage_dir} was trained with other settings or input "
+        f"({'; '.join(found)}); training it again from the start (the old run: {old})",
+        flush=True)
+  return True
+
+
 def train_stages(workdir: str, data_dir: str) -> str:
   from configs import stage1, stage2, stage3
   from ma2mba_jax.train import trainer
@@ -73,6 +95,7 @@ def train_stages(workdir: str, data_dir: str) -> str:
     config.train.steps = int(steps)
     config.init_from = previous
     stage_dir = os.path.join(workdir, f"stage{stage}")
+    restart_if_changed(config, stage_dir)
     print(f"[demo] stage {stage}: training {steps} steps in {stage_dir}"
           + (f", starting from {previous}" if previous else ""), flush=True)
     trainer.train_and_evaluate(config, stage_dir)
@@ -102,12 +125,19 @@ def evaluate(final_stage: str, data_dir: str) -> dict:
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value
   data_dir = os.path.join(workdir, "data")
   os.makedirs(workdir, exist_ok=True)
   make_data(data_dir)
-  final = train_stages(workdir, data_dir)
+  from ma2mba_jax.train.errors import USER_ERRORS
+  try:
+    final = train_stages(workdir, data_dir)
+  except USER_ERRORS as e:  # the message names the field, file or step
+    if flags.FLAGS.verbosity >= 1:
+      raise
+    sys.exit(f"[demo] error: {e}")
   print(f"[demo] trained model: {final}/model", flush=True)
   evaluate(final, data_dir)
 

@@ -26,6 +26,15 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def latest_saved_step(workdir: str) -> int | None:
+  """The newest finished checkpoint's step, read without creating anything (Orbax writes a
+  step to a temporary name and renames it to the step number when it is complete)."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return None
+  return max((int(name) for name in os.listdir(directory) if name.isdigit()), default=None)
+
+
 class Checkpointer:
   """The run's CheckpointManager with the items above."""
 
@@ -61,6 +70,11 @@ class Checkpointer:
     meta = restored["meta"]
     rng = jax.random.wrap_key_data(jax.numpy.asarray(meta["rng"], jax.numpy.uint32))
     return restored["params"], restored["opt_state"], rng, meta
+
+  def delete(self, step: int) -> None:
+    self.manager.wait_until_finished()
+    self.manager.delete(step)
+    logging.info("checkpoint: deleted step %d", step)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -4,6 +4,7 @@ progress line (step, loss, learning rate, tokens/s, step time, device memory, ET
 from __future__ import annotations
 
 import json
+import logging as logging_std
 import math
 import os
 import time
@@ -56,38 +57,74 @@ class MetricWriter:
 
 
 class Progress:
-  """Rates and ETA over the steps since the last report."""
+  """Rates and ETA over the steps since the last report, counted from `start` (call it once
+  the first step, which includes the compile, is done)."""
 
   def __init__(self, first_step: int, total_steps: int):
     self._total = total_steps
     self._last_step = first_step
-    self._last_time = time.perf_counter()
+    self._last_time: float | None = None
     self._tokens = 0
+
+  def start(self, step: int) -> None:
+    self._last_step, self._last_time, self._tokens = step, time.perf_counter(), 0
 
   def add_tokens(self, n: int) -> None:
     self._tokens += n
 
   def report(self, step: int) -> dict[str, float]:
+    """step_time_s, tokens_per_s, eta_s (none before two steps have run after `start`) and
+    peak_memory_gib."""
+    out = {}
     now = time.perf_counter()
-    elapsed = max(now - self._last_time, 1e-9)
-    steps = max(step - self._last_step, 1)
-    out = {"step_time_s": elapsed / steps, "tokens_per_s": self._tokens / elapsed,
-           "eta_s": (self._total - step) * elapsed / steps}
+    if self._last_time is not None and step > self._last_step:
+      elapsed = max(now - self._last_time, 1e-9)
+      steps = step - self._last_step
+      out = {"step_time_s": elapsed / steps, "tokens_per_s": self._tokens / elapsed,
+             "eta_s": (self._total - step) * elapsed / steps}
+      self._last_step, self._last_time, self._tokens = step, now, 0
     mem = device_memory_gib()
     if mem is not None:
       out["peak_memory_gib"] = mem
-    self._last_step, self._last_time, self._tokens = step, now, 0
     return out
 
 
 def format_line(stage: int, step: int, total: int, scalars: dict[str, Any]) -> str:
-  eta = scalars.get("eta_s", 0.0)
   parts = [f"[stage {stage}] step {step}/{total}", f"loss {scalars['loss']:.4f}"]
   for key in sorted(k for k in scalars if k.startswith("lr/")):
     parts.append(f"{key} {scalars[key]:.2e}")
-  parts.append(f"{scalars.get('tokens_per_s', 0):,.0f} tok/s")
-  parts.append(f"{scalars.get('step_time_s', 0):.2f} s/step")
+  if "eta_s" in scalars:
+    eta = int(scalars["eta_s"])
+    parts.append(f"{scalars['tokens_per_s']:,.0f} tok/s")
+    parts.append(f"{scalars['step_time_s']:.2f} s/step")
   if "peak_memory_gib" in scalars:
     parts.append(f"mem {scalars['peak_memory_gib']:.1f} GiB")
-  parts.append(f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
+  parts.append(f"ETA {eta // 60}m{eta % 60:02d}s" if "eta_s" in scalars
+               else "ETA after the first step")
   return " | ".join(parts)
+
+
+# Libraries whose INFO lines drown ours (183 of 189 in a 2-step run): WARNING and up only.
+QUIET_LIBRARIES = ("orbax", "grain")
+
+
+class _LibraryInfoFilter(logging_std.Filter):
+  """Drops records below WARNING logged from inside the QUIET_LIBRARIES' packages."""
+
+  def __init__(self, packages: tuple[str, ...]):
+    super().__init__()
+    self._markers = tuple(f"{os.sep}{p}{os.sep}" for p in packages)
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING or not any(
+        m in record.pathname for m in self._markers)
+
+
+def quiet_library_logs(packages: tuple[str, ...] = QUIET_LIBRARIES) -> None:
+  """Keeps our INFO lines and drops the INFO lines of orbax and grain. They log through absl
+  (one Python logger, 'absl', for everyone), so the filter looks at the source file."""
+  absl_logger = logging_std.getLogger("absl")
+  if not any(isinstance(f, _LibraryInfoFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_LibraryInfoFilter(packages))
+  for name in packages:
+    logging_std.getLogger(name).setLevel(logging_std.WARNING)

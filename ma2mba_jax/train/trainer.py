@@ -1,11 +1,17 @@
 """train_and_evaluate(config, workdir): one training stage, resumable at any step.
 
-    data (Grain) -> sharded batch -> train_step (jit, donated state) -> metrics / checkpoints
+    check inputs -> remember the config -> state (init or restore) -> loop -> eval -> export
+    loop: data (Grain) -> sharded batch -> train_step (jit, donated state) -> metrics /
+          checkpoints
 
-The run resumes by itself from the newest checkpoint in workdir (model, optimizer, step,
-RNG and the data iterator). At the end the model is exported to workdir/model (params +
-model_config.json, see convert/io.py), which the next stage's `init_from`, `evaluate` and
-`generate` read.
+Nothing is written to the workdir before every input is checked: config values, the
+tokenizer, the data sources (their index is built, and with data.validate_media every media
+file opened), init_from, and the workdir's remembered config (workdir.py: a rerun with other
+settings stops, naming them). The run resumes by itself from the newest checkpoint in
+workdir (model, optimizer, step, RNG and the data iterator). Every step's loss is checked,
+and a checkpoint is saved only when every loss so far and the state are finite. At the end
+the model is exported to workdir/model (params + model_config.json, see convert/io.py),
+which the next stage's `init_from`, `evaluate` and `generate` read.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from flax import nnx
 from ma2mba_jax.convert import io as model_io
 from ma2mba_jax.convert import pretrained
 from ma2mba_jax.data import synthetic
+from ma2mba_jax.data.errors import DataError
 from ma2mba_jax.data.pipeline import make_pipeline
 from ma2mba_jax.data.tokenizer import load_tokenizer, vocab_size
 from ma2mba_jax.models.video_lm import VideoMa2mba
@@ -34,13 +41,16 @@ from ma2mba_jax.models.video_presets import video_config
 from ma2mba_jax.remat import magc
 from ma2mba_jax.train import config_check
 from ma2mba_jax.train import checkpoint, metrics as metrics_lib, optim, sharding
+from ma2mba_jax.train import workdir as workdir_lib
+from ma2mba_jax.train.errors import ConfigError, NonFiniteLossError
 from ma2mba_jax.train.step import TrainState, make_eval_step, make_train_step
 
-MODEL_EXPORT = "model"
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or inf."""
+MODEL_EXPORT = workdir_lib.MODEL_EXPORT
+# Written after the export is complete: the step it holds (a rerun with nothing left to
+# train does not write the export again, so the next stage's input stays the same).
+EXPORT_MARKER = "export.json"
+VAL_SPLIT = "val"
+__all__ = ["train_and_evaluate", "evaluate_loss", "export_model", "NonFiniteLossError"]
 
 
 # --------------------------------------------------------------------------- configuration
@@ -54,10 +64,30 @@ def build_model_config(config: ml_collections.ConfigDict, tokenizer_vocab: int):
   model_cfg = video_config(config.model.preset, **overrides)
   lm_vocab = model_cfg.llm_config.padded_vocab_size
   if tokenizer_vocab > lm_vocab:
-    raise ValueError(f"the tokenizer has {tokenizer_vocab} ids but model preset "
-                     f"{config.model.preset!r} embeds only {lm_vocab}: use the model's "
-                     f"tokenizer (config.data.tokenizer)")
+    raise ConfigError(f"the tokenizer has {tokenizer_vocab} ids but model preset "
+                      f"{config.model.preset!r} embeds only {lm_vocab}: use the model's "
+                      f"tokenizer (config.data.tokenizer)")
   return model_cfg
+
+
+def require_data(config: ml_collections.ConfigDict) -> None:
+  """ConfigError saying what to give when the config names no training data."""
+  data = config.data
+  make = "python -m ma2mba_jax.data.synthetic --out DIR --size small"
+  if data.synthetic_dir:
+    if not os.path.isfile(os.path.join(data.synthetic_dir, "manifest.json")):
+      raise ConfigError(
+          f"config.data.synthetic_dir={data.synthetic_dir!r} holds no synthetic dataset (no "
+          f"manifest.json): write one with `{make.replace('DIR', data.synthetic_dir)}` "
+          f"(scripts/demo.sh writes runs/demo/data)")
+    return
+  if not data.sources:
+    raise ConfigError(
+        f"no training data: give --config.data.synthetic_dir=DIR (a synthetic set: `{make}`), "
+        f"or config.data.sources and config.data.tokenizer in a config file (configs/common.py"
+        f"), or use the demo variant --config=configs/stage{config.stage}.py:demo (on "
+        f"runs/demo/data, which scripts/demo.sh or `{make.replace('DIR', 'runs/demo/data')}` "
+        f"writes)")
 
 
 def tokenizer_path(config: ml_collections.ConfigDict) -> str:
@@ -65,32 +95,35 @@ def tokenizer_path(config: ml_collections.ConfigDict) -> str:
     return config.data.tokenizer
   if config.data.synthetic_dir:
     return os.path.join(config.data.synthetic_dir, "tokenizer.json")
-  raise ValueError("config.data.tokenizer is empty: give a local tokenizer.json "
-                   "(GPT-NeoX's for the released Mamba-2 models)")
+  raise ConfigError("config.data.tokenizer is empty: give a local tokenizer.json "
+                    "(GPT-NeoX's for the released Mamba-2 models)")
 
 
 def data_settings(config: ml_collections.ConfigDict, model_cfg: Any) -> dict[str, Any]:
   """The Grain pipeline's config for this process."""
+  require_data(config)
   if config.data.synthetic_dir:
     sources = synthetic.sources(config.data.synthetic_dir, config.stage)
   else:
     sources = config.data.sources.to_dict()
   if not sources:
-    raise ValueError("config.data.sources is empty and config.data.synthetic_dir is unset")
+    raise ConfigError(f"config.data.synthetic_dir={config.data.synthetic_dir!r} has no "
+                      f"sources for stage {config.stage}")
   if config.data.packing:
-    raise ValueError("config.data.packing=True needs the LM to reset its state at segment "
-                     "boundaries, which it does not do yet: set it to False")
+    raise ConfigError("config.data.packing=True needs the LM to reset its state at segment "
+                      "boundaries, which it does not do yet: set it to False")
   n_proc = jax.process_count()
   if config.optim.global_batch % n_proc:
-    raise ValueError(f"config.optim.global_batch={config.optim.global_batch} must be a "
-                     f"multiple of the number of processes {n_proc}")
+    raise ConfigError(f"config.optim.global_batch={config.optim.global_batch} must be a "
+                      f"multiple of the number of processes {n_proc}")
   return dict(
       stage=config.stage, sources=sources, fps=config.data.fps,
       image_size=model_cfg.image_size, tokens_per_frame=model_cfg.tokens_per_frame,
       max_frames=config.data.max_frames, max_tokens=config.data.max_tokens,
       batch_size=config.optim.global_batch // n_proc, packing=False,
       num_workers=config.data.num_workers, worker_buffer_size=config.data.worker_buffer_size,
-      seed=config.seed, skip_bad=config.data.skip_bad, qa_per_sample=config.data.qa_per_sample)
+      seed=config.seed, skip_bad=config.data.skip_bad, qa_per_sample=config.data.qa_per_sample,
+      validate_media=config.data.validate_media)
 
 
 def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any) -> types.SimpleNamespace:
@@ -107,7 +140,89 @@ def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any) -> types.S
   return remat_cfg
 
 
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass
+class RunInputs:
+  """Everything a run reads, checked; built before anything is written."""
+  config: ml_collections.ConfigDict
+  tokenizer: Any
+  model_cfg: Any
+  remat_cfg: types.SimpleNamespace
+  mesh: jax.sharding.Mesh
+  n_micro: int                 # micro-batches per optimizer step (gradient accumulation)
+  groups: tuple[str, ...]      # trainable parameter groups
+  train_data: Any              # Grain IterDataset of the train split (index built)
+  val_data: Any                # ... of the val split, or None
+
+
+def _pipeline(settings: dict, tokenizer, split: str):
+  """make_pipeline (which builds the split's index, checking the annotations and, with
+  validate_media, every media file); its ValueErrors about the settings become ConfigErrors."""
+  try:
+    return make_pipeline(settings, tokenizer=tokenizer, split=split)
+  except DataError:
+    raise
+  except ValueError as e:
+    raise ConfigError(f"config.data: {e}") from e
+
+
+def val_pipeline(config, model_cfg, tokenizer, mesh):
+  """The val split's batches (one micro-batch per device each), or None without one."""
+  settings = data_settings(config, model_cfg)
+  if VAL_SPLIT not in settings["sources"]:
+    logging.info("no '%s' split in the data sources: no validation loss", VAL_SPLIT)
+    return None
+  settings["batch_size"] = max(1, config.optim.micro_batch * mesh.devices.size
+                               // jax.process_count())
+  return _pipeline(settings, tokenizer, VAL_SPLIT)
+
+
+def check_inputs(config: ml_collections.ConfigDict, workdir: str) -> RunInputs:
+  """Checks every input of the run (config, tokenizer, data, init_from, the workdir's
+  remembered config) and builds what the run reads; writes nothing."""
+  config_check.validate(config)
+  require_data(config)
+  groups = optim.trainable_groups(config.optim)
+  if not groups:
+    raise ConfigError("every learning rate in config.optim is 0: nothing to train")
+  tokenizer = load_tokenizer(tokenizer_path(config),
+                             add_missing=config.data.add_special_tokens)
+  model_cfg = build_model_config(config, vocab_size(tokenizer))
+  mesh = sharding.make_mesh(config.mesh)
+  rows_per_micro = config.optim.micro_batch * mesh.devices.size
+  if config.optim.global_batch % rows_per_micro:
+    raise ConfigError(f"config.optim.global_batch={config.optim.global_batch} must be a "
+                      f"multiple of micro_batch x devices = {rows_per_micro}")
+  if checkpoint.latest_saved_step(workdir) is None:  # read only when starting afresh
+    workdir_lib.check_init_from(config.init_from)
+    for group, path in pretrained.pretrained_dirs(config).items():
+      if not os.path.isdir(path):
+        raise ConfigError(f"config.model.{group}_init={path!r}: no such directory")
+  train_data = _pipeline(data_settings(config, model_cfg), tokenizer, "train")
+  val_data = (val_pipeline(config, model_cfg, tokenizer, mesh)
+              if config.eval.batches > 0 else None)
+  workdir_lib.check(config, workdir)
+  remat_cfg = resolved_remat(config, model_cfg)
+  return RunInputs(config=config, tokenizer=tokenizer, model_cfg=model_cfg,
+                   remat_cfg=remat_cfg, mesh=mesh,
+                   n_micro=config.optim.global_batch // rows_per_micro, groups=groups,
+                   train_data=train_data, val_data=val_data)
+
+
 # --------------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass
+class ModelLayout:
+  """The model's structure, shapes and shardings, and the optimizer (no arrays yet)."""
+  graphdef: nnx.GraphDef
+  abstract_params: dict
+  param_shardings: dict
+  optimizer: Any
+  abstract_opt: Any
+  opt_shardings: Any
 
 
 def _split_groups(params: dict, trainable_groups: tuple[str, ...]) -> tuple[dict, dict]:
@@ -118,6 +233,31 @@ def _split_groups(params: dict, trainable_groups: tuple[str, ...]) -> tuple[dict
           {g: params[g] for g in params if g not in trainable_groups})
 
 
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def model_layout(run: RunInputs) -> ModelLayout:
+  """Shapes first, then shardings (initialising comes after)."""
+  config, mesh = run.config, run.mesh
+  abstract_model = nnx.eval_shape(lambda: VideoMa2mba(run.model_cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
+  abstract_params = nnx.to_pure_dict(abstract_state)
+  param_shardings = sharding.tree_shardings(mesh, abstract_params)
+  abstract_trainable, _ = _split_groups(abstract_params, run.groups)
+  optimizer = optim.make_optimizer(config.optim, config.train.steps, abstract_trainable)
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_trainable)
+  opt_shardings = sharding.tree_shardings(mesh, abstract_opt)
+  n_trainable = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_trainable))
+  n_total = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_params))
+  logging.info("model %s: %s parameters, %s trainable (%s)", run.model_cfg.name,
+               f"{n_total:,}", f"{n_trainable:,}", ", ".join(run.groups))
+  return ModelLayout(graphdef=graphdef, abstract_params=abstract_params,
+                     param_shardings=param_shardings, optimizer=optimizer,
+                     abstract_opt=abstract_opt, opt_shardings=opt_shardings)
+
+
 def _initial_params(config, model_cfg, abstract_params, shardings) -> dict:
   """Random init (sharded from the start), then model.vision_init / model.llm_init (HF
   checkpoints, convert/pretrained.py) if set, then `init_from` if set."""
@@ -126,15 +266,11 @@ def _initial_params(config, model_cfg, abstract_params, shardings) -> dict:
                                       nnx.Param))
   params = jax.jit(create, out_shardings=shardings)()
   params = pretrained.apply_pretrained(config, model_cfg, params, shardings)
-  if not config.init_from:
+  src = workdir_lib.check_init_from(config.init_from)
+  if not src:
     return params
-  src = config.init_from
-  export = os.path.join(src, MODEL_EXPORT)
-  if os.path.isfile(os.path.join(export, model_io.CONFIG_FILE)):
-    src = export  # a previous stage's workdir
   cls, _ = model_io.read_model_config(src)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_params, shardings)
+  target = _with_shardings(abstract_params, shardings)
   if cls is VideoMa2mba:
     params = model_io.restore_params(src, target)
     logging.info("init_from %s: all parameters", src)
@@ -142,76 +278,40 @@ def _initial_params(config, model_cfg, abstract_params, shardings) -> dict:
     params = {**params, "llm": model_io.restore_params(src, target["llm"])}
     logging.info("init_from %s: the LM's parameters (converted Mamba-2)", src)
   else:
-    raise ValueError(f"config.init_from={config.init_from!r} holds a {cls.__name__}; "
-                     f"expected a VideoMa2mba or Mamba2LM export")
+    raise ConfigError(f"config.init_from={config.init_from!r} holds a {cls.__name__}; "
+                      f"expected a VideoMa2mba or Mamba2LM export")
   return params
 
 
-# --------------------------------------------------------------------------- the loop
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the stage described by `config` in `workdir`; returns the last
-  logged metrics."""
-  config_check.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  logging.info("config:\n%s", config)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
-
-  tokenizer = load_tokenizer(tokenizer_path(config),
-                             add_missing=config.data.add_special_tokens)
-  model_cfg = build_model_config(config, vocab_size(tokenizer))
-  remat_cfg = resolved_remat(config, model_cfg)
-  mesh = sharding.make_mesh(config.mesh)
-  n_devices = mesh.devices.size
-  rows_per_micro = config.optim.micro_batch * n_devices
-  if config.optim.global_batch % rows_per_micro:
-    raise ValueError(f"config.optim.global_batch={config.optim.global_batch} must be a "
-                     f"multiple of micro_batch x devices = {rows_per_micro}")
-  n_micro = config.optim.global_batch // rows_per_micro
-
-  # Model: shapes first, then shardings, then initialise.
-  abstract_model = nnx.eval_shape(lambda: VideoMa2mba(model_cfg, rngs=nnx.Rngs(0)))
-  graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
-  abstract_params = nnx.to_pure_dict(abstract_state)
-  param_shardings = sharding.tree_shardings(mesh, abstract_params)
-  groups = optim.trainable_groups(config.optim)
-  if not groups:
-    raise ValueError("every learning rate in config.optim is 0: nothing to train")
-  total_steps = config.train.steps
-  params = _initial_params(config, model_cfg, abstract_params, param_shardings)
-  trainable, frozen = _split_groups(params, groups)
-  optimizer = optim.make_optimizer(config.optim, total_steps, trainable)
-  abstract_opt = jax.eval_shape(optimizer.init, trainable)
-  opt_shardings = sharding.tree_shardings(mesh, abstract_opt)
-  opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(trainable)
-  state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
-                     opt_state=opt_state, rng=jax.random.key(config.seed))
-  n_trainable = sum(math.prod(a.shape) for a in jax.tree.leaves(trainable))
-  n_total = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_params))
-  logging.info("model %s: %s parameters, %s trainable (%s)", model_cfg.name, f"{n_total:,}",
-               f"{n_trainable:,}", ", ".join(groups))
-
-  data_iter = iter(make_pipeline(data_settings(config, model_cfg), tokenizer=tokenizer))
-  ckpt = checkpoint.Checkpointer(workdir, config.ckpt)
+def initial_state(run: RunInputs, layout: ModelLayout, ckpt: checkpoint.Checkpointer,
+                  data_iter: Any) -> tuple[TrainState, int]:
+  """(state, first step): the newest checkpoint's (the data iterator restored in place),
+  or a fresh state from init / init_from at step 0."""
+  config = run.config
   start = ckpt.latest_step()
-  if start is not None:
-    abstract_trainable_opt = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_opt, opt_shardings)
-    abstract_all = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract_params, param_shardings)
-    restored, opt_state, rng, meta = ckpt.restore(
-        start, abstract_params=abstract_all, abstract_opt_state=abstract_trainable_opt,
-        data_iter=data_iter)
-    trainable, frozen = _split_groups(restored, groups)
-    state = TrainState(step=jnp.asarray(start, jnp.int32), trainable=trainable,
-                       frozen=frozen, opt_state=opt_state, rng=rng)
-    logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), start)
-    print(f"[stage {config.stage}] resumed at step {start}", flush=True)
-  start = start or 0
+  if start is None:
+    params = _initial_params(config, run.model_cfg, layout.abstract_params,
+                             layout.param_shardings)
+    trainable, frozen = _split_groups(params, run.groups)
+    opt_state = jax.jit(layout.optimizer.init, out_shardings=layout.opt_shardings)(trainable)
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
+                      opt_state=opt_state, rng=jax.random.key(config.seed)), 0
+  restored, opt_state, rng, _ = ckpt.restore(
+      start, abstract_params=_with_shardings(layout.abstract_params, layout.param_shardings),
+      abstract_opt_state=_with_shardings(layout.abstract_opt, layout.opt_shardings),
+      data_iter=data_iter)
+  trainable, frozen = _split_groups(restored, run.groups)
+  logging.info("resumed from %s at step %d", ckpt.manager.directory, start)
+  print(f"[stage {config.stage}] resumed at step {start}", flush=True)
+  return TrainState(step=jnp.asarray(start, jnp.int32), trainable=trainable, frozen=frozen,
+                    opt_state=opt_state, rng=rng), start
 
+
+def place_and_compile(run: RunInputs, layout: ModelLayout, state: TrainState):
+  """(state placed with its shardings, the jitted train_step)."""
+  mesh, param_shardings, opt_shardings = run.mesh, layout.param_shardings, layout.opt_shardings
+  graphdef, optimizer, remat_cfg, n_micro = (layout.graphdef, layout.optimizer, run.remat_cfg,
+                                             run.n_micro)
   # Every input of the step carries its sharding before the transfer guard: the state is
   # placed once, and the step returns it with the same shardings (so step 2 reuses step 1's
   # executable and nothing moves between devices implicitly).
@@ -223,54 +323,176 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = jax.jit(make_train_step(graphdef, optimizer, remat_cfg, n_micro),
                        out_shardings=(state_shardings, sharding.replicated(mesh)),
                        donate_argnums=(0,))
-  writer = metrics_lib.MetricWriter(workdir, stage=config.stage)
+  return state, train_step
+
+
+# --------------------------------------------------------------------------- finiteness
+
+
+class _NotFinite(Exception):
+  def __init__(self, step: int, what: str):
+    super().__init__(step, what)
+    self.step, self.what = step, what
+
+
+class _LossWatch:
+  """Checks every step's loss, one step late (the host fetches step N-1's loss while step N
+  runs, so it does not wait); `flush` checks the newest at once (before a save)."""
+
+  def __init__(self):
+    self._pending: tuple[int, jax.Array] | None = None
+
+  def push(self, step: int, loss: jax.Array) -> None:
+    previous, self._pending = self._pending, (step, loss)
+    if previous is not None:
+      self._check(*previous)
+
+  def flush(self) -> None:
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      self._check(*pending)
+
+  @staticmethod
+  def _check(step: int, loss: jax.Array) -> None:
+    value = float(jax.device_get(loss))
+    if not math.isfinite(value):
+      raise _NotFinite(step, f"the loss is {value}")
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _check_state_finite(state: TrainState, step: int) -> None:
+  """Before a save: the trained parameters and the optimizer state are finite (a finite
+  loss does not prove it: the last update may have overflowed)."""
+  if not bool(jax.device_get(_all_finite((state.trainable, state.opt_state)))):
+    raise _NotFinite(step, "the parameters or optimizer state are not finite after it (the "
+                           "loss was finite)")
+
+
+def _non_finite_message(config, bad: _NotFinite, ckpt: checkpoint.Checkpointer,
+                        workdir: str) -> str:
+  """The stop message; removes the checkpoint of the step just before a non-finite loss (its
+  parameters are finite but give that loss: resuming from it would stop again at once)."""
+  ckpt.wait()
+  newest = ckpt.latest_step()
+  removed = ""
+  if bad.what.startswith("the loss") and newest is not None and newest == bad.step - 1:
+    ckpt.delete(newest)
+    removed = (f" Checkpoint {newest} was removed: its parameters give that non-finite "
+               f"loss.")
+    newest = ckpt.latest_step()
+  where = checkpoint.checkpoint_dir(workdir)
+  if newest is None:
+    resume = ("No checkpoint is left from before it, so running again starts from step 0: "
+              "lower config.optim.lr_* or check the data")
+  else:
+    resume = (f"The newest checkpoint, step {newest} in {where}, is finite: lower "
+              f"config.optim.lr_* (or check the data) and run the same command again with "
+              f"--config.train.allow_changes=optim to resume from step {newest}")
+  return (f"stage {config.stage}: {bad.what} at step {bad.step}, the first non-finite step; "
+          f"nothing from it on was saved.{removed} {resume}.")
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _train_loop(run: RunInputs, state: TrainState, train_step, start: int,
+                ckpt: checkpoint.Checkpointer, data_iter: Any, evaluator: Evaluator | None,
+                writer: metrics_lib.MetricWriter, workdir: str) -> tuple[TrainState, dict]:
+  """Trains from step `start` to train.steps (or train.stop_at_step); returns the state and
+  the last logged metrics."""
+  config, mesh = run.config, run.mesh
+  total_steps = config.train.steps
+  stop = min(config.train.stop_at_step or total_steps, total_steps)
   progress = metrics_lib.Progress(start, total_steps)
+  watch = _LossWatch()
   last = {}
-  last_checked = start
   try:
-    stop = config.train.stop_at_step or total_steps
-    for step in range(start, min(stop, total_steps)):
+    for step in range(start, stop):
       batch_np = next(data_iter)
       batch = sharding.shard_batch(mesh, batch_np)
       with jax.transfer_guard("disallow"):
         state, step_metrics = train_step(state, batch)
-      progress.add_tokens(int(np.sum(batch_np["segment_ids"] > 0)))
       done = step + 1
+      watch.push(done, step_metrics["loss"])
+      progress.add_tokens(int(np.sum(batch_np["segment_ids"] > 0)))
+      if done == start + 1:
+        watch.flush()            # waits for the first step: rates and ETA start after it
+        progress.start(done)
       if done % config.train.log_every == 0 or done == total_steps:
-        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        if not math.isfinite(scalars["loss"]):
-          raise NonFiniteLossError(
-              f"stage {config.stage}: the loss is {scalars['loss']} at step {done} (it became "
-              f"non-finite between steps {last_checked + 1} and {done}); the newest "
-              f"checkpoint is step {ckpt.latest_step()} in {checkpoint.checkpoint_dir(workdir)}."
-              f" Lower config.optim.lr_*, check the data, or resume from that checkpoint.")
-        last_checked = done
-        scalars.update({f"lr/{g}": lr for g, lr in
-                        optim.learning_rates(config.optim, total_steps, done).items()})
-        scalars.update(progress.report(done))
-        writer.write(done, scalars)
-        print(metrics_lib.format_line(config.stage, done, total_steps, scalars), flush=True)
-        last = scalars
+        watch.flush()
+        last = _log_step(config, writer, progress, done, step_metrics)
+      if evaluator is not None and config.eval.every_steps and (
+          done % config.eval.every_steps == 0):
+        last.update(_log_eval(config, writer, done, evaluator(state)))
       if done % config.ckpt.every_steps == 0 or done in (total_steps, stop):
+        watch.flush()
+        _check_state_finite(state, done)
         ckpt.save(done, params={**state.trainable, **state.frozen}, opt_state=state.opt_state,
                   rng=state.rng, data_iter=data_iter, extra_meta={"stage": config.stage})
+    watch.flush()
     ckpt.wait()
-  finally:
-    writer.close()
-    ckpt.close()
+  except _NotFinite as bad:
+    raise NonFiniteLossError(_non_finite_message(config, bad, ckpt, workdir)) from None
+  return state, last
 
-  finished = int(jax.device_get(state.step))
-  if finished < total_steps:
-    print(f"[stage {config.stage}] stopped at step {finished} of {total_steps} "
-          f"(config.train.stop_at_step); run the same command again to resume", flush=True)
-    return last
-  if config.eval.batches > 0:
-    last.update(evaluate_loss(config, model_cfg, graphdef, state, remat_cfg, tokenizer, mesh))
-    if "val_loss" in last:
-      print(f"[stage {config.stage}] validation loss {last['val_loss']:.4f} "
-            f"over {last['val_tokens']:.0f} target tokens", flush=True)
-  export_model(workdir, graphdef, state, tokenizer=tokenizer)
-  return last
+
+def _log_step(config, writer, progress, done: int, step_metrics: dict) -> dict:
+  total_steps = config.train.steps
+  scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+  scalars.update({f"lr/{g}": lr for g, lr in
+                  optim.learning_rates(config.optim, total_steps, done).items()})
+  scalars.update(progress.report(done))
+  writer.write(done, scalars)
+  print(metrics_lib.format_line(config.stage, done, total_steps, scalars), flush=True)
+  return scalars
+
+
+def _log_eval(config, writer, done: int, scalars: dict) -> dict:
+  if scalars:
+    writer.write(done, scalars)
+    print(f"[stage {config.stage}] step {done}: validation loss {scalars['val_loss']:.4f} "
+          f"over {scalars['val_tokens']:.0f} target tokens", flush=True)
+  return scalars
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class Evaluator:
+  """Mean validation cross-entropy over the first `batches` batches of a split; compiled
+  once (every batch has the same shape), reusable through the run."""
+
+  def __init__(self, dataset: Any, batches: int, graphdef: nnx.GraphDef, remat_cfg: Any,
+               mesh: jax.sharding.Mesh):
+    self._dataset, self._batches, self._mesh = dataset, batches, mesh
+    self._eval_step = jax.jit(make_eval_step(graphdef, remat_cfg))
+
+  def __call__(self, state: TrainState) -> dict:
+    total, count = 0.0, 0.0
+    for i, batch_np in enumerate(self._dataset):  # a fresh iterator: the split's start
+      if i >= self._batches:
+        break
+      out = jax.device_get(self._eval_step(state, sharding.shard_batch(self._mesh, batch_np)))
+      total += float(out["loss_sum"])
+      count += float(out["target_tokens"])
+    return {"val_loss": total / count, "val_tokens": count} if count else {}
+
+
+def evaluate_loss(config, model_cfg, graphdef, state, remat_cfg, tokenizer, mesh) -> dict:
+  """Mean validation cross-entropy over config.eval.batches batches of the 'val' split."""
+  dataset = val_pipeline(config, model_cfg, tokenizer, mesh)
+  if dataset is None:
+    return {}
+  return Evaluator(dataset, config.eval.batches, graphdef, remat_cfg, mesh)(state)
+
+
+# --------------------------------------------------------------------------- export
 
 
 def export_model(workdir: str, graphdef: nnx.GraphDef, state: TrainState,
@@ -286,20 +508,60 @@ def export_model(workdir: str, graphdef: nnx.GraphDef, state: TrainState,
   return str(path)
 
 
-def evaluate_loss(config, model_cfg, graphdef, state, remat_cfg, tokenizer, mesh) -> dict:
-  """Mean validation cross-entropy over config.eval.batches batches of the 'val' split."""
-  settings = data_settings(config, model_cfg)
-  if "val" not in settings["sources"]:
-    logging.info("no 'val' split in the data sources: no validation loss")
-    return {}
-  settings["batch_size"] = max(1, config.optim.micro_batch * mesh.devices.size
-                               // jax.process_count())
-  eval_step = jax.jit(make_eval_step(graphdef, remat_cfg))
-  total, count = 0.0, 0.0
-  for i, batch_np in enumerate(make_pipeline(settings, tokenizer=tokenizer, split="val")):
-    if i >= config.eval.batches:
-      break
-    out = jax.device_get(eval_step(state, sharding.shard_batch(mesh, batch_np)))
-    total += float(out["loss_sum"])
-    count += float(out["target_tokens"])
-  return {"val_loss": total / max(count, 1.0), "val_tokens": count} if count else {}
+def _exported_step(workdir: str) -> int | None:
+  """The step of workdir/model, if its export finished."""
+  path = os.path.join(workdir, EXPORT_MARKER)
+  if not os.path.isfile(path) or not os.path.isfile(
+      os.path.join(workdir, MODEL_EXPORT, model_io.CONFIG_FILE)):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f).get("step")
+
+
+def _mark_exported(workdir: str, step: int) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, EXPORT_MARKER), "w", encoding="utf-8") as f:
+      json.dump({"step": step}, f)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the stage described by `config` in `workdir`; returns the last
+  logged metrics."""
+  run = check_inputs(config, workdir)
+  workdir_lib.remember(config, workdir)   # the first write
+  logging.info("config:\n%s", config)
+  layout = model_layout(run)
+  data_iter = iter(run.train_data)
+  total_steps = config.train.steps
+  ckpt = checkpoint.Checkpointer(workdir, config.ckpt)
+  writer = None
+  try:
+    state, start = initial_state(run, layout, ckpt, data_iter)
+    if start >= total_steps and _exported_step(workdir) == start:
+      print(f"[stage {config.stage}] already trained to step {start} and exported to "
+            f"{os.path.join(workdir, MODEL_EXPORT)}", flush=True)
+      return {}
+    state, train_step = place_and_compile(run, layout, state)
+    evaluator = (Evaluator(run.val_data, config.eval.batches, layout.graphdef, run.remat_cfg,
+                           run.mesh) if run.val_data is not None else None)
+    writer = metrics_lib.MetricWriter(workdir, stage=config.stage)
+    state, last = _train_loop(run, state, train_step, start, ckpt, data_iter, evaluator,
+                              writer, workdir)
+    finished = int(jax.device_get(state.step))
+    if finished < total_steps:
+      print(f"[stage {config.stage}] stopped at step {finished} of {total_steps} "
+            f"(config.train.stop_at_step); run the same command again to resume", flush=True)
+      return last
+    evaluated_now = config.eval.every_steps and finished % config.eval.every_steps == 0
+    if evaluator is not None and not evaluated_now:
+      last.update(_log_eval(config, writer, finished, evaluator(state)))
+  finally:
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+  export_model(workdir, layout.graphdef, state, tokenizer=run.tokenizer)
+  _mark_exported(workdir, finished)
+  return last

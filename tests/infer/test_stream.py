@@ -155,18 +155,48 @@ def test_sampler_stops_and_trims(sampler, monkeypatch, script, params, answer, r
   assert list(generation.sampled) == script[:len(generation.sampled)]
 
 
-def test_prefill_step_memory_is_flat_while_one_shot_grows(streamer, tiny_model, tokenizer):
+def test_streaming_prefill_memory_is_flat_while_one_shot_grows(streamer, tiny_model,
+                                                               tokenizer, monkeypatch):
+  """Reads a video of 8 and one of 32 frames (4x apart, each given as one array) through
+  feed_frames, recording every compiled step it really runs; the peak compiled footprint
+  (XLA memory analysis) over those steps, and the states carried between them, must be the
+  same for both lengths, while a one-shot forward over the same prompt grows with it."""
   k, s = streamer.tokens_per_frame, streamer.image_size
   graphdef, params = nnx.split(tiny_model)
+  step = streamer._frames_step
+  calls = []
+
+  def recording_step(params, states, frames):
+    calls.append(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                              (states, frames)))
+    return step(params, states, frames)
+
+  monkeypatch.setattr(streamer, "_frames_step", recording_step)
   one_shot = jax.jit(lambda params, *batch: nnx.merge(graphdef, params)(*batch))
-  streamed, full = {}, {}
-  for num_frames in (8, 64):
-    streamed[num_frames] = streamer.step_footprints(num_frames)
+  streamed, carried, full = {}, {}, {}
+  rng = np.random.default_rng(0)
+  for num_frames in (8, 32):
+    calls.clear()
+    video = rng.integers(0, 256, (num_frames, s, s, 3), np.uint8)
+    states = streamer.feed_frames(streamer.init_states(), [video], num_frames)
+    assert len(calls) >= num_frames // streamer.frames_per_step, len(calls)
+    signatures = {repr(c): c for c in calls}
+    streamed[num_frames] = max(compiled_footprint(step, params, *c, exclude=params)
+                               for c in signatures.values())
+    carried[num_frames] = sum(a.nbytes for a in jax.tree.leaves(states))
     prompt = render_prompt(QUESTION, num_frames=num_frames, tokenizer=tokenizer,
                            tokens_per_frame=k)
     batch = (prompt.tokens[None], prompt.vision_index[None],
              jax.ShapeDtypeStruct((1, num_frames, s, s, 3), jnp.uint8))
     full[num_frames] = compiled_footprint(one_shot, params, *batch, exclude=params)
-  assert streamed[8] == streamed[64] and list(streamed[8]) == ["frames_step[2]"]
-  assert full[64] > 3 * full[8], full
-  assert max(streamed[64].values()) < full[64] / 4, (streamed, full)
+  assert streamed[8] == streamed[32], (streamed, full)
+  assert carried[8] == carried[32], carried
+  assert full[32] > 2 * full[8], (streamed, full)
+  assert streamed[32] < full[32] / 3, (streamed, full)
+
+
+def test_step_footprints_names_the_compiled_frame_steps(streamer):
+  """step_footprints: one entry per frame-step shape a video of that length uses."""
+  m = streamer.frames_per_step
+  assert list(streamer.step_footprints(4 * m)) == [f"frames_step[{m}]"]
+  assert list(streamer.step_footprints(4 * m + 1)) == [f"frames_step[{m}]", "frames_step[1]"]

@@ -23,7 +23,10 @@ def test_shipped_configs_are_valid(module, arg):
     ("optim.warmup_frac", 1.5, r"config.optim.warmup_frac=1.5 must be in \[0, 1\)"),
     ("optim.lr_llm", -1.0, "config.optim.lr_llm=-1.0 must be >= 0"),
     ("train.steps", 0, "config.train.steps=0 must be >= 1"),
-    ("ckpt.every_steps", 0, "config.ckpt.every_steps=0 must be >= 1"),
+    ("ckpt.every_steps", 0, "config.ckpt.every_steps=0 must be an integer >= 1"),
+    # 0 would delete every checkpoint as soon as it is saved.
+    ("ckpt.max_to_keep", 0, "config.ckpt.max_to_keep=0 must be an integer >= 1"),
+    ("eval.batches", -1, "config.eval.batches=-1 must be an integer >= 0"),
 ])
 def test_trainer_rejects_overrides_naming_the_field(tmp_path, field, value, message):
   config = stage2.get_config("demo")
