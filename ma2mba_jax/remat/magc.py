@@ -142,7 +142,9 @@ def resolve(remat_cfg: Any, model_cfg: Any, seqlen: int, *, bytes_per_element: i
             budget_bytes: float | None = None) -> tuple[int, int, float]:
   """Turns l/s = 'auto' into ints with the memory model; returns (l, s, predicted bytes).
 
-  The prediction is device memory: checkpoints that `remat_cfg.offload` keeps on the host
+  This is `remat.planner='model'`, the paper's Table 7 model, which misses what XLA keeps
+  beside the checkpoints; `remat.planner='measure'` compiles candidates instead
+  (remat/measure.py `plan`). The prediction is device memory: checkpoints that `remat_cfg.offload` keeps on the host
   are left out of it (and of the choice).
 
   Explicit ints are kept (and checked); `s` must be a multiple of the SSD chunk length.

@@ -15,7 +15,8 @@ device memory fits the budget, the one with the smallest `cost_key`, compared in
   1. forwards recomputed per cell (RECOMPUTED_FORWARDS: dots 0.5 < nothing = names 1 <
      layers 2): the backward of a cell replays its forward once, `layers` once more per layer,
      `dots` keeps the matmul outputs and replays only the elementwise work;
-  2. offload: none < sequence < all (host copies are extra traffic, measured 0-12% slower);
+  2. offload: none < sequence < all (host copies are extra traffic: 0-11% slower at 2^19 in
+     BENCHMARKS.md runs D/E);
   3. cells, ceil(L/l) * ceil(T/s): fewer, larger kernel calls and scan boundaries;
   4. larger l (fewer layer groups: fewer parameter-sized gradient buffers).
 Candidates are compiled in that order and the first that fits wins (`measure_all` compiles
@@ -24,12 +25,15 @@ every candidate, for the table).
 Measured "device bytes" = temp + arguments + outputs - aliased - the parameters (arguments)
 - their gradients (outputs): what the step needs beyond weights and gradients, i.e. what
 must fit the budget of `training_budget_bytes` (device memory less weights, gradients,
-optimizer state and a margin). The input h [B, T, D] f32 and its cotangent count, as in the
-trainer they are activations. Not measured: the embedding, the head and its loss, the vision
-encoder (the margin is for them).
+optimizer state and a margin). The input h [B, T, D] f32 and the cotangent dh_in that the
+layers return count, as in the trainer they are activations; the incoming cotangent dh is
+donated (the trainer frees it once read), so XLA may reuse it. Not measured: the embedding,
+the head and its loss, the vision encoder (the margin is for them).
 
 Compiles are cached per (model config, batch, length, candidate, backend, jax version), in
-memory and optionally in a JSON file keyed by a sha256 of those.
+memory and optionally in a JSON file keyed by a sha256 of those; a file entry is used only
+while the lowered program is the same (its sha256 is stored beside), so code changes are
+measured again.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 from absl import logging
 
 from ma2mba_jax.remat.cells import CELL_SAVES, OFFLOAD_CHOICES
@@ -150,8 +155,12 @@ def _block_options(seqlen: int, chunk: int, s0: int) -> list[int]:
 def _explicit(value: Any, field: str) -> int | None:
   if value == "auto":
     return None
-  number = int(value)
-  if number < 1 or float(value) != number:
+  try:
+    number = int(value)
+    ok = number >= 1 and float(value) == number
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
     raise ValueError(f"config.remat.{field}={value!r} must be 'auto' or a positive integer")
   return number
 
@@ -220,7 +229,7 @@ def cache_key(model_cfg: Any, batch: int, seqlen: int, candidate: Candidate,
              "batch": batch, "seqlen": seqlen, "candidate": dataclasses.asdict(candidate),
              "save_names": list(save_names), "backend": jax.default_backend(),
              "device_kind": device.device_kind, "jax": jax.__version__,
-             "jaxlib": getattr(jax.lib, "__version__", "")}
+             "jaxlib": jaxlib.__version__}
   text = json.dumps(payload, sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()
 
@@ -231,7 +240,7 @@ class CompileCache:
   A file entry also holds the sha256 of the lowered program (StableHLO text): a hit needs
   the same settings AND the same program, so an entry written before the model's code
   changed is measured again (a lowering costs seconds, a compile up to a minute). The file
-  is read once here and rewritten atomically after each new measurement.
+  is read here, and merged and rewritten atomically after each new measurement.
   """
 
   def __init__(self, path: str | None = None):
@@ -257,6 +266,9 @@ class CompileCache:
     self._memory[key] = measurement
     if not self.path or self._file.get(key, {}).get("program") == program_hash:
       return
+    if os.path.exists(self.path):  # keep what another process wrote meanwhile
+      with open(self.path) as f:
+        self._file = {**json.load(f), **self._file}
     self._file[key] = {"program": program_hash, "measurement": dataclasses.asdict(measurement)}
     folder = os.path.dirname(os.path.abspath(self.path))
     os.makedirs(folder, exist_ok=True)
@@ -310,7 +322,8 @@ def _lower(model_cfg: Any, batch: int, seqlen: int, candidate: Candidate,
     return vjp(dh)
 
   h = jax.ShapeDtypeStruct((batch, seqlen, model_cfg.d_model), jnp.float32)
-  return jax.jit(fwd_bwd).lower(layers, h, h), tree_bytes(layers)
+  # dh is donated: in the trainer its buffer is free once the backward has read it.
+  return jax.jit(fwd_bwd, donate_argnums=2).lower(layers, h, h), tree_bytes(layers)
 
 
 def _program_hash(lowered: Any) -> str:
