@@ -1,30 +1,43 @@
-"""Convert a pretrained Mamba-2 checkpoint into an Orbax checkpoint that training starts from.
+"""Convert a pretrained Mamba-2 checkpoint into an Orbax checkpoint that training starts
+from, or export a trained model to Hugging Face files.
 
     python -m ma2mba_jax.convert --src ~/models/mamba2-370m --out ~/ckpt/mamba2-370m
     python -m ma2mba_jax.convert --src DIR --out DIR --format hf --overwrite
+    python -m ma2mba_jax.convert --export-hf runs/stage3 --out exports/video-ma2mba
 
 --src is a local HF (`Mamba2ForCausalLM`) or state-spaces (mamba_ssm) directory; the result
 is read back with `ma2mba_jax.convert.io.restore_model(out)` (the trainer's
-`config.init_from`).
+`config.init_from`). The trainer can also read such directories itself, and HF CLIP /
+SigLIP vision directories: config.model.llm_init / config.model.vision_init.
+
+--export-hf is a trainer workdir or a model export; --out receives llm/ (Mamba2ForCausalLM
++ tokenizer), vision/ (CLIPVisionModel or SiglipVisionModel), projector/ and
+ma2mba_export.json (see convert/export_hf.py).
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags
 
 from ma2mba_jax.convert.io import save_model
 from ma2mba_jax.convert.mamba2 import FORMATS, load_mamba2, read_config
 
-_SRC = flags.DEFINE_string("src", None, "Checkpoint directory (config.json + weights).",
-                           required=True)
-_OUT = flags.DEFINE_string("out", None, "Output directory for the Orbax checkpoint.",
-                           required=True)
+_SRC = flags.DEFINE_string("src", None, "Checkpoint directory (config.json + weights) to "
+                           "convert into an Orbax checkpoint.")
+_EXPORT_HF = flags.DEFINE_string("export-hf", None, "Trainer workdir or model export to "
+                                 "write as Hugging Face safetensors + config.json.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _FORMAT = flags.DEFINE_enum("format", "auto", FORMATS,
-                            "Source layout; auto detects it from config.json.")
+                            "Source layout of --src; auto detects it from config.json.")
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
-                                   "Compute dtype recorded in the saved config.")
-_SSD_IMPL = flags.DEFINE_string("ssd_impl", "auto", "SSD backend recorded in the saved config.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing checkpoint in --out.")
+                                   "Compute dtype recorded in the saved config (--src).")
+_SSD_IMPL = flags.DEFINE_string("ssd_impl", "auto", "SSD backend recorded in the saved "
+                                "config (--src).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "With --export-hf: tokenizer.json to "
+                                 "write (default: the one saved with the model).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output in --out.")
 
 
 def convert(src: str, out: str, *, fmt: str = "auto", compute_dtype: str = "float32",
@@ -47,8 +60,20 @@ def convert(src: str, out: str, *, fmt: str = "auto", compute_dtype: str = "floa
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print(convert(_SRC.value, _OUT.value, fmt=_FORMAT.value, compute_dtype=_COMPUTE_DTYPE.value,
-                ssd_impl=_SSD_IMPL.value, overwrite=_OVERWRITE.value))
+  if (_SRC.value is None) == (_EXPORT_HF.value is None):
+    raise app.UsageError("give exactly one of --src (import a Mamba-2 checkpoint) and "
+                         "--export-hf (export a trained model)")
+  try:
+    if _EXPORT_HF.value is not None:
+      from ma2mba_jax.convert.export_hf import export_hf  # noqa: PLC0415
+      print(export_hf(_EXPORT_HF.value, _OUT.value, tokenizer=_TOKENIZER.value,
+                      overwrite=_OVERWRITE.value))
+    else:
+      print(convert(_SRC.value, _OUT.value, fmt=_FORMAT.value,
+                    compute_dtype=_COMPUTE_DTYPE.value, ssd_impl=_SSD_IMPL.value,
+                    overwrite=_OVERWRITE.value))
+  except (FileNotFoundError, FileExistsError, ValueError) as e:  # bad input: names it
+    sys.exit(f"convert: error: {e}")
 
 
 if __name__ == "__main__":
