@@ -597,6 +597,10 @@ def main(argv: Sequence[str], f: dict) -> None:
   print(f"Mamba-2 {f['model'].value}: {n_params:,} parameters ({weight_bytes / GB:.2f} GB), "
         f"T={f['tokens'].value}, batch {f['batch'].value}, {model_cfg.compute_dtype}, "
         f"ssd_impl={model_cfg.ssd_impl}, backend {jax.default_backend()}")
+  source = ("--budget_gb" if f["budget_gb"].value is not None else
+            "none known (no --device_gb, no device bytes_limit)" if budget is None else
+            "device memory less weights, gradients, optimizer state and margin")
+  print("activation budget: " + (f"{budget / GB:.3f} GB, " if budget else "") + source)
   try:
     result = plan(model_cfg, f["tokens"].value, remat_cfg, budget_bytes=budget,
                   batch=f["batch"].value, cache=cache, max_candidates=f["max_candidates"].value,

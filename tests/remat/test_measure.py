@@ -93,6 +93,17 @@ def test_candidates_are_a_small_grid_around_the_model_optimum():
     measure.candidates(CFG, SEQLEN, s=20)
 
 
+def test_cost_model_orders_recompute_then_offload_then_cells():
+  C = measure.Candidate
+  ordered = [C(64, 8192, "dots"), C(16, 4096, "nothing"), C(64, 16384, "nothing", "sequence"),
+             C(64, 4096, "nothing", "all"), C(64, 16384, "layers"), C(64, 8192, "layers"),
+             C(32, 16384, "layers"), C(16, 16384, "layers", "sequence")]
+  keys = [measure.cost_key(c, 64, 2**19) for c in ordered]
+  assert keys == sorted(keys) and len(set(keys)) == len(keys)
+  # Equal numbers of cells: the larger l (fewer layer groups) first.
+  assert measure.cost_key(C(64, 8192), 64, 2**19) < measure.cost_key(C(32, 4096 * 4), 64, 2**19)
+
+
 def test_measurement_reads_the_compiled_layers(measured):
   rows, compiled = measured.rows, measured.compiled
   assert sorted(compiled, key=str) == sorted((r.candidate for r in rows), key=str)
