@@ -97,7 +97,7 @@ class Mamba2Config:
   # How a block's sequence-mode backward is made (BLOCK_IMPLS): "fused" is one custom_vjp
   # that keeps h and the in_proj output and recomputes the rest (models/fused_block.py);
   # "autodiff" is JAX's autodiff of the modules below. Same function, same parameters.
-  block_impl: str = "autodiff"
+  block_impl: str = "fused"
 
   def __post_init__(self):
     # Normalise dtypes ("bfloat16", jnp.bfloat16 -> np.dtype) so configs compare and hash

@@ -4,7 +4,8 @@
     autodiff of `Mamba2Block`, float32, odd lengths, nonzero states, n_groups 1 and 2, a
     clipping dt_limit;
   * XLA's compiled memory of a no-remat layer stack's gradient grows by the design's bytes
-    per token per layer (h in f32 + the in_proj output), a small fraction of autodiff's.
+    per token per layer (h in f32 + the in_proj output), a small fraction of autodiff's;
+  * an outer jax.checkpoint's policy (MA-GC's cell_saves) still sees what the block keeps.
 
 Tolerances come from `tests/models/fused_block_sweep.py` (seeds 0..23, float32, CPU):
 the largest relative error (||a - b|| / ||b||, per output and per gradient leaf) over
@@ -20,7 +21,9 @@ Letters: B batch, T time, D model width, F in_proj width, L layers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 
 import jax
 import jax.numpy as jnp
@@ -144,3 +147,43 @@ def test_saves_the_design_bytes_per_token_and_layer_far_below_autodiff():
     per_layer[impl] = (large - small) / (4 * seqlen)
   assert 0.9 * design <= per_layer["fused"] <= 1.1 * design, (per_layer, design)
   assert per_layer["autodiff"] >= 8 * per_layer["fused"], per_layer
+
+
+# --------------------------------------------------------------------------- remat
+
+
+def per_token_residuals(config, policy) -> list[tuple[tuple[int, ...], str]]:
+  """(shape, description) of what differentiating the block keeps per token, apart from its
+  arguments, under `jax.checkpoint(policy)` (policy None: no checkpoint)."""
+  graphdef, params, inputs, _ = problem(config, seed=0)
+  layer = functools.partial(block_apply, graphdef)
+  if policy is not None:
+    layer = jax.checkpoint(layer, policy=policy)
+  text = io.StringIO()
+  with contextlib.redirect_stdout(text):  # lines "f32[2,37,296] named 'x' from ..."
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda p, *args: jnp.sum(layer(p, *args)[0]), params, *inputs)
+  saved = []
+  for line in text.getvalue().splitlines():
+    dims, _, desc = line.partition(" ")
+    shape = tuple(int(d) for d in dims[dims.index("[") + 1:dims.index("]")].split(",") if d)
+    if "argument" not in desc and SEQLEN in shape:
+      saved.append((shape, desc))
+  return saved
+
+
+def test_remat_policies_see_the_fused_residual():
+  """An outer jax.checkpoint's policy sees the fused block's forward rule: `names` and
+  `dots` can keep the in_proj output, `nothing` keeps nothing per token; without a
+  checkpoint the in_proj output is the only per-token value kept besides h."""
+  config = CONFIGS["g1"].replace(block_impl="fused")
+  zxbcdt = (BATCH, SEQLEN, config.d_in_proj)
+  policies = jax.checkpoint_policies
+  assert [s for s, _ in per_token_residuals(config, None)] == [zxbcdt]
+  assert per_token_residuals(config, policies.nothing_saveable) == []
+  named = per_token_residuals(config, policies.save_only_these_names("mamba2_in_proj"))
+  assert [s for s, _ in named] == [zxbcdt] and "mamba2_in_proj" in named[0][1], named
+  dots = per_token_residuals(config, policies.dots_with_no_batch_dims_saveable)
+  assert [s for s, _ in dots] == [zxbcdt] and "dot_general" in dots[0][1], dots
+  # The autodiff block keeps many more per-token values (conv, SSD, norm intermediates).
+  assert len(per_token_residuals(config.replace(block_impl="autodiff"), None)) >= 5
