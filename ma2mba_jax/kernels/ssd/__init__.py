@@ -6,7 +6,8 @@ register themselves in `registry.py`. `oracle.py` is the float64 sequential recu
 that every backend is tested against.
 """
 
-from ma2mba_jax.kernels.ssd.api import ssd, process_dt
+from ma2mba_jax.kernels.ssd.api import ssd, process_dt, reset_from_segment_ids
 from ma2mba_jax.kernels.ssd.registry import available_backends, resolve_impl
 
-__all__ = ["ssd", "process_dt", "available_backends", "resolve_impl"]
+__all__ = ["ssd", "process_dt", "reset_from_segment_ids", "available_backends",
+           "resolve_impl"]

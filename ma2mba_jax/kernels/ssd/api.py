@@ -39,6 +39,27 @@ def _check_float(name: str, a: Any) -> None:
     raise TypeError(f"ssd: {name} must be a floating-point array, got dtype {jnp.result_type(a)}")
 
 
+def reset_from_segment_ids(segment_ids: Array) -> Array:
+  """segment_ids [B, T] (ints) -> reset [B, T] bool: True where a new segment starts,
+  i.e. where segment_ids[t] != segment_ids[t-1]; False at t = 0 (the initial state, if
+  any, belongs to the first segment)."""
+  segment_ids = jnp.asarray(segment_ids)
+  if segment_ids.ndim != 2:
+    raise ValueError(f"reset_from_segment_ids: segment_ids must be [B, T], got shape "
+                     f"{segment_ids.shape}")
+  changed = segment_ids[:, 1:] != segment_ids[:, :-1]                  # [B, T-1]
+  return jnp.concatenate([jnp.zeros_like(changed[:, :1]), changed], axis=1)
+
+
+def _check_reset(reset: Any, batch: int, seqlen: int) -> None:
+  if getattr(reset, "shape", None) != (batch, seqlen):
+    raise ValueError(f"ssd: reset must be [B, T] = {(batch, seqlen)}, got "
+                     f"{getattr(reset, 'shape', None)}")
+  dtype = jnp.result_type(reset)
+  if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer)):
+    raise TypeError(f"ssd: reset must be a bool or integer array, got dtype {dtype}")
+
+
 def _check_inputs(x, dt, A, B, C, D, dt_bias, dt_limit, initial_state, chunk_len) -> None:
   if getattr(x, "ndim", None) != 4:
     raise ValueError(f"ssd: x must be [B, T, H, P], got shape {getattr(x, 'shape', None)}")
@@ -80,12 +101,19 @@ def _check_inputs(x, dt, A, B, C, D, dt_bias, dt_limit, initial_state, chunk_len
 def ssd(x: Array, dt: Array, A: Array, B: Array, C: Array, *,
         D: Array | None = None, dt_bias: Array | None = None, dt_softplus: bool = True,
         dt_limit: tuple[float, float] = (0.0, math.inf), initial_state: Array | None = None,
-        chunk_len: int = 256, impl: str = "auto", **backend_options) -> tuple[Array, Array]:
+        chunk_len: int = 256, impl: str = "auto", reset: Array | None = None,
+        **backend_options) -> tuple[Array, Array]:
   """Selective state space scan of Mamba-2 (SSD), per head h and time t:
 
       dt_t = clip(softplus(dt_raw_t + dt_bias), *dt_limit)
       h_t  = exp(dt_t * A) * h_{t-1} + dt_t * x_t B_t^T       h_t: [P, N]
       y_t  = h_t C_t + D * x_t
+
+  With `reset`, the decay is 0 where reset_t is set (the state restarts before step t):
+  step i reaches step j >= i iff there is no reset in (i, j]; the initial state reaches
+  step t iff there is no reset in [0, t]; final_state holds what reaches step T-1. So a
+  caller that splits T into blocks, slices `reset` the same way and passes each block's
+  final state to the next gets the unsplit result.
 
   Args:
     x: [B, T, H, P] inputs (bf16 or f32); math accumulates in f32.
@@ -97,12 +125,19 @@ def ssd(x: Array, dt: Array, A: Array, B: Array, C: Array, *,
     initial_state: [B, H, P, N] state before the first step (zeros if None).
     chunk_len: SSD chunk length Q; any T is accepted.
     impl: "auto" | "xla" | "pallas" | "triton" (see registry.py).
+    reset: [B, T] bool or int (nonzero = True), optional: True at the first step of each
+      packed segment (see `reset_from_segment_ids`). None (the default) costs nothing.
     **backend_options: passed to the backend (e.g. interpret=True, block sizes).
 
   Returns:
     y: [B, T, H, P] in x.dtype, and final_state: [B, H, P, N] in f32.
   """
   _check_inputs(x, dt, A, B, C, D, dt_bias, dt_limit, initial_state, chunk_len)
+  if reset is not None:
+    _check_reset(reset, *x.shape[:2])
+    reset = reset if jnp.result_type(reset) == jnp.bool_ else reset != 0
+    # Backends take `reset` only when it is given: reset=None calls them exactly as before.
+    backend_options["reset"] = reset
   n_heads, head_dim = x.shape[2:]
   dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
   if D is not None:

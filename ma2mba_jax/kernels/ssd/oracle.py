@@ -13,8 +13,11 @@ import jax.numpy as jnp
 
 
 def ssd_oracle(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=True,
-               dt_limit=(0.0, math.inf), initial_state=None):
+               dt_limit=(0.0, math.inf), initial_state=None, reset=None):
   """Same contract as `ssd.ssd` but computes in float64 step by step.
+
+  `reset` [B, T] (bool or int, optional): where it is set the state is zeroed before the
+  step, h_t = (0 if reset_t else exp(dt_t A)) h_{t-1} + dt_t x_t B_t^T.
 
   Must be called under `jax.enable_x64(True)`. Returns (y [B,T,H,P], final_state [B,H,P,N])
   in float64.
@@ -38,15 +41,19 @@ def ssd_oracle(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=True,
   h = (jnp.zeros((batch, n_heads, head_dim, d_state), f64) if initial_state is None
        else jnp.asarray(initial_state, f64))
 
+  reset = (jnp.zeros((batch, seqlen), bool) if reset is None
+           else jnp.asarray(reset) != 0)             # [b, t]
+
   def step(h, inputs):
-    x_t, dt_t, B_t, C_t = inputs                    # [b,h,p], [b,h], [b,g,n], [b,g,n]
+    x_t, dt_t, B_t, C_t, r_t = inputs               # [b,h,p], [b,h], [b,g,n], [b,g,n], [b]
     B_t = B_t[:, group_of_head]                     # [b, h, n]
     C_t = C_t[:, group_of_head]                     # [b, h, n]
-    decay = jnp.exp(dt_t * A)                       # [b, h]
+    decay = jnp.where(r_t[:, None], 0.0, jnp.exp(dt_t * A))   # [b, h]
     h = decay[:, :, None, None] * h + (dt_t[:, :, None] * x_t)[..., None] * B_t[:, :, None, :]
     y_t = jnp.einsum("bhpn,bhn->bhp", h, C_t) + D * x_t
     return h, y_t
 
   time_major = lambda a: jnp.moveaxis(a, 1, 0)
-  h, y = jax.lax.scan(step, h, (time_major(x), time_major(dt), time_major(B), time_major(C)))
+  h, y = jax.lax.scan(step, h, (time_major(x), time_major(dt), time_major(B), time_major(C),
+                                 time_major(reset)))
   return jnp.moveaxis(y, 0, 1), h

@@ -6,6 +6,12 @@ state. Every exponent is a sum of non-positive terms dt*A (dt >= 0, A < 0), comp
 cumulative sum of the terms themselves, never as a difference of two cumulative sums
 (which would lose precision and can be positive).
 
+With `reset` (packed segments), every decay factor is also masked by a segment test on
+seg, the per-row count of resets restarted at each chunk (seg_l = resets in the chunk at
+or before step l): step s reaches l >= s iff seg_l == seg_s; s reaches the chunk's end iff
+seg_s == seg_last; the state entering the chunk reaches l iff seg_l == 0 and leaves the
+chunk iff seg_last == 0.
+
 Letters: b batch, c chunk, l/s target/source step in a chunk, h head, p head dim, n state.
 """
 
@@ -44,8 +50,10 @@ def _pad_time(a: Array, pad: int) -> Array:
 
 
 def ssd_chunked(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Array | None,
-                initial_state: Array | None, *, chunk_len: int) -> tuple[Array, Array]:
-  """Chunked SSD core. Shapes as in registry.py; dt already processed (>= 0, f32)."""
+                initial_state: Array | None, *, chunk_len: int,
+                reset: Array | None = None) -> tuple[Array, Array]:
+  """Chunked SSD core. Shapes as in registry.py; dt already processed (>= 0, f32);
+  reset [B, T] bool or None."""
   batch, seqlen, n_heads, head_dim = x.shape
   n_groups, d_state = B.shape[2:]
   out_dtype = x.dtype
@@ -70,17 +78,28 @@ def ssd_chunked(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Array | No
   dA_cumsum = jnp.cumsum(dA, axis=-1)                               # [b, h, c, Q]
   dtx = xc * dtc[..., None]                                         # [b, c, Q, h, p]
 
-  # 1. Within each chunk: y_l += sum_{s<=l} (C_l . B_s) exp(dA_{s+1} + ... + dA_l) dt_s x_s.
   decay_in_chunk = jnp.exp(segsum(dA))                              # [b, h, c, l, s]
+  decay_to_end = jnp.exp(suffix_sum_exclusive(dA))                  # [b, h, c, Q]
+  chunk_decay = jnp.exp(dA_cumsum[..., -1])                         # [b, h, c]
+  decay_from_start = jnp.exp(dA_cumsum)                             # [b, h, c, Q]
+  if reset is not None:
+    # Padding steps start no segment.
+    seg = jnp.cumsum(_pad_time(reset.astype(jnp.int32), pad).reshape(
+        batch, n_chunks, chunk_len), axis=-1)                       # [b, c, Q]
+    same_segment = seg[..., :, None] == seg[..., None, :]           # [b, c, l, s]
+    decay_in_chunk = jnp.where(same_segment[:, None], decay_in_chunk, 0.0)
+    decay_to_end = jnp.where((seg == seg[..., -1:])[:, None], decay_to_end, 0.0)
+    chunk_decay = jnp.where((seg[..., -1] == 0)[:, None], chunk_decay, 0.0)
+    decay_from_start = jnp.where((seg == 0)[:, None], decay_from_start, 0.0)
+
+  # 1. Within each chunk: y_l += sum_{s<=l} (C_l . B_s) exp(dA_{s+1} + ... + dA_l) dt_s x_s.
   scores = jnp.einsum("bclhn,bcshn->bhcls", Cc, Bc) * decay_in_chunk
   y_diag = jnp.einsum("bhcls,bcshp->bclhp", scores, dtx)
 
   # 2. Each chunk's own contribution to the state at its end.
-  decay_to_end = jnp.exp(suffix_sum_exclusive(dA))                  # [b, h, c, Q]
   chunk_states = jnp.einsum("bcshn,bhcs,bcshp->bchpn", Bc, decay_to_end, dtx)
 
   # 3. Carry the state across chunks: state entering chunk c+1.
-  chunk_decay = jnp.exp(dA_cumsum[..., -1])                         # [b, h, c]
   if initial_state is None:
     initial_state = jnp.zeros((batch, n_heads, head_dim, d_state), f32)
 
@@ -94,7 +113,7 @@ def ssd_chunked(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Array | No
   states_in = jnp.moveaxis(states_in, 0, 1)                         # [b, c, h, p, n]
 
   # 4. The carried state's contribution: y_l += exp(dA_0 + ... + dA_l) C_l . state_in.
-  y_off = jnp.einsum("bclhn,bchpn,bhcl->bclhp", Cc, states_in, jnp.exp(dA_cumsum))
+  y_off = jnp.einsum("bclhn,bchpn,bhcl->bclhp", Cc, states_in, decay_from_start)
 
   y = y_diag + y_off
   if D is not None:

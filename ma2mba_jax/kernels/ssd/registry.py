@@ -10,6 +10,10 @@ preprocessing (bias, softplus, limit):
     D  [H, P] f32 or None               initial_state [B, H, P, N] f32 or None
     y  [B, T, H, P] in x.dtype          final_state [B, H, P, N] f32
 
+With packed segments the entry also passes `reset=` ([B, T] bool, True where a segment
+starts; semantics in api.ssd); it passes nothing when the caller gives no reset, so a
+backend without segment support keeps working for unpacked rows.
+
 Backends are named by a module path and loaded on first use, so that importing this
 package never imports a GPU-only library (jax-triton cannot be imported without a GPU).
 """

@@ -12,6 +12,11 @@ entering state contributes to its outputs: y_t += exp(dA_1 + ... + dA_t) C_t . h
 Gradients follow by autodiff through shard_map and all_gather (whose transpose is a
 reduce-scatter), so the backward passes d(state) between devices the same way.
 
+With `reset` (split along T like x), each local scan restarts at its piece's resets, a
+piece with any reset passes on only its own final state (its decay factor exp(a[e]) is
+replaced by 0), and the entering state reaches only the piece's steps before its first
+reset (the correction is masked there).
+
 Letters: B batch, T time (split over the axis), H heads, P head dim, N state, G groups.
 """
 
@@ -27,24 +32,31 @@ from jax.sharding import Mesh, PartitionSpec as P
 from ma2mba_jax.kernels.ssd.api import process_dt, ssd
 
 
-def _stitch(x, dt, A, B, C, D, dt_bias, initial_state, *, axis, n, dt_softplus, dt_limit,
-            chunk_len, impl):
-  """Per-device body: local scan, device-level state scan, correction."""
+def _stitch(x, dt, A, B, C, D, dt_bias, initial_state, *reset, axis, n, dt_softplus,
+            dt_limit, chunk_len, impl):
+  """Per-device body: local scan, device-level state scan, correction. `reset` is empty
+  or the piece's [B, t] resets."""
+  reset = reset[0] if reset else None
   y, h_local = ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
-                   dt_limit=dt_limit, chunk_len=chunk_len, impl=impl)
+                   dt_limit=dt_limit, chunk_len=chunk_len, impl=impl, reset=reset)
   dA = process_dt(dt, dt_bias, dt_softplus, dt_limit) * A.astype(jnp.float32)   # [B, t, H]
-  all_decay = jax.lax.all_gather(jnp.sum(dA, axis=1), axis)                      # [n, B, H]
+  piece_decay = jnp.exp(jnp.sum(dA, axis=1))                                     # [B, H]
+  decay_from_start = jnp.exp(jnp.cumsum(dA, axis=1))                            # [B, t, H]
+  if reset is not None:
+    seen = jnp.cumsum(reset.astype(jnp.int32), axis=1) > 0   # [B, t]: a reset at or before t
+    piece_decay = jnp.where(seen[:, -1:], 0.0, piece_decay)
+    decay_from_start = jnp.where(seen[..., None], 0.0, decay_from_start)
+  all_decay = jax.lax.all_gather(piece_decay, axis)                              # [n, B, H]
   all_states = jax.lax.all_gather(h_local, axis)                                # [n, B, H, P, N]
   entering = []
   h = initial_state
   for e in range(n):  # n is the (static, small) number of devices on the axis
     entering.append(h)
-    h = jnp.exp(all_decay[e])[..., None, None] * h + all_states[e]
+    h = all_decay[e][..., None, None] * h + all_states[e]
   final_state = h
   h_in = jnp.stack(entering)[jax.lax.axis_index(axis)]                          # [B, H, P, N]
   heads_per_group = x.shape[2] // C.shape[2]
   C_heads = jnp.repeat(C.astype(jnp.float32), heads_per_group, axis=2)          # [B, t, H, N]
-  decay_from_start = jnp.exp(jnp.cumsum(dA, axis=1))                            # [B, t, H]
   y_in = jnp.einsum("bthn,bhpn->bthp", C_heads, h_in) * decay_from_start[..., None]
   return (y.astype(jnp.float32) + y_in).astype(x.dtype), final_state
 
@@ -52,8 +64,10 @@ def _stitch(x, dt, A, B, C, D, dt_bias, initial_state, *, axis, n, dt_softplus, 
 def ssd_sequence_parallel(x, dt, A, B, C, *, mesh: Mesh, axis: str = "sequence", D=None,
                           dt_bias=None, dt_softplus: bool = True,
                           dt_limit: tuple[float, float] = (0.0, math.inf),
-                          initial_state=None, chunk_len: int = 256, impl: str = "auto"):
-  """`ssd()` with x, dt, B, C split along T over `mesh` axis `axis` (T must divide evenly).
+                          initial_state=None, chunk_len: int = 256, impl: str = "auto",
+                          reset=None):
+  """`ssd()` with x, dt, B, C (and reset [B, T], optional, as in `ssd`) split along T over
+  `mesh` axis `axis` (T must divide evenly).
 
   Returns y [B, T, H, P] (split along T like x) and final_state [B, H, P, N] f32
   (replicated), equal to the single-device `ssd` on the whole sequence.
@@ -72,7 +86,13 @@ def ssd_sequence_parallel(x, dt, A, B, C, *, mesh: Mesh, axis: str = "sequence",
   split_t, whole = P(None, axis), P()
   body = functools.partial(_stitch, axis=axis, n=n, dt_softplus=dt_softplus,
                            dt_limit=dt_limit, chunk_len=chunk_len, impl=impl)
-  fn = jax.shard_map(body, mesh=mesh,
-                     in_specs=(split_t, split_t, whole, split_t, split_t, whole, whole, whole),
-                     out_specs=(split_t, whole), check_vma=False)
-  return fn(x, dt, A, B, C, D, dt_bias, initial_state.astype(jnp.float32))
+  in_specs = (split_t, split_t, whole, split_t, split_t, whole, whole, whole)
+  args = (x, dt, A, B, C, D, dt_bias, initial_state.astype(jnp.float32))
+  if reset is not None:
+    if getattr(reset, "shape", None) != (batch, seqlen):
+      raise ValueError(f"ssd_sequence_parallel: reset must be [B, T] = {(batch, seqlen)}, "
+                       f"got {getattr(reset, 'shape', None)}")
+    in_specs, args = in_specs + (split_t,), args + (reset,)
+  fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(split_t, whole),
+                     check_vma=False)
+  return fn(*args)

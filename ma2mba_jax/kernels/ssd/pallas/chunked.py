@@ -29,6 +29,19 @@ dB and dC sum over the heads of a group: kernels that loop over a block of a gro
 (chunk_dcb, head_contract) do that sum in registers and write one partial sum per block,
 never per-head copies.
 
+Segment resets (`reset` [B, T], packed segments) need no kernel change: with seg the
+per-row count of resets restarted at each chunk (seg_l = resets in the chunk at or before
+l), every decay the kernels see is masked in the glue before they run:
+    W[l, s]          via CB[l, s] := 0 unless seg_l == seg_s (dCB is masked the same way)
+    exp(cs_l) H_c    via C_l := 0 in chunk_scan_fwd and exp(cs_l) := 0 in the backward
+                     unless seg_l == 0 (the carried state reaches only steps before the
+                     chunk's first reset)
+    exp(cs_last - cs_s)  via w_s := 0 and, in chunk_scan_bwd_dx, B_s := 0 unless
+                     seg_s == seg_last (only the last segment's steps reach the chunk end)
+    exp(cs_last)     := 0 if the chunk has a reset (the carry does not cross it)
+The masks are constants, so every formula above keeps its form; with reset=None none of
+this runs (a Python branch) and the kernels see exactly what they saw before.
+
 Letters: B batch, T time, H heads, P head dim, N state, G groups, C chunks, Q chunk len.
 """
 
@@ -145,6 +158,24 @@ def _states(kernels, opts: Options, u, v, w, decay, init, other=None, *, reverse
                             **opts.kernel_args("pass"))
 
 
+def _segment_masks(reset: jax.Array, chunk_len: int):
+  """reset [B, T] bool (padded) -> (same [B, C, Q, Q]: l and s in one segment; from_start
+  [B, T]: no reset in the chunk at or before the step; to_end [B, T]: no reset in the chunk
+  after the step; crosses [B, C]: no reset in the chunk), all bool."""
+  batch, seqlen = reset.shape
+  seg = jnp.cumsum(reset.astype(jnp.int32).reshape(batch, -1, chunk_len), axis=-1)
+  same = seg[..., :, None] == seg[..., None, :]
+  return (same, (seg == 0).reshape(batch, seqlen),
+          (seg == seg[..., -1:]).reshape(batch, seqlen), seg[..., -1] == 0)
+
+
+def _masked(a: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
+  """Zeros a where mask is False; mask's axes are a's leading axes with `axis` inserted."""
+  mask = jnp.expand_dims(mask, axis)
+  mask = mask.reshape(mask.shape + (1,) * (a.ndim - mask.ndim))
+  return jnp.where(mask, a, jnp.zeros((), a.dtype))
+
+
 def _check_options(opts: Options, backend: str) -> None:
   if opts.state_impl not in ("split", "fused"):
     raise ValueError(f"ssd {backend}: state_impl={opts.state_impl!r} must be 'split' or 'fused'")
@@ -161,7 +192,7 @@ def _check_shapes(x, B, opts: Options, backend: str) -> None:
                        f"kernels (use impl='xla' for other shapes)")
 
 
-def _forward(kernels, opts: Options, x, dt, A, B, C, D, initial_state):
+def _forward(kernels, opts: Options, x, dt, A, B, C, D, initial_state, reset):
   batch, seqlen, n_heads, head_dim = x.shape
   d_state = B.shape[3]
   q = opts.chunk_len
@@ -171,16 +202,26 @@ def _forward(kernels, opts: Options, x, dt, A, B, C, D, initial_state):
   dt_t, cs, cs_last = _decays(dtp, A, q)
   state_dtype, cb_dtype = _storage_dtypes(x, opts)
   cb = _chunk_cb(Cp, Bp, q, cb_dtype)
+  w_state = _state_weights(dt_t, cs, cs_last, q)
+  decay_chunk = jnp.exp(cs_last)
+  c_carried = Cp                 # C where the carried state is read (chunk_scan_fwd)
+  if reset is not None:
+    same, from_start, to_end, crosses = _segment_masks(_pad_time(reset, pad), q)
+    cb = _masked(cb, same, 2)
+    w_state = _masked(w_state, to_end, 1)
+    decay_chunk = _masked(decay_chunk, crosses, 1)
+    c_carried = _masked(Cp, from_start, 2)
   init = (jnp.zeros((batch, n_heads, head_dim, d_state), F32) if initial_state is None
           else initial_state)
-  states, final, _ = _states(kernels, opts, xp, Bp, _state_weights(dt_t, cs, cs_last, q),
-                             jnp.exp(cs_last), init, reverse=False, out_dtype=state_dtype)
-  y = kernels.chunk_scan_fwd(xp, dt_t, cs, cb, Cp, states, D, **opts.kernel_args("chunk"))
+  states, final, _ = _states(kernels, opts, xp, Bp, w_state, decay_chunk, init,
+                             reverse=False, out_dtype=state_dtype)
+  y = kernels.chunk_scan_fwd(xp, dt_t, cs, cb, c_carried, states, D,
+                             **opts.kernel_args("chunk"))
   return y[:, :seqlen], final, states
 
 
 def _backward(kernels, opts: Options, residuals, cotangents):
-  x, dt, A, B, C, D, initial_state, states = residuals
+  x, dt, A, B, C, D, initial_state, reset, states = residuals
   dy, dfinal = cotangents
   batch, seqlen, n_heads, head_dim = x.shape
   n_groups = B.shape[2]
@@ -195,16 +236,26 @@ def _backward(kernels, opts: Options, residuals, cotangents):
   w_state = _state_weights(dt_t, cs, cs_last, q)
   exp_cs = jnp.exp(cs)
   decay_chunk = jnp.exp(cs_last)
+  b_to_end = Bp                  # B where the state gradient is read (chunk_scan_bwd_dx)
+  if reset is not None:          # the forward's masks (see the module docstring)
+    same, from_start, to_end, crosses = _segment_masks(_pad_time(reset, pad), q)
+    cb = _masked(cb, same, 2)
+    w_state = _masked(w_state, to_end, 1)
+    exp_cs = _masked(exp_cs, from_start, 1)
+    decay_chunk = _masked(decay_chunk, crosses, 1)
+    b_to_end = _masked(Bp, to_end, 2)
 
   # dH_{c+1} for every chunk (the gradient of the state leaving it), d(initial state), and
   # sum(dH_{c+1} * H_c) for the decay of the carried state.
   dstates, d_init, carry_dots = _states(kernels, opts, dyp, Cp, exp_cs, decay_chunk,
                                         dfinal.astype(F32), states, reverse=True,
                                         out_dtype=state_dtype)
-  dx, ddt = kernels.chunk_scan_bwd_dx(dyp, xp, dt_t, cs, cb, Bp, dstates, D,
+  dx, ddt = kernels.chunk_scan_bwd_dx(dyp, xp, dt_t, cs, cb, b_to_end, dstates, D,
                                       **opts.kernel_args("chunk"))
   dcb, erow, ecol = kernels.chunk_dcb(dyp, xp, dt_t, cs, cb, n_groups=n_groups,
                                       **opts.kernel_args("dcb"))
+  if reset is not None:
+    dcb = _masked(dcb, same, 2)  # the gradient of the unmasked CB
   dc_off, dcs_off = kernels.head_contract(dyp, exp_cs, states, Cp, **opts.kernel_args("contract"))
   db_state, u_state = kernels.head_contract(xp, w_state, dstates, Bp,
                                             **opts.kernel_args("contract"))
@@ -232,19 +283,20 @@ def _backward(kernels, opts: Options, residuals, cotangents):
   if D is not None:
     dD = jnp.einsum("bthp,bthp->hp", dy.astype(F32), x.astype(F32))
   d_init = None if initial_state is None else d_init
+  # reset is not differentiable (bool): no cotangent.
   return (dx[:, :seqlen], ddt, dA, db[:, :seqlen].astype(B.dtype),
-          dc[:, :seqlen].astype(C.dtype), dD, d_init)
+          dc[:, :seqlen].astype(C.dtype), dD, d_init, None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _ssd(kernels, opts, x, dt, A, B, C, D, initial_state):
-  y, final, _ = _forward(kernels, opts, x, dt, A, B, C, D, initial_state)
+def _ssd(kernels, opts, x, dt, A, B, C, D, initial_state, reset):
+  y, final, _ = _forward(kernels, opts, x, dt, A, B, C, D, initial_state, reset)
   return y, final
 
 
-def _ssd_fwd(kernels, opts, x, dt, A, B, C, D, initial_state):
-  y, final, states = _forward(kernels, opts, x, dt, A, B, C, D, initial_state)
-  return (y, final), (x, dt, A, B, C, D, initial_state, states)
+def _ssd_fwd(kernels, opts, x, dt, A, B, C, D, initial_state, reset):
+  y, final, states = _forward(kernels, opts, x, dt, A, B, C, D, initial_state, reset)
+  return (y, final), (x, dt, A, B, C, D, initial_state, reset, states)
 
 
 def _ssd_bwd(kernels, opts, residuals, cotangents):
@@ -261,16 +313,16 @@ def make_core(kernels, backend: str, *, default_interpret: bool | None = None):
   fixes it instead (the triton backend has no interpreter).
   """
   def core(x, dt, A, B, C, D, initial_state, *, chunk_len: int, interpret: bool | None = None,
-           **options):
+           reset: jax.Array | None = None, **options):
     if interpret is None:
       interpret = (default_interpret if default_interpret is not None
                    else jax.default_backend() != "gpu")
     opts = Options(chunk_len=chunk_len, interpret=bool(interpret), **options)
     _check_options(opts, backend)
     _check_shapes(x, B, opts, backend)
-    return _ssd(kernels, opts, x, dt, A, B, C, D, initial_state)
+    return _ssd(kernels, opts, x, dt, A, B, C, D, initial_state, reset)
 
   core.__name__ = f"ssd_{backend}"
-  core.__doc__ = (f"SSD core on the {backend} kernels. Options: interpret, "
+  core.__doc__ = (f"SSD core on the {backend} kernels. Options: reset, interpret, "
                   + ", ".join(f.name for f in dataclasses.fields(Options)[2:]) + ".")
   return core
