@@ -1,8 +1,9 @@
 """Segment resets (`ssd(..., reset=)`) in the GPU kernels (`pallas`, `triton`) against the
 float64 oracle, outputs and all gradients. Marker `gpu`: skipped without an NVIDIA GPU.
 
-  pytest -q -m gpu tests/gpu/test_ssd_segments_gpu.py
+  JAX_PLATFORMS=cuda pytest -q -m gpu tests/gpu/test_ssd_segments_gpu.py
   python -m tests.gpu.test_ssd_segments_gpu      # timing: reset=None vs reset at 32K
+(tests/conftest.py defaults JAX_PLATFORMS to cpu, so without it every test here skips.)
 
 The kernels need power-of-2 P, N and chunk length (>= 16). The reference of a packed row is
 the oracle on each segment alone (reset=None), as in tests/kernels/test_ssd_segments.py;
@@ -123,8 +124,9 @@ def timing(impl: str = "triton", seqlen: int = 32768, heads: int = 80, repeats: 
   print(f"{impl} T={seqlen} H={heads} P=64 N=128 chunk 256 bf16, {int(reset.sum())} resets, "
         f"{jax.devices()[0].device_kind}")
   rows = {}
+  fns = {False: make(False), True: make(True)}
   for name, with_reset in (("reset=None", False), ("reset", True), ("reset=None again", False)):
-    fwd, fwd_bwd = make(with_reset)
+    fwd, fwd_bwd = fns[with_reset]
     rows[name] = (median_ms(fwd), median_ms(fwd_bwd))
   print(f"{'':18s} {'fwd ms':>8s} {'fwd+bwd ms':>11s}")
   for name, (f, fb) in rows.items():
