@@ -331,13 +331,14 @@ def test_no_reset_equals_reset_none_and_resets_matter():
   """All-False resets give reset=None's result; integer resets work like bool ones; and a
   reset changes the result (the packed test could not pass with `reset` ignored)."""
   inputs = make_inputs(PACKED, seed=2)
-  none = ssd(**inputs, chunk_len=CHUNK, impl="xla")
-  off = ssd(**inputs, chunk_len=CHUNK, impl="xla", reset=jnp.zeros((2, SEQLEN), bool))
+  run = jax.jit(lambda inp, reset: ssd(**inp, chunk_len=CHUNK, impl="xla", reset=reset))
+  none = run(inputs, None)
+  off = run(inputs, jnp.zeros((2, SEQLEN), bool))
   for a, b in zip(none, off):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
   reset = packed_reset()
-  as_bool = ssd(**inputs, chunk_len=CHUNK, impl="xla", reset=jnp.asarray(reset))
-  as_int = ssd(**inputs, chunk_len=CHUNK, impl="xla", reset=jnp.asarray(reset, jnp.int32) * 3)
+  as_bool = run(inputs, jnp.asarray(reset))
+  as_int = run(inputs, jnp.asarray(reset, jnp.int32) * 3)
   for a, b in zip(as_bool, as_int):
     np.testing.assert_array_equal(a, b)
   assert rel_err(as_bool[0], none[0]) > 0.1
