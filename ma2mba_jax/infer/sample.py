@@ -1,18 +1,33 @@
-"""Recurrent decoding from the LM's states: greedy or sampled, with the paper's stop rule.
+"""Recurrent decoding from the LM's states: greedy or sampled, with the paper's stop rule,
+as one on-device loop (the default) or one jitted step per token driven from the host.
 
     sampler = Sampler(model.llm, vocab_size=tokenizer_vocab, stop_ids=(eot,), banned_ids=(frame,))
     generation = sampler.generate(conv.states, conv.logits, SamplingParams(temperature=0.0))
+    generations = sampler.generate_batch(states_b, logits_b, params)   # B answers at once
 
-One token costs one call of a jitted function of fixed shape (`Mamba2LM.step` followed by
-the choice of the next token), compiled once per Sampler; the state is the only memory.
+Two loops compute the same tokens (tests/infer/test_decode.py checks it):
+  * decode_impl="device": a jitted `lax.while_loop` carries the LM's recurrent cache, the
+    buffer of generated tokens [B, max_new_tokens] and the stop state; the model step, the
+    choice of the next token and the stop checks all run on the device. It runs until every
+    row stopped or `block_tokens` more tokens were generated; the host then reads the new
+    tokens (to stream them) and dispatches the next block. Without a block size (and no
+    `on_tokens` callback) an answer is one dispatch.
+  * decode_impl="host": the reference. One call of a jitted step per token, the host
+    checking the stop rules (`RepeatStop`) between tokens.
 
-Choosing a token from the logits [V]:
+Choosing a token from the logits [B, V] (the same function in both loops):
   * ids >= vocab_size (the embedding's padding rows) and `banned_ids` (e.g. `<|frame|>`,
     which is never a target in training) get probability 0;
-  * temperature 0: greedy (argmax);
-  * temperature > 0: softmax(logits / temperature), cut to the smallest set of most likely
-    tokens whose probability reaches top_p (nucleus; top_p=1 keeps all), then drawn with the
-    key fold_in(key(seed), i) for the i-th generated token, so a seed gives the same text.
+  * repetition_penalty r != 1 (CTRL / HF style): the logit x of every id already generated
+    in this answer becomes x / r if x > 0 else x * r (the prompt is not counted);
+  * temperature 0: greedy (argmax). Otherwise logits / temperature, then the filters, each
+    keeping a set of ids (the rest get probability 0):
+      top_k k > 0:   ids whose logit is >= the k-th largest (ties kept);
+      top_p p < 1:   over the distribution left by top_k (renormalised), the smallest set of
+                     most likely ids whose mass reaches p (the most likely id always stays);
+      min_p m > 0:   ids whose probability is >= m x the most likely id's;
+    then a draw from the kept ids with the key fold_in(fold_in(key(seed), i), b) for the
+    i-th generated token of batch row b, so a seed gives the same text.
 
 Stopping, checked after every token, first match wins:
   * 'eos':    the token is one of `stop_ids` (`<|endoftext|>`); it is not part of the answer;
@@ -23,13 +38,14 @@ Stopping, checked after every token, first match wins:
               the earlier occurrence stays;
   * 'length': max_new_tokens tokens were generated.
 
-Axis legend: B batch (1 here), V (padded) vocabulary, L layers.
+Axis legend: B batch, T max_new_tokens, V (padded) vocabulary, L layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +57,10 @@ from ma2mba_jax.models.mamba2 import LayerStates, Mamba2LM
 Array = jax.Array
 
 
+DECODE_IMPLS = ("device", "host")
+STOP_REASONS = ("", "eos", "repeat", "length")  # the device loop's codes 0..3
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   """How to decode one answer."""
@@ -50,6 +70,12 @@ class SamplingParams:
   temperature: float = 0.0
   # Nucleus sampling: keep the most likely tokens up to this much probability (1: all).
   top_p: float = 1.0
+  # Keep the k most likely tokens (0: all).
+  top_k: int = 0
+  # Keep tokens at least this fraction as likely as the most likely one (0: all).
+  min_p: float = 0.0
+  # > 1 makes tokens already generated less likely (1: off); see the module docstring.
+  repetition_penalty: float = 1.0
   # Seed of the sampling keys.
   seed: int = 0
   # Apply the paper's stop rule (see the module docstring).
@@ -64,6 +90,12 @@ class SamplingParams:
       raise ValueError(f"temperature must be >= 0, got {self.temperature}")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    if not 0 <= self.min_p <= 1:
+      raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+    if self.repetition_penalty <= 0:
+      raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
     if self.repeat_ngram < 1:
       raise ValueError(f"repeat_ngram must be >= 1, got {self.repeat_ngram}")
 
@@ -79,6 +111,17 @@ class Generation:
   tokens: tuple[int, ...]
   sampled: tuple[int, ...]
   stop_reason: str
+
+
+def finish(sampled: Sequence[int], reason: str, repeat_ngram: int) -> Generation:
+  """The Generation of the tokens drawn and why they stopped (the answer trimmed)."""
+  sampled = tuple(int(t) for t in sampled)
+  answer = sampled
+  if reason == "eos":
+    answer = sampled[:-1]
+  elif reason == "repeat":
+    answer = sampled[:-repeat_ngram]
+  return Generation(tokens=answer, sampled=sampled, stop_reason=reason)
 
 
 # --------------------------------------------------------------------------- the stop rule
@@ -113,6 +156,22 @@ def repeats_earlier(tokens: Sequence[int], n: int = 5) -> bool:
   return any(tokens[i:i + n] == last for i in range(len(tokens) - n))
 
 
+def repeat_hits(buffer: Array, newest: Array, n: int) -> Array:
+  """The rule on the device: buffer int32 [B, T] of generated tokens (positions > newest
+  unused), newest: int32 [] index of the token just written -> bool [B], whether
+  buffer[:, newest-n+1 : newest+1] equals n consecutive tokens that start earlier."""
+  b, t = buffer.shape
+  windows = t - n + 1  # candidate starts 0..t-n
+  if windows <= 1:     # no earlier window fits in the buffer
+    return jnp.zeros((b,), bool)
+  last = jax.lax.dynamic_slice_in_dim(buffer, jnp.maximum(newest - n + 1, 0), n, axis=1)
+  match = jnp.ones((b, windows), bool)
+  for m in range(n):
+    match &= buffer[:, m:m + windows] == last[:, m:m + 1]
+  earlier = jnp.arange(windows) < newest - n + 1  # also needs newest >= n
+  return jnp.any(match & earlier, axis=1)
+
+
 # --------------------------------------------------------------------------- token choice
 
 
@@ -139,9 +198,86 @@ def top_p_filter(logits: Array, top_p: Array) -> Array:
   return jnp.where(keep, logits, -jnp.inf)
 
 
+def apply_repetition_penalty(logits: Array, seen: Array, penalty: Array) -> Array:
+  """logits [..., V], seen bool [..., V] (ids generated so far) -> the penalised logits:
+  x / penalty where x > 0, x * penalty otherwise, at the seen ids."""
+  penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
+  return jnp.where(seen, penalised, logits)
+
+
+class Knobs(NamedTuple):
+  """The sampling values as device scalars (traced: changing them compiles nothing)."""
+  temperature: Array   # f32
+  top_k: Array         # int32
+  top_p: Array         # f32
+  min_p: Array         # f32
+  penalty: Array       # f32
+
+
+class Mode(NamedTuple):
+  """What is compiled in (static): which filters run, the stop rule's settings."""
+  greedy: bool
+  penalty: bool
+  top_k: bool
+  top_p: bool
+  min_p: bool
+  stop_on_repeat: bool
+  repeat_ngram: int
+
+
+def knobs_of(params: SamplingParams) -> Knobs:
+  return Knobs(jnp.float32(params.temperature), jnp.int32(params.top_k),
+               jnp.float32(params.top_p), jnp.float32(params.min_p),
+               jnp.float32(params.repetition_penalty))
+
+
+def mode_of(params: SamplingParams) -> Mode:
+  return Mode(greedy=params.temperature == 0, penalty=params.repetition_penalty != 1,
+              top_k=params.top_k > 0, top_p=params.top_p < 1, min_p=params.min_p > 0,
+              stop_on_repeat=params.stop_on_repeat, repeat_ngram=params.repeat_ngram)
+
+
+def sampling_keep(logits: Array, knobs: Knobs, mode: Mode) -> Array:
+  """logits [V] f32 (already / temperature, -inf at disallowed ids) -> bool [V]: the ids
+  top_k, top_p and min_p keep (see the module docstring). One sort serves all three."""
+  order = jnp.argsort(-logits)                      # most likely first (stable on ties)
+  s = logits[order]
+  keep = jnp.isfinite(s)
+  if mode.top_k:
+    kth = s[jnp.clip(knobs.top_k - 1, 0, s.shape[0] - 1)]
+    keep &= s >= kth
+  if mode.top_p:
+    probs = jax.nn.softmax(jnp.where(keep, s, -jnp.inf))
+    before = jnp.cumsum(probs) - probs              # mass of the likelier kept ids
+    keep &= before < knobs.top_p
+  if mode.min_p:
+    keep &= s >= s[0] + jnp.log(knobs.min_p)
+  keep = keep.at[0].set(jnp.isfinite(s[0]))         # the most likely id always stays
+  return jnp.zeros_like(keep).at[order].set(keep)
+
+
+def choose(logits: Array, allowed: Array, seen: Array, key: Array, knobs: Knobs,
+           mode: Mode) -> Array:
+  """logits [B, V] -> int32 [B]: the next token of each row (see the module docstring).
+  seen: bool [B, V], the ids each row generated (read only with a repetition penalty);
+  key: this step's key (row b draws with fold_in(key, b))."""
+  logits = jnp.where(allowed, logits.astype(jnp.float32), -jnp.inf)
+  if mode.penalty:
+    logits = apply_repetition_penalty(logits, seen, knobs.penalty)
+  if mode.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  scaled = logits / knobs.temperature
+  if mode.top_k or mode.top_p or mode.min_p:
+    keep = jax.vmap(lambda row: sampling_keep(row, knobs, mode))(scaled)
+    scaled = jnp.where(keep, scaled, -jnp.inf)
+  keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(logits.shape[0]))
+  return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+
 def choose_token(logits: Array, allowed: Array, key: Array, temperature: Array,
                  top_p: Array) -> Array:
-  """logits [V] f32 -> int32 token id: greedy when temperature == 0, else nucleus sampling."""
+  """logits [V] f32 -> int32 token id: greedy when temperature == 0, else nucleus sampling
+  (the original one-row form, kept for callers of it)."""
   logits = jnp.where(allowed, logits.astype(jnp.float32), -jnp.inf)
   greedy = jnp.argmax(logits)
   scaled = logits / jnp.maximum(temperature, 1e-6)
@@ -149,57 +285,198 @@ def choose_token(logits: Array, allowed: Array, key: Array, temperature: Array,
   return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
+# --------------------------------------------------------------------------- the device loop
+
+
+class DecodeState(NamedTuple):
+  """What the on-device loop carries between tokens (and between blocks).
+
+  cache: LayerStates (batch B) after reading every token but the last chosen one.
+  token: int32 [B], the last chosen token (not read by the LM yet).
+  tokens: int32 [B, T], every chosen token (positions >= count unused).
+  seen: bool [B, V] ids chosen so far (for the repetition penalty; [B, 1] without one).
+  count: int32 [], tokens chosen so far (every row steps together).
+  done: bool [B]; reason: int32 [B] (STOP_REASONS index); length: int32 [B], tokens drawn
+  when the row stopped (the stop token and the repeat included).
+  """
+  cache: LayerStates
+  token: Array
+  tokens: Array
+  seen: Array
+  count: Array
+  done: Array
+  reason: Array
+  length: Array
+
+
+def _record(state: DecodeState, token: Array, stop_ids: Array, mode: Mode) -> DecodeState:
+  """Writes the token chosen as number state.count + 1 and checks the stop rules."""
+  index = state.count
+  tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], index, axis=1)
+  seen = state.seen
+  if mode.penalty:
+    seen = seen | (jnp.arange(seen.shape[1])[None, :] == token[:, None])
+  eos = jnp.any(token[:, None] == stop_ids[None, :], axis=1)
+  repeat = (repeat_hits(tokens, index, mode.repeat_ngram) if mode.stop_on_repeat
+            else jnp.zeros_like(eos))
+  full = jnp.broadcast_to(index + 1 >= tokens.shape[1], eos.shape)
+  code = jnp.where(eos, 1, jnp.where(repeat, 2, jnp.where(full, 3, 0))).astype(jnp.int32)
+  stopping = ~state.done & (code > 0)
+  return DecodeState(
+      cache=state.cache, token=token, tokens=tokens, seen=seen, count=index + 1,
+      done=state.done | stopping, reason=jnp.where(stopping, code, state.reason),
+      length=jnp.where(stopping, index + 1, state.length))
+
+
 # --------------------------------------------------------------------------- the sampler
 
 
 class Sampler:
-  """Decodes from LayerStates with `Mamba2LM.step`, one jitted call per token.
+  """Decodes from LayerStates with `Mamba2LM.step`.
 
   vocab_size: the tokenizer's id count (padding rows beyond it are never chosen).
   stop_ids: ids that end the answer (`<|endoftext|>`); banned_ids: ids never chosen.
+  decode_impl: 'device' (the on-device loop) or 'host' (one dispatch per token, the
+  reference). block_tokens: tokens per dispatch of the device loop (None: the whole answer
+  in one, or 8 when tokens are streamed to an `on_tokens` callback).
   """
 
   def __init__(self, llm: Mamba2LM, *, vocab_size: int, stop_ids: Sequence[int] = (),
-               banned_ids: Sequence[int] = ()):
+               banned_ids: Sequence[int] = (), decode_impl: str = "device",
+               block_tokens: int | None = None):
+    if decode_impl not in DECODE_IMPLS:
+      raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
+    if block_tokens is not None and block_tokens < 1:
+      raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+    self.decode_impl, self.block_tokens = decode_impl, block_tokens
     self.stop_ids = frozenset(int(i) for i in stop_ids)
     self.allowed = vocab_mask(llm.config.padded_vocab_size, vocab_size, banned_ids)
+    self.padded_vocab = llm.config.padded_vocab_size
     graphdef, params = nnx.split(llm)
     self._params = params
 
-    def first(logits, key, temperature, top_p, allowed):
-      """The first answer token, from the prompt's last logits [V]."""
-      return choose_token(logits, allowed, key, temperature, top_p)
+    # ---- the host loop: one dispatch per token
+    def first(logits, seen, key, knobs, allowed, mode):
+      """The first answer token, from the prompt's last logits [B, V]."""
+      return choose(logits, allowed, seen, key, knobs, mode)
 
-    def advance(params, cache, token, key, temperature, top_p, allowed):
-      """token int32 [] -> (next token int32 [], cache): one step of the LM, one choice."""
+    def advance(params, cache, token, seen, key, knobs, allowed, mode):
+      """token int32 [B] -> (next token int32 [B], cache): one step of the LM, one choice."""
       model = nnx.merge(graphdef, params)
-      logits, cache = model.step(token[None], cache)              # [1, V]
-      return choose_token(logits[0], allowed, key, temperature, top_p), cache
+      logits, cache = model.step(token, cache)                    # [B, V]
+      return choose(logits, allowed, seen, key, knobs, mode), cache
 
-    self._first = jax.jit(first)
-    self._advance = jax.jit(advance)
+    self._first = jax.jit(first, static_argnames="mode")
+    self._advance = jax.jit(advance, static_argnames="mode")
+    self._mark = jax.jit(lambda seen, token: seen.at[jnp.arange(token.shape[0]), token].set(True))
+
+    # ---- the device loop
+    def start(cache, logits, key, knobs, allowed, stop_ids, *, max_new, mode):
+      """The first token from the prompt's logits [B, V] -> the loop's DecodeState."""
+      b = logits.shape[0]
+      seen = jnp.zeros((b, self.padded_vocab if mode.penalty else 1), bool)
+      token = choose(logits, allowed, seen, jax.random.fold_in(key, 0), knobs, mode)
+      state = DecodeState(cache=cache, token=token, tokens=jnp.full((b, max_new), -1, jnp.int32),
+                          seen=seen, count=jnp.int32(0), done=jnp.zeros((b,), bool),
+                          reason=jnp.zeros((b,), jnp.int32), length=jnp.zeros((b,), jnp.int32))
+      return _record(state, token, stop_ids, mode)
+
+    def block(params, state, end, key, knobs, allowed, stop_ids, *, mode):
+      """Decodes until every row stopped or `end` tokens were chosen."""
+      model = nnx.merge(graphdef, params)
+
+      def cond(s):
+        return (s.count < end) & ~jnp.all(s.done)
+
+      def body(s):
+        logits, cache = model.step(s.token, s.cache)
+        token = choose(logits, allowed, s.seen, jax.random.fold_in(key, s.count), knobs, mode)
+        return _record(s._replace(cache=cache), token, stop_ids, mode)
+
+      return jax.lax.while_loop(cond, body, state)
+
+    self._start = jax.jit(start, static_argnames=("max_new", "mode"))
+    self._block = jax.jit(block, static_argnames="mode")
+
+  # ------------------------------------------------------------------------- API
 
   def generate(self, states: LayerStates, logits: Array,
-               params: SamplingParams = SamplingParams()) -> Generation:
+               params: SamplingParams = SamplingParams(), *,
+               on_tokens: Callable[[list[int]], None] | None = None,
+               decode_impl: str | None = None) -> Generation:
     """Decodes an answer after a prompt.
 
     states: the LayerStates after the prompt (batch 1; left untouched, so the same prompt
       state can be decoded from again). logits: [V] (or [1, V]) next-token logits after the
-      prompt's last token.
+      prompt's last token. on_tokens(new_tokens): called with the tokens drawn as they come
+      (each token with the host loop, each block with the device loop), the stop token and
+      the trimmed repeat included.
     """
-    logits = jnp.reshape(logits, (-1,))
+    logits = jnp.reshape(logits, (1, -1))
+    impl = decode_impl or self.decode_impl
+    if impl == "host":
+      return self._generate_host(states, logits, params, on_tokens)
+    if impl != "device":
+      raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {impl!r}")
+    return self._generate_device(states, logits, params, on_tokens)[0]
+
+  def generate_batch(self, states: LayerStates, logits: Array,
+                     params: SamplingParams = SamplingParams(), *,
+                     decode_impl: str | None = None) -> list[Generation]:
+    """B answers at once: states with batch B (e.g. one question each, stacked on axis 1),
+    logits [B, V]. Every row stops on its own; the loop runs until all stopped. The host
+    loop decodes the rows one after another (the reference)."""
+    logits = jnp.asarray(logits)
+    impl = decode_impl or self.decode_impl
+    if impl == "host":
+      return [self._generate_host(jax.tree.map(lambda x, b=b: x[:, b:b + 1], states),
+                                  logits[b:b + 1], params, None)
+              for b in range(logits.shape[0])]
+    return self._generate_device(states, logits, params, None)
+
+  # ------------------------------------------------------------------------- loops
+
+  def _generate_device(self, states, logits, params: SamplingParams, on_tokens
+                       ) -> list[Generation]:
+    mode, knobs = mode_of(params), knobs_of(params)
+    key = jax.random.key(params.seed)
+    stop_ids = jnp.asarray(sorted(self.stop_ids) or [-1], jnp.int32)
+    max_new = params.max_new_tokens
+    step = self.block_tokens or (8 if on_tokens is not None else max_new)
+    state = self._start(states, logits, key, knobs, self.allowed, stop_ids, max_new=max_new,
+                        mode=mode)
+    shown = 0
+    while True:
+      count, done = jax.device_get((state.count, state.done))
+      count = int(count)
+      if on_tokens is not None:
+        upto = int(jax.device_get(state.length)[0]) if done[0] else count
+        if upto > shown:
+          on_tokens([int(t) for t in jax.device_get(state.tokens[0, shown:upto])])
+          shown = upto
+      if done.all() or count >= max_new:
+        break
+      state = self._block(self._params, state, jnp.int32(min(count + step, max_new)), key,
+                          knobs, self.allowed, stop_ids, mode=mode)
+    tokens, reason, length = jax.device_get((state.tokens, state.reason, state.length))
+    return [finish(tokens[b, :length[b]], STOP_REASONS[reason[b]], params.repeat_ngram)
+            for b in range(tokens.shape[0])]
+
+  def _generate_host(self, states, logits, params: SamplingParams, on_tokens) -> Generation:
+    mode, knobs = mode_of(params), knobs_of(params)
     base_key = jax.random.key(params.seed)
-    temperature = jnp.float32(params.temperature)
-    top_p = jnp.float32(params.top_p)
     repeat = RepeatStop(params.repeat_ngram)
+    seen = jnp.zeros((1, self.padded_vocab if mode.penalty else 1), bool)
     sampled: list[int] = []
-    token = self._first(logits, jax.random.fold_in(base_key, 0), temperature, top_p,
-                        self.allowed)
+    token = self._first(logits, seen, jax.random.fold_in(base_key, 0), knobs, self.allowed,
+                        mode)
     cache = states
     reason = "length"
     while True:
-      value = int(token)  # the host needs it to check the stop rules
+      value = int(jnp.reshape(token, (-1,))[0])  # the host needs it to check the stop rules
       sampled.append(value)
+      if on_tokens is not None:
+        on_tokens([value])
       if value in self.stop_ids:
         reason = "eos"
         break
@@ -208,12 +485,9 @@ class Sampler:
         break
       if len(sampled) >= params.max_new_tokens:
         break
-      token, cache = self._advance(self._params, cache, token,
-                                   jax.random.fold_in(base_key, len(sampled)), temperature,
-                                   top_p, self.allowed)
-    answer = sampled
-    if reason == "eos":
-      answer = sampled[:-1]
-    elif reason == "repeat":
-      answer = sampled[:-params.repeat_ngram]
-    return Generation(tokens=tuple(answer), sampled=tuple(sampled), stop_reason=reason)
+      if mode.penalty:
+        seen = self._mark(seen, jnp.reshape(token, (1,)))
+      token, cache = self._advance(self._params, cache, jnp.reshape(token, (1,)), seen,
+                                   jax.random.fold_in(base_key, len(sampled)), knobs,
+                                   self.allowed, mode)
+    return finish(sampled, reason, params.repeat_ngram)

@@ -143,13 +143,14 @@ def test_repeat_stop_rule(tokens, stop_at, answer):
     ([3, 3, 3, 3], SamplingParams(max_new_tokens=3), [3, 3, 3], "length"),
 ])
 def test_sampler_stops_and_trims(sampler, monkeypatch, script, params, answer, reason):
-  """The decoding loop on scripted tokens (id 0 stands for <|endoftext|>)."""
+  """The host decoding loop on scripted tokens (id 0 stands for <|endoftext|>); the device
+  loop is checked against it in test_decode.py."""
   tokens = iter(script)
   monkeypatch.setattr(sampler, "stop_ids", frozenset({0}))
   monkeypatch.setattr(sampler, "_first", lambda *args: jnp.int32(next(tokens)))
   monkeypatch.setattr(sampler, "_advance",
                       lambda params, cache, *args: (jnp.int32(next(tokens)), cache))
-  generation = sampler.generate(None, jnp.zeros((4,)), params)
+  generation = sampler.generate(None, jnp.zeros((4,)), params, decode_impl="host")
   assert list(generation.tokens) == answer
   assert generation.stop_reason == reason
   assert list(generation.sampled) == script[:len(generation.sampled)]

@@ -1,0 +1,165 @@
+"""The on-device decoding loop against the host loop (the reference) on the random tiny model,
+and each sampling filter against a plain numpy version of it on fixed logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ma2mba_jax.infer.sample import (Knobs, SamplingParams, apply_repetition_penalty, choose,
+                                     knobs_of, mode_of, sampling_keep)
+
+QUESTIONS = ["What colour is the circle?", "Which shape is red?", "Which way does it move?"]
+MAX_NEW = 24  # one buffer shape for every decode here (one compilation per mode)
+
+
+@pytest.fixture(scope="module")
+def convs(streamer):
+  """Three questions asked after the same three random frames (the frames read once)."""
+  frames = np.random.default_rng(0).integers(0, 256, (3, streamer.image_size,
+                                                      streamer.image_size, 3), np.uint8)
+  video = streamer.read_frames([frames], 3)
+  return [streamer.ask(video, q) for q in QUESTIONS]
+
+
+def _both(sampler, conv, params):
+  host = sampler.generate(conv.states, conv.logits, params, decode_impl="host")
+  device = sampler.generate(conv.states, conv.logits, params, decode_impl="device")
+  return host, device
+
+
+def test_greedy_device_loop_gives_the_host_loops_tokens(sampler, convs, monkeypatch):
+  plain = SamplingParams(max_new_tokens=MAX_NEW)
+  for conv in convs:
+    host, device = _both(sampler, conv, plain)
+    assert device == host
+  # EOS: make a token the plain run drew (first seen at position k >= 3) the stop token;
+  # both loops must stop right there, the stop token not in the answer.
+  host, _ = _both(sampler, convs[0], plain)
+  k = next(i for i in range(3, len(host.sampled)) if host.sampled[i] not in host.sampled[:i])
+  monkeypatch.setattr(sampler, "stop_ids", frozenset({host.sampled[k]}))
+  host_eos, device_eos = _both(sampler, convs[0], plain)
+  assert host_eos.stop_reason == "eos" and host_eos.sampled == host.sampled[:k + 1]
+  assert device_eos == host_eos
+  monkeypatch.undo()
+  # The paper's repeat stop: a repetition penalty below 1 makes drawn tokens likelier, so
+  # greedy decoding falls into a loop; both loops stop after the same 5-token repeat.
+  loop = SamplingParams(max_new_tokens=MAX_NEW, repetition_penalty=0.05)
+  host, device = _both(sampler, convs[1], loop)
+  assert host.stop_reason == "repeat" and len(host.sampled) < MAX_NEW
+  assert host.tokens == host.sampled[:-5]
+  assert device == host
+  # A shorter n stops the plain greedy run of another question earlier (or not at all:
+  # then both ran to the length limit).
+  host, device = _both(sampler, convs[2], SamplingParams(max_new_tokens=MAX_NEW,
+                                                         repeat_ngram=2))
+  assert device == host
+
+
+def test_batched_device_loop_gives_each_rows_host_tokens(sampler, convs):
+  """Questions stacked on the batch axis, each row stopping on its own (with n = 2 the
+  repeat rule stops the rows at different times), as each row decoded alone."""
+  states = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *[c.states for c in convs])
+  logits = jnp.stack([c.logits for c in convs])
+  params = SamplingParams(max_new_tokens=MAX_NEW, repeat_ngram=2)
+  device = sampler.generate_batch(states, logits, params)
+  for conv, row in zip(convs, device, strict=True):
+    assert row == sampler.generate(conv.states, conv.logits, params, decode_impl="host")
+  assert len({len(g.sampled) for g in device}) > 1, "all rows stopped together: weak test"
+
+
+def test_sampled_decoding_is_reproducible_per_seed_and_matches_the_host(sampler, convs):
+  params = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, top_k=40, top_p=0.95,
+                          min_p=0.01, repetition_penalty=1.3, seed=3, stop_on_repeat=False)
+  first = sampler.generate(convs[0].states, convs[0].logits, params)
+  assert sampler.generate(convs[0].states, convs[0].logits, params) == first
+  other = sampler.generate(convs[0].states, convs[0].logits,
+                           SamplingParams(**{**params.__dict__, "seed": 4}))
+  assert other.sampled != first.sampled
+  host = sampler.generate(convs[0].states, convs[0].logits, params, decode_impl="host")
+  assert host == first
+
+
+def test_tokens_stream_as_they_come(sampler, convs):
+  params = SamplingParams(max_new_tokens=MAX_NEW, stop_on_repeat=False)
+  for impl, calls_at_least in (("device", 2), ("host", MAX_NEW // 2)):
+    calls = []
+    generation = sampler.generate(convs[0].states, convs[0].logits, params,
+                                  on_tokens=calls.append, decode_impl=impl)
+    assert [t for call in calls for t in call] == list(generation.sampled)
+    assert len(calls) >= min(calls_at_least, len(generation.sampled)), impl
+
+
+# --------------------------------------------------------------------------- the filters
+
+
+def _np_keep(logits, top_k=0, top_p=1.0, min_p=0.0):
+  """numpy: which ids top_k, then top_p over what top_k left, then min_p keep."""
+  keep = np.isfinite(logits)
+  if top_k:
+    kth = np.sort(logits[keep])[::-1][min(top_k, keep.sum()) - 1]
+    keep &= logits >= kth
+  if top_p < 1:
+    masked = np.where(keep, logits, -np.inf)
+    probs = np.exp(masked - masked.max())
+    probs /= probs.sum()
+    order = np.argsort(-masked, kind="stable")
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    nucleus = np.zeros_like(keep)
+    nucleus[order[mass_before < top_p]] = True
+    keep &= nucleus
+  if min_p > 0:
+    probs = np.exp(logits - logits[np.isfinite(logits)].max())
+    keep &= probs >= min_p * probs.max()
+  return keep
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p", [
+    (5, 1.0, 0.0), (1, 1.0, 0.0), (0, 0.6, 0.0), (0, 1e-6, 0.0), (0, 1.0, 0.1),
+    (0, 1.0, 1.0), (8, 0.5, 0.0), (12, 0.8, 0.05), (60, 0.9, 0.0),
+])
+def test_filters_match_numpy(top_k, top_p, min_p):
+  rng = np.random.default_rng(7)
+  logits = (2.0 * rng.standard_normal(50)).astype(np.float32)
+  logits[[3, 17]] = -np.inf  # disallowed ids
+  params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, min_p=min_p)
+  keep = np.asarray(sampling_keep(jnp.asarray(logits), knobs_of(params), mode_of(params)))
+  expected = _np_keep(logits, top_k, top_p, min_p)
+  np.testing.assert_array_equal(keep, expected)
+  assert expected.sum() >= 1 and not keep[[3, 17]].any()
+
+
+def test_repetition_penalty_matches_numpy():
+  rng = np.random.default_rng(1)
+  logits = rng.standard_normal((2, 30)).astype(np.float32)
+  seen = rng.random((2, 30)) < 0.3
+  for penalty in (1.5, 0.5):
+    expected = np.where(seen, np.where(logits > 0, logits / penalty, logits * penalty), logits)
+    np.testing.assert_allclose(np.asarray(apply_repetition_penalty(
+        jnp.asarray(logits), jnp.asarray(seen), jnp.float32(penalty))), expected, rtol=1e-6)
+  # Greedy with the penalty: the argmax moves off a seen id exactly as numpy's does.
+  logits = np.asarray([[2.0, 1.9, -1.0, 0.5]], np.float32)
+  seen = np.asarray([[True, False, False, False]])
+  allowed = jnp.ones((4,), bool)
+  params = SamplingParams(repetition_penalty=1.2)
+  token = choose(jnp.asarray(logits), allowed, jnp.asarray(seen), jax.random.key(0),
+                 knobs_of(params), mode_of(params))
+  assert int(token[0]) == 1  # 2.0 / 1.2 < 1.9
+  assert int(choose(jnp.asarray(logits), allowed, jnp.asarray(seen), jax.random.key(0),
+                    knobs_of(SamplingParams()), mode_of(SamplingParams()))[0]) == 0
+
+
+def test_sampling_draws_only_and_all_of_the_kept_ids():
+  rng = np.random.default_rng(3)
+  logits = rng.standard_normal((1, 40)).astype(np.float32)
+  allowed = np.ones(40, bool)
+  allowed[int(np.argmax(logits))] = False  # the most likely id is banned
+  params = SamplingParams(temperature=2.0, top_k=6, top_p=0.6)
+  knobs, mode = knobs_of(params), mode_of(params)
+  assert isinstance(knobs, Knobs)
+  draw = jax.jit(jax.vmap(lambda key: choose(jnp.asarray(logits), jnp.asarray(allowed),
+                                             jnp.zeros((1, 1), bool), key, knobs, mode)[0]))
+  drawn = set(np.asarray(draw(jax.random.split(jax.random.key(0), 2000))).tolist())
+  masked = np.where(allowed, logits[0], -np.inf) / 2.0
+  expected = set(np.flatnonzero(_np_keep(masked, top_k=6, top_p=0.6)).tolist())
+  assert drawn == expected and 2 <= len(expected) < 6
