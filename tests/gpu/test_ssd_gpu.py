@@ -8,6 +8,7 @@ tf32 matrix units.
 """
 
 import functools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,8 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_backend_matches_oracle(impl, name):
   case = CASES[name]
-  inputs = make_inputs(case, seed=hash((impl, name)) % 1000)
+  # zlib.crc32 is stable across processes (hash() of strings is salted per process).
+  inputs = make_inputs(case, seed=zlib.crc32(f"{impl}/{name}".encode()) % 1000)
   cot = random_cotangents(case, seed=3)
   fn = functools.partial(ssd, chunk_len=case.chunk_len, impl=impl)
   (y, state), grads = outputs_and_grads(fn, inputs, cot)

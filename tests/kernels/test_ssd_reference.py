@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ma2mba_jax.kernels.ssd import ssd
-from tests.kernels.ssd_cases import (Case, TOLERANCE, GRAD_TOLERANCE, check_against_oracle,
+from tests.kernels.ssd_cases import (Case, check_against_oracle, tolerance,
                                      make_inputs, outputs_and_grads, random_cotangents, rel_err)
 
 xla_ssd = functools.partial(ssd, impl="xla")
@@ -32,9 +32,14 @@ CASES = {
 }
 
 
+# A fixed seed per case (its index; never hash() of the name, which Python salts per
+# process). tolerance_sweep.py checks seeds 0..19 of every case against the tolerances.
+SEEDS = {name: i for i, name in enumerate(sorted(CASES))}
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_oracle(name):
-  check_against_oracle(xla_ssd, CASES[name], seed=hash(name) % 1000)
+  check_against_oracle(xla_ssd, CASES[name], seed=SEEDS[name])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -93,7 +98,7 @@ def test_dt_limit_and_no_softplus_match_oracle():
     ref = ssd_oracle(**{k: np.asarray(v, np.float64) for k, v in inputs.items()},
                      dt_softplus=False)[0]
   y = xla_ssd(**inputs, dt_softplus=False)[0]
-  assert rel_err(y, ref) < TOLERANCE["float32"]
+  assert rel_err(y, ref) < tolerance("float32", "y")
 
 
 def test_jit_and_eval_shape_full_size():

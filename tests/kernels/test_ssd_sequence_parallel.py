@@ -23,5 +23,7 @@ def test_matches_one_device(n_seq, n_groups, with_init):
   assert set(errs) >= {"y", "final_state", "dx", "ddt", "dA", "dB", "dC", "dD", "ddt_bias"}
   if with_init:
     assert "dinitial_state" in errs
+  # tolerance_sweep.py (seeds 0..19, both configurations): worst 1.3e-06 (ddt_bias), the
+  # rest below 1e-06; 2x rounded up.
   for name, err in errs.items():
-    assert err < 1e-5, (name, err)
+    assert err < 5e-6, (name, err)
