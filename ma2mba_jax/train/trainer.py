@@ -531,7 +531,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Runs (or resumes) the stage described by `config` in `workdir`; returns the last
   logged metrics."""
   run = check_inputs(config, workdir)
-  workdir_lib.remember(config, workdir)   # the first write
+  if jax.process_index() == 0:
+    workdir_lib.remember(config, workdir)   # the first write
   logging.info("config:\n%s", config)
   layout = model_layout(run)
   data_iter = iter(run.train_data)

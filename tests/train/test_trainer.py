@@ -169,7 +169,7 @@ def direct_val_loss(model, batches):
 def test_validation_loss_matches_a_direct_computation(demo_data, tmp_path):
   workdir = str(tmp_path / "stage3")
   c = tiny_config(demo_data, module=stage3, steps=2, remat="none")
-  c.data.qa_per_sample = 1          # one QA pair a sample: the val split has > 2 batches
+  c.data.qa_per_sample = 2          # two QA pairs a sample: the val split has > 2 batches
   c.eval.batches = 2
   c.eval.every_steps = 1            # and once per step during training
   last = trainer.train_and_evaluate(c, workdir)
@@ -183,6 +183,9 @@ def test_validation_loss_matches_a_direct_computation(demo_data, tmp_path):
   batches = [b for _, b in zip(range(c.eval.batches + 1), val)]
   assert len(batches) == c.eval.batches + 1   # more than eval.batches: only those count
   batches = batches[:c.eval.batches]
+  # Batches with different numbers of targets: a mean of per-batch means would differ.
+  targets = [(b["loss_mask"][:, 1:] * (b["segment_ids"][:, 1:] > 0)).sum() for b in batches]
+  assert len(set(targets)) == len(targets), targets
   model = model_io.restore_model(os.path.join(workdir, trainer.MODEL_EXPORT))
   loss, count = direct_val_loss(model, batches)
   assert last["val_tokens"] == count
