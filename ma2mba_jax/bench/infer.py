@@ -9,12 +9,16 @@ A length L is the video's tokens, ceil(L / K) frames of K tokens (K = 144 for th
 models: 2,097,152 tokens = 14,564 frames, about 4 h at 1 FPS). Each run goes through the same
 code as `generate`: Streamer.read_frames (system prompt, then the frames M = --frames_per_step
 at a time: encoder + LM layers in one jitted step, states carried), Streamer.ask (a question),
-then Sampler.generate (--decode_tokens greedy tokens, no stop rule).
+then Sampler.generate (--decode_tokens greedy tokens, no stop rule) once per
+--decode_impls loop, from the same state.
 
 Columns:
   frames/s, prefill tok/s   end to end over the whole video (encoding included), wall time
                             from the first frame queued to the states ready;
-  decode tok/s              recurrent decoding, one jitted step and one host sync per token;
+  decode tok/s host        recurrent decoding, one jitted step and one host sync per token;
+  decode tok/s device      the on-device loop (lax.while_loop: step, choice and stop checks
+                            on the device, the whole answer in one dispatch);
+  same tokens               whether the loops decoded the same greedy tokens;
   peak GB                   the device allocator's peak since the process started (weights,
                             two copies of the states, one step's activations); lengths run in
                             increasing order, so a flat column means a longer video never
@@ -58,6 +62,8 @@ _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "bfloat16", ["float32", "bfl
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "bfloat16", ["float32", "bfloat16"],
                                  "Dtype of the weight matrices (vectors stay f32).")
 _SSD_IMPL = flags.DEFINE_string("ssd_impl", "auto", "SSD backend: auto | xla | pallas | triton.")
+_DECODE_IMPLS = flags.DEFINE_list("decode_impls", ["host", "device"], "Decoding loops to "
+                                  "time (infer/sample.py), each from the same state.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls of each step part (median).")
 _JSON = flags.DEFINE_string("json", None, "Write the results here.")
 
@@ -111,8 +117,8 @@ def time_step_parts(model: VideoMa2mba, m: int, repeats: int) -> dict[str, float
           "LM layers tok/s": m * k / (layers_ms / 1e3), "LM layers ms/step": layers_ms}
 
 
-def run_length(streamer: Streamer, sampler: Sampler, tokens: int, decode_tokens: int
-               ) -> dict[str, float]:
+def run_length(streamer: Streamer, sampler: Sampler, tokens: int, decode_tokens: int,
+               decode_impls: list[str]) -> dict[str, float]:
   """One video of `tokens` tokens: prefill, question, decoding; timings and memory."""
   k, m = streamer.tokens_per_frame, streamer.frames_per_step
   frames = math.ceil(tokens / k)
@@ -122,14 +128,18 @@ def run_length(streamer: Streamer, sampler: Sampler, tokens: int, decode_tokens:
   prefill_s = time.perf_counter() - start
   live = common.device_memory_stats().get("bytes_in_use")
   conv = streamer.ask(conv, QUESTION)
-  start = time.perf_counter()
-  generation = sampler.generate(conv.states, conv.logits, SamplingParams(
-      max_new_tokens=decode_tokens, stop_on_repeat=False))
-  decode_s = time.perf_counter() - start
+  jax.block_until_ready(conv.logits)
+  decoded, sampled = {}, []
+  for impl in decode_impls:
+    start = time.perf_counter()
+    generation = sampler.generate(conv.states, conv.logits, SamplingParams(
+        max_new_tokens=decode_tokens, stop_on_repeat=False), decode_impl=impl)
+    decoded[f"decode tok/s {impl}"] = len(generation.sampled) / (time.perf_counter() - start)
+    sampled.append(generation.sampled)
   peak = common.device_memory_stats().get("peak_bytes_in_use")
   return {"tokens": frames * k, "frames": frames, "prefill s": prefill_s,
           "frames/s": frames / prefill_s, "prefill tok/s": frames * k / prefill_s,
-          "decode tok/s": len(generation.sampled) / decode_s,
+          **decoded, "same tokens": all(s == sampled[0] for s in sampled),
           "peak GB": None if peak is None else peak / _GB,
           "live GB": None if live is None else live / _GB}
 
@@ -150,13 +160,15 @@ def main(argv):
                _PRESET.value, f"{model.llm.num_params():,}+vision", streamer.tokens_per_frame, m)
 
   # Compile every step shape once (M frames, 1 frame, text, decoding) before timing.
-  run_length(streamer, sampler, (m + 1) * streamer.tokens_per_frame, 2)
+  impls = _DECODE_IMPLS.value
+  run_length(streamer, sampler, (m + 1) * streamer.tokens_per_frame, _DECODE_TOKENS.value,
+             impls)
   parts = time_step_parts(model, m, _REPEATS.value)
   parts["step plan MB"] = max(streamer.step_footprints(m + 1).values()) / _MB
   rows = []
   for length in lengths:
     try:
-      row = run_length(streamer, sampler, length, _DECODE_TOKENS.value)
+      row = run_length(streamer, sampler, length, _DECODE_TOKENS.value, impls)
     except Exception as e:  # report an OOM as a row, keep the table
       if not common.is_oom(e):
         raise
@@ -170,12 +182,13 @@ def main(argv):
         f"{common.environment()['device']}")
   common.print_table([parts], list(parts))
   print()
-  columns = ["tokens", "frames", "prefill s", "frames/s", "prefill tok/s", "decode tok/s",
-             "peak GB", "live GB"]
+  columns = ["tokens", "frames", "prefill s", "frames/s", "prefill tok/s",
+             *[f"decode tok/s {impl}" for impl in impls], "same tokens", "peak GB", "live GB"]
   common.write_json(_JSON.value, {
       "bench": "infer", "preset": _PRESET.value, "compute_dtype": _COMPUTE_DTYPE.value,
       "param_dtype": _PARAM_DTYPE.value, "frames_per_step": m,
       "tokens_per_frame": streamer.tokens_per_frame, "decode_tokens": _DECODE_TOKENS.value,
+      "decode_impls": impls,
       "step_parts": parts, "rows": rows, "environment": common.environment()})
   common.print_table(rows, columns)
 
