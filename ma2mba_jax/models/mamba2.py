@@ -18,7 +18,9 @@ stay float32.
 
 Activations inside a block are tagged with `jax.ad_checkpoint.checkpoint_name` (names in
 `ACTIVATION_NAMES`), so remat policies such as `save_only_these_names` can keep the matmul
-outputs of a cell; outside jax.checkpoint the tags do nothing.
+outputs of a cell; outside jax.checkpoint the tags do nothing. With `block_impl="fused"` (the
+default: one custom_vjp per block, models/fused_block.py) a policy can keep only
+`mamba2_in_proj` and `mamba2_out_proj`: that backward recomputes the conv and SSD outputs.
 
 Axis letters: B batch, T time, D model width, E inner width (d_inner = expand * D),
 H heads, P head dim, N state size, G groups, K conv kernel, L layers, V (padded) vocabulary.
