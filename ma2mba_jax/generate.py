@@ -7,8 +7,10 @@ question is answered by recurrent decoding, follow-ups continuing the same state
 
 --checkpoint is a trainer workdir (its model/ export and the tokenizer its config.json names)
 or a model export folder (then --tokenizer, unless the parent workdir names it). Greedy by
-default; --temperature > 0 samples (with --top_p, --seed). Progress goes to stderr, the
-answers to stdout.
+default; --temperature > 0 samples (with --top_p, --top_k, --min_p, --seed);
+--repetition_penalty applies to both. Progress goes to stderr, the answers to stdout, each
+streamed as it is decoded (--decode_impl=device: the on-device loop, --block_tokens tokens
+per dispatch; host: one dispatch per token, the reference).
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ _MAX_FRAMES = flags.DEFINE_integer("max_frames", None, "Read at most this many f
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Longest answer, in tokens.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: off).")
+_MIN_P = flags.DEFINE_float("min_p", 0.0, "Keep tokens at least this fraction as likely as "
+                            "the most likely one (0: off).")
+_REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", 1.0, "> 1 makes tokens already "
+                                         "generated less likely (1: off).")
+_DECODE_IMPL = flags.DEFINE_enum("decode_impl", "device", ["device", "host"], "Decoding loop.")
+_BLOCK_TOKENS = flags.DEFINE_integer("block_tokens", 8, "Tokens per dispatch of the device "
+                                     "loop (each block is printed as it comes).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _NO_REPEAT_STOP = flags.DEFINE_bool("no_repeat_stop", False, "Do not stop when 5 generated "
                                     "tokens repeat earlier generated text (the paper's rule).")
@@ -60,19 +70,18 @@ def main(argv):
 def run() -> None:
   sampling = SamplingParams(max_new_tokens=_MAX_NEW_TOKENS.value,
                             temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
-                            seed=_SEED.value, stop_on_repeat=not _NO_REPEAT_STOP.value)
+                            top_k=_TOP_K.value, min_p=_MIN_P.value,
+                            repetition_penalty=_REPETITION_PENALTY.value, seed=_SEED.value, stop_on_repeat=not _NO_REPEAT_STOP.value)
   model, tokenizer = checkpoint.load(_CHECKPOINT.value, tokenizer=_TOKENIZER.value,
                                      compute_dtype=_COMPUTE_DTYPE.value,
                                      param_dtype=_PARAM_DTYPE.value)
   streamer = Streamer(model, tokenizer, frames_per_step=_FRAMES_PER_STEP.value)
-  sampler = answering.make_sampler(model, streamer)
-  turns = answering.chat(streamer, sampler, _VIDEO.value, [_QUESTION.value, *_FOLLOWUP.value],
-                         sampling=sampling, fps=_FPS.value, max_frames=_MAX_FRAMES.value,
-                         progress=answering.progress_printer(f"reading {_VIDEO.value}"))
-  for turn in turns:
-    note = "" if turn.generation.stop_reason == "eos" else (
-        f"  [stopped: {turn.generation.stop_reason}]")
-    print(f"Q: {turn.question}\nA: {turn.answer}{note}")
+  sampler = answering.make_sampler(model, streamer, decode_impl=_DECODE_IMPL.value,
+                                   block_tokens=_BLOCK_TOKENS.value)
+  # Each answer is streamed to stdout as it is decoded (Q: ..., A: ..., as before).
+  answering.chat(streamer, sampler, _VIDEO.value, [_QUESTION.value, *_FOLLOWUP.value],
+                 sampling=sampling, fps=_FPS.value, max_frames=_MAX_FRAMES.value,
+                 progress=answering.progress_printer(f"reading {_VIDEO.value}"), out=sys.stdout)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TextIO
 
 import tokenizers
 
@@ -47,25 +47,78 @@ class Turn:
   generation: Generation
 
 
-def make_sampler(model: VideoMa2mba, streamer: Streamer) -> Sampler:
-  """A Sampler that stops at `<|endoftext|>` and never emits `<|frame|>`."""
+def make_sampler(model: VideoMa2mba, streamer: Streamer, **kwargs) -> Sampler:
+  """A Sampler that stops at `<|endoftext|>` and never emits `<|frame|>` (kwargs: Sampler's
+  decode_impl, block_tokens)."""
   return Sampler(model.llm, vocab_size=vocab_size(streamer.tokenizer),
-                 stop_ids=(streamer.ids.endoftext,), banned_ids=(streamer.ids.frame,))
+                 stop_ids=(streamer.ids.endoftext,), banned_ids=(streamer.ids.frame,),
+                 **kwargs)
+
+
+def stop_note(generation: Generation) -> str:
+  """What follows a printed answer: nothing after an EOS, else why it stopped."""
+  return "" if generation.stop_reason == "eos" else f"  [stopped: {generation.stop_reason}]"
+
+
+class AnswerPrinter:
+  """Writes an answer's text to `out` as its tokens come (`push`), then the rest (`finish`).
+
+  The last `hold` tokens drawn are not shown yet: the stop token and a repeat the stop rule
+  trims off are never part of the answer. Text ending in an incomplete character waits for
+  the next token. So what is written in the end is exactly the decoded answer.
+  """
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, out: TextIO, hold: int):
+    self.tokenizer, self.out, self.hold = tokenizer, out, hold
+    self.tokens: list[int] = []
+    self.shown = ""
+
+  def push(self, tokens: Sequence[int]) -> None:
+    self.tokens.extend(int(t) for t in tokens)
+    safe = self.tokens[:max(len(self.tokens) - self.hold, 0)]
+    text = self.tokenizer.decode(safe) if safe else ""
+    if text.startswith(self.shown) and not text.endswith("\ufffd") and len(text) > len(
+        self.shown):
+      self.out.write(text[len(self.shown):])
+      self.out.flush()
+      self.shown = text
+
+  def finish(self, answer: str) -> None:
+    """Writes what of the final answer is not shown yet."""
+    rest = answer[len(self.shown):] if answer.startswith(self.shown) else "\n" + answer
+    self.out.write(rest)
+    self.out.flush()
 
 
 def chat(streamer: Streamer, sampler: Sampler, video: str, questions: Sequence[str], *,
          sampling: SamplingParams = SamplingParams(), fps: float = 1.0,
-         max_frames: int | None = None, progress: Progress | None = None) -> list[Turn]:
+         max_frames: int | None = None, progress: Progress | None = None,
+         out: TextIO | None = None) -> list[Turn]:
   """Reads the video, then answers the questions in turn, each follow-up continuing the
-  running state after the previous answer (`answer<|endoftext|><|user|>question...`)."""
+  running state after the previous answer (`answer<|endoftext|><|user|>question...`).
+
+  out: if given, each turn is written there as it is decoded, the answer streamed token by
+  token (`Q: question`, `A: answer` and the stop note of a turn that did not end with EOS).
+  """
   conv = streamer.read_video(video, fps=fps, max_frames=max_frames, progress=progress)
   turns = []
+  hold = max(sampling.repeat_ngram if sampling.stop_on_repeat else 0, 1)
   for question in questions:
     conv = streamer.ask(conv, question)
-    generation = sampler.generate(conv.states, conv.logits, sampling)
+    printer = None
+    if out is not None:
+      out.write(f"Q: {question}\nA: ")
+      out.flush()
+      printer = AnswerPrinter(streamer.tokenizer, out, hold)
+    generation = sampler.generate(conv.states, conv.logits, sampling,
+                                  on_tokens=printer.push if printer else None)
     conv = streamer.add_answer(conv, generation.tokens)
-    turns.append(Turn(question, streamer.tokenizer.decode(list(generation.tokens)),
-                      generation))
+    turn = Turn(question, streamer.tokenizer.decode(list(generation.tokens)), generation)
+    if printer is not None:
+      printer.finish(turn.answer)
+      out.write(stop_note(generation) + "\n")
+      out.flush()
+    turns.append(turn)
   return turns
 
 

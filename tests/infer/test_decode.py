@@ -1,11 +1,14 @@
 """The on-device decoding loop against the host loop (the reference) on the random tiny model,
 and each sampling filter against a plain numpy version of it on fixed logits."""
 
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ma2mba_jax.infer.answering import AnswerPrinter, chat, stop_note
 from ma2mba_jax.infer.sample import (Knobs, SamplingParams, apply_repetition_penalty, choose,
                                      knobs_of, mode_of, sampling_keep)
 
@@ -163,3 +166,50 @@ def test_sampling_draws_only_and_all_of_the_kept_ids():
   masked = np.where(allowed, logits[0], -np.inf) / 2.0
   expected = set(np.flatnonzero(_np_keep(masked, top_k=6, top_p=0.6)).tolist())
   assert drawn == expected and 2 <= len(expected) < 6
+
+
+class _Recorder(io.StringIO):
+  """A text stream that remembers each write."""
+
+  def __init__(self):
+    super().__init__()
+    self.writes = []
+
+  def write(self, text):
+    self.writes.append(text)
+    return super().write(text)
+
+
+@pytest.mark.parametrize("params, pieces", [
+    (SamplingParams(max_new_tokens=MAX_NEW), True),
+    (SamplingParams(max_new_tokens=MAX_NEW, repetition_penalty=0.05), False),  # repeat stops
+])
+def test_chat_streams_answers_and_prints_what_it_printed_before(streamer, sampler, video,
+                                                                params, pieces):
+  """chat(out=...) writes each answer in pieces as it is decoded; the text in the end is
+  what generate printed before streaming: 'Q: ...\\nA: answer[  [stopped: why]]' a turn."""
+  out = _Recorder()
+  turns = chat(streamer, sampler, video, QUESTIONS[:2], sampling=params, out=out)
+  expected = "".join(f"Q: {t.question}\nA: {t.answer}{stop_note(t.generation)}\n"
+                     for t in turns)
+  assert out.getvalue() == expected
+  assert {t.generation.stop_reason for t in turns} <= {"length", "repeat", "eos"}
+  answer_writes = [w for w in out.writes if w and not w.startswith(("Q: ", "  [", "\n"))]
+  if pieces:  # answers of MAX_NEW tokens come in several blocks of 8
+    assert all(len(t.generation.sampled) > 16 for t in turns)
+    assert len(answer_writes) > len(turns), "answers were not streamed in pieces"
+
+
+def test_answer_printer_holds_back_what_may_be_trimmed(tokenizer):
+  ids = tokenizer.encode("A red circle moves left on a black background.").ids
+  assert len(ids) > 7
+  out = io.StringIO()
+  printer = AnswerPrinter(tokenizer, out, hold=5)
+  for token in ids:
+    printer.push([token])
+    assert tokenizer.decode(ids).startswith(out.getvalue())
+    assert len(out.getvalue()) <= len(tokenizer.decode(ids[:-5]))
+  kept = tokenizer.decode(ids[:-5])  # a repeat stop trims the last 5 tokens
+  assert out.getvalue() == kept
+  printer.finish(kept)
+  assert out.getvalue() == kept
