@@ -183,6 +183,7 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str) -> RunInputs:
   """Checks every input of the run (config, tokenizer, data, init_from, the workdir's
   remembered config) and builds what the run reads; writes nothing."""
   config_check.validate(config)
+  workdir_lib.check(config, workdir)   # first: it is quick, and a rerun's usual mistake
   require_data(config)
   groups = optim.trainable_groups(config.optim)
   if not groups:
@@ -203,7 +204,6 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str) -> RunInputs:
   train_data = _pipeline(data_settings(config, model_cfg), tokenizer, "train")
   val_data = (val_pipeline(config, model_cfg, tokenizer, mesh)
               if config.eval.batches > 0 else None)
-  workdir_lib.check(config, workdir)
   remat_cfg = resolved_remat(config, model_cfg)
   return RunInputs(config=config, tokenizer=tokenizer, model_cfg=model_cfg,
                    remat_cfg=remat_cfg, mesh=mesh,
@@ -320,7 +320,7 @@ def place_and_compile(run: RunInputs, layout: ModelLayout, state: TrainState):
       trainable={g: param_shardings[g] for g in state.trainable},
       frozen={g: param_shardings[g] for g in state.frozen}, opt_state=opt_shardings)
   state = jax.device_put(state, state_shardings)
-  train_step = jax.jit(make_train_step(graphdef, optimizer, remat_cfg, n_micro),
+  train_step = jax.jit(make_train_step(graphdef, optimizer, remat_cfg, n_micro, mesh=mesh),
                        out_shardings=(state_shardings, sharding.replicated(mesh)),
                        donate_argnums=(0,))
   return state, train_step
@@ -534,17 +534,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if jax.process_index() == 0:
     workdir_lib.remember(config, workdir)   # the first write
   logging.info("config:\n%s", config)
+  total_steps = config.train.steps
+  saved = checkpoint.latest_saved_step(workdir)
+  if saved is not None and saved >= total_steps and _exported_step(workdir) == saved:
+    print(f"[stage {config.stage}] already trained to step {saved} and exported to "
+          f"{os.path.join(workdir, MODEL_EXPORT)}", flush=True)
+    return {}
   layout = model_layout(run)
   data_iter = iter(run.train_data)
-  total_steps = config.train.steps
   ckpt = checkpoint.Checkpointer(workdir, config.ckpt)
   writer = None
   try:
     state, start = initial_state(run, layout, ckpt, data_iter)
-    if start >= total_steps and _exported_step(workdir) == start:
-      print(f"[stage {config.stage}] already trained to step {start} and exported to "
-            f"{os.path.join(workdir, MODEL_EXPORT)}", flush=True)
-      return {}
     state, train_step = place_and_compile(run, layout, state)
     evaluator = (Evaluator(run.val_data, config.eval.batches, layout.graphdef, run.remat_cfg,
                            run.mesh) if run.val_data is not None else None)
