@@ -3,8 +3,11 @@ questions (evaluate.py), on top of the streaming prefill and the sampler.
 
 A video is read once per call: every question about it continues from the state after the
 frames (the paper's layout puts the frames before the first question, so the state there is
-shared), and every multiple-choice option is scored from a copy of the state after its
-question.
+shared, never recomputed), and every multiple-choice option is scored from a copy of the
+state after its question. With `batch` (the default) the answers of one video's questions
+are decoded together, one batch row per question (Sampler.generate_batch: the states after
+each question stacked on the batch axis, the batch padded to a power of two so few shapes
+compile); batch=False decodes them one at a time (the reference: the same answers).
 
 Option likelihood, two targets:
   letter  (the default) the question is asked with its options and the Video-MME instruction,
@@ -26,6 +29,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+import jax
+import jax.numpy as jnp
 import tokenizers
 
 from ma2mba_jax.data.formats import format_multiple_choice
@@ -145,7 +150,7 @@ class ModelAnswerer:
   def __init__(self, streamer: Streamer, sampler: Sampler, *, fps: float = 1.0,
                max_frames: int | None = None, target: str = "letter",
                mc_max_new_tokens: int = 8, open_max_new_tokens: int = 64,
-               progress: Callable[[str], Progress] | None = None):
+               progress: Callable[[str], Progress] | None = None, batch: bool = True):
     if target not in TARGETS:
       raise ValueError(f"likelihood target must be one of {TARGETS}, got {target!r}")
     self.streamer, self.sampler = streamer, sampler
@@ -153,6 +158,7 @@ class ModelAnswerer:
     self.mc_sampling = SamplingParams(max_new_tokens=mc_max_new_tokens)
     self.open_sampling = SamplingParams(max_new_tokens=open_max_new_tokens)
     self.progress = progress
+    self.batch = batch
 
   @classmethod
   def create(cls, model: VideoMa2mba, tokenizer: tokenizers.Tokenizer, *,
@@ -169,6 +175,18 @@ class ModelAnswerer:
   def _generate(self, conv: Conversation, sampling: SamplingParams) -> str:
     generation = self.sampler.generate(conv.states, conv.logits, sampling)
     return self.streamer.tokenizer.decode(list(generation.tokens))
+
+  def _generate_all(self, convs: Sequence[Conversation], sampling: SamplingParams
+                    ) -> list[str]:
+    """The answers after each conversation: one batch (self.batch) or one at a time."""
+    if not self.batch or len(convs) == 1:
+      return [self._generate(conv, sampling) for conv in convs]
+    rows = 1 << (len(convs) - 1).bit_length()  # padded with copies of the first row
+    padded = list(convs) + [convs[0]] * (rows - len(convs))
+    states = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *[c.states for c in padded])
+    logits = jnp.stack([jnp.reshape(c.logits, (-1,)) for c in padded])
+    generations = self.sampler.generate_batch(states, logits, sampling)[:len(convs)]
+    return [self.streamer.tokenizer.decode(list(g.tokens)) for g in generations]
 
   def option_scores(self, conv: Conversation, item: MCItem) -> dict[str, dict[str, float]]:
     """Per letter: {"sum": total log-prob, "n": target tokens, "mean": sum / n}."""
@@ -187,12 +205,13 @@ class ModelAnswerer:
     """Per item: {"likelihood": {"choice", "scores"}} and/or {"generate": {"text",
     "choice"}}, choices being letters (None when the generated text names no option)."""
     video_conv = self._read(video)
-    out = []
+    out, mc_convs = [], []
     for item in items:
       conv = None  # the multiple-choice prompt, when a method needs it
       if "generate" in methods or self.target == "letter":
         conv = self.streamer.ask(video_conv,
                                  format_multiple_choice(item.question, item.options))
+      mc_convs.append(conv)
       result: dict[str, Any] = {}
       if "likelihood" in methods:
         scored_conv = (conv if self.target == "letter"
@@ -200,14 +219,15 @@ class ModelAnswerer:
         scores = self.option_scores(scored_conv, item)
         result["likelihood"] = {"choice": max(scores, key=lambda k: scores[k]["mean"]),
                                 "scores": scores}
-      if "generate" in methods:
-        text = self._generate(conv, self.mc_sampling)
-        result["generate"] = {"text": text, "choice": parse_choice(text, item)}
       out.append(result)
+    if "generate" in methods:
+      texts = self._generate_all(mc_convs, self.mc_sampling)
+      for item, result, text in zip(items, out, texts, strict=True):
+        result["generate"] = {"text": text, "choice": parse_choice(text, item)}
     return out
 
   def answer_open(self, video: str, items: Sequence[OpenItem]) -> list[str]:
     """Greedy answers to open-ended questions about one video."""
     video_conv = self._read(video)
-    return [self._generate(self.streamer.ask(video_conv, item.question), self.open_sampling)
-            for item in items]
+    return self._generate_all([self.streamer.ask(video_conv, item.question) for item in items],
+                              self.open_sampling)

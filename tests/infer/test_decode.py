@@ -2,13 +2,16 @@
 and each sampling filter against a plain numpy version of it on fixed logits."""
 
 import io
+import json
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ma2mba_jax.infer.answering import AnswerPrinter, chat, stop_note
+from ma2mba_jax import evaluate
+from ma2mba_jax.infer.answering import AnswerPrinter, ModelAnswerer, chat, stop_note
 from ma2mba_jax.infer.sample import (Knobs, SamplingParams, apply_repetition_penalty, choose,
                                      knobs_of, mode_of, sampling_keep)
 
@@ -213,3 +216,54 @@ def test_answer_printer_holds_back_what_may_be_trimmed(tokenizer):
   assert out.getvalue() == kept
   printer.finish(kept)
   assert out.getvalue() == kept
+
+
+def _synthetic_set(root, video):
+  """A synthetic-layout set (manifest.json -> eval/videomme.json, eval/videos): 3 questions
+  about one video, 2 about another (the same file copied), 4 options each."""
+  videos = root / "eval" / "videos"
+  videos.mkdir(parents=True)
+  for name in ("synth_001", "synth_002"):
+    shutil.copy(video, videos / f"{name}.mp4")
+  options = ["A. red", "B. blue", "C. green", "D. yellow"]
+  questions = [("001-1", "synth_001", "What colour is the circle?", "A"),
+               ("001-2", "synth_001", "Which shape is red?", "C"),
+               ("001-3", "synth_001", "Which way does it move?", "B"),
+               ("002-1", "synth_002", "What colour is the circle?", "D"),
+               ("002-2", "synth_002", "Which way does it move?", "A")]
+  records = [{"video_id": qid.split("-")[0], "videoID": vid, "duration": "short",
+              "question_id": qid, "task_type": "colour", "question": q, "options": options,
+              "answer": a} for qid, vid, q, a in questions]
+  (root / "eval" / "videomme.json").write_text(json.dumps(records))
+  (root / "manifest.json").write_text(json.dumps({"eval": {
+      "annotations": "eval/videomme.json", "video_root": "eval/videos"}}))
+  return str(root)
+
+
+@pytest.mark.parametrize("target", ["text", "letter"])
+def test_batched_evaluation_gives_the_per_question_scores(streamer, sampler, video, tmp_path,
+                                                          target):
+  """evaluate on the synthetic layout: answers decoded as one batch per video == decoded one
+  question at a time (same generated texts and choices, same likelihood choices and
+  scores, same table)."""
+  data = _synthetic_set(tmp_path / "data", video)
+  reports = {}
+  for batch in (False, True):
+    answerer = ModelAnswerer(streamer, sampler, target=target, mc_max_new_tokens=MAX_NEW,
+                             batch=batch)
+    reports[batch] = evaluate.run("synthetic", data, answerer=answerer,
+                                  json_path=str(tmp_path / f"{target}_{batch}.json"))
+  single, batched = reports[False], reports[True]
+  assert batched["rows"] == single["rows"]
+  assert len(batched["records"]) == 5
+  for one, many in zip(single["records"], batched["records"], strict=True):
+    assert many["generate"] == one["generate"]
+    assert many["likelihood"]["choice"] == one["likelihood"]["choice"]
+    for letter, score in one["likelihood"]["scores"].items():
+      assert many["likelihood"]["scores"][letter]["sum"] == pytest.approx(score["sum"],
+                                                                           abs=1e-6)
+  assert len({r["generate"]["text"] for r in batched["records"]}) > 1, "all answers alike"
+  # The records file of the batched run resumes as before: nothing is asked again.
+  again = ModelAnswerer(streamer, sampler, target=target, batch=True)
+  assert evaluate.run("synthetic", data, answerer=again, json_path=str(
+      tmp_path / f"{target}_True.json"))["records"] == batched["records"]
