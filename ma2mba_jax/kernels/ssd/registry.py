@@ -33,19 +33,23 @@ _BACKENDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pallas": ("ma2mba_jax.kernels.ssd.pallas", "ssd_pallas", ("gpu",)),
     # Triton kernels through jax-triton (NVIDIA GPUs only; imported only when picked).
     "triton": ("ma2mba_jax.kernels.ssd.triton", "ssd_triton", ("gpu",)),
+    # Pallas kernels (Mosaic TPU lowering); elsewhere they run in Pallas' TPU interpret
+    # mode. Checked on CPU only (interpret mode, TPU export): see BUILD.md, "Porting to TPU".
+    "tpu": ("ma2mba_jax.kernels.ssd.tpu", "ssd_tpu", ("tpu",)),
 }
 
 # What `impl="auto"` picks on each platform, best first; the first one registered whose
 # optional library is installed wins. gpu: with kernel version 2, triton was the fastest
 # correct backend forward and forward+backward at every length measured on the H100, pallas
-# second (BENCHMARKS.md, "SSD kernels", run 2); pallas needs no extra library.
+# second (BENCHMARKS.md, "SSD kernels", run 2); pallas needs no extra library. tpu: the
+# Mosaic kernels (never yet run on a TPU; impl="xla" is the fallback).
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "gpu": ("triton", "pallas", "xla"),
-    "tpu": ("xla",),
+    "tpu": ("tpu", "xla"),
     "cpu": ("xla",),
 }
 
-IMPLS = ("auto", "xla", "pallas", "triton")
+IMPLS = ("auto", "xla", "pallas", "triton", "tpu")
 
 
 def register_backend(name: str, module: str, attr: str, platforms: tuple[str, ...]) -> None:
