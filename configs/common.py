@@ -147,6 +147,8 @@ def get_base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   # -1 takes all devices left over.
   c.mesh.data = -1
   c.mesh.fsdp = 1
+  # ZeRO-1 (the paper's layout): optimizer state also sharded over `data`, params replicated.
+  c.mesh.zero1 = False
 
   if args.get("model"):
     c.model.preset = args["model"]

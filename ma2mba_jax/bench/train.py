@@ -8,6 +8,11 @@ l/s auto or given, checkpoints optionally offloaded to the host, bf16 compute, f
 length runs in a fresh process (the allocator's peak cannot be reset); OOM is a result.
 Reports step time, tokens/s and peak device memory (everything: weights, gradients,
 optimizer state and activations).
+
+Several GPUs: `--mesh=data,fsdp,zero1` (train/sharding.py's layouts) runs one sequence per
+device (data x fsdp rows) and reports tokens/s per device and the highest peak of any device:
+
+  python -m ma2mba_jax.bench.train --preset=3.1b --lengths=16384 --mesh=2,1,1   # ZeRO-1
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ _TEXT_EVERY = flags.DEFINE_integer("text_every", 4, "A 32-token caption after ev
 _JSON = flags.DEFINE_string("json", None, "Write results here.")
 _CHILD = flags.DEFINE_integer("child", 0, "Internal: run one length and print JSON.")
 _TIMEOUT = flags.DEFINE_integer("timeout", 600, "Seconds per length.")
+_MESH = flags.DEFINE_string("mesh", "1,1,0", "data,fsdp,zero1: one row per device.")
+_STEPS = flags.DEFINE_integer("steps", 2, "Timed steps after the compile; the last is reported.")
 
 
 def synthetic_batch(seqlen: int, k: int, image_size: int, vocab: int, text_every: int):
@@ -57,43 +64,57 @@ def run_one(seqlen: int) -> dict:
   import jax
   import jax.numpy as jnp
   import ml_collections
+  import numpy as np
   from flax import nnx
 
   from ma2mba_jax.bench import common
   from ma2mba_jax.models.video_lm import VideoMa2mba
   from ma2mba_jax.models.video_presets import video_config
   from ma2mba_jax.remat import magc
-  from ma2mba_jax.train import optim
+  from ma2mba_jax.train import optim, sharding
   from ma2mba_jax.train.step import TrainState, make_train_step
 
   cfg = video_config(_PRESET.value, compute_dtype="bfloat16")
   remat = types.SimpleNamespace(policy=_POLICY.value, l=_L.value, s=_S.value,
                                 cell_saves=_CELL_SAVES.value, save_names=(),
                                 offload=_OFFLOAD.value)
+  data, fsdp, zero1 = map(int, _MESH.value.split(","))
+  n_dev = data * fsdp
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": data, "fsdp": fsdp}),
+                            jax.devices()[:n_dev])
   row = {"preset": _PRESET.value, "T": seqlen, "policy": _POLICY.value,
-         "offload": _OFFLOAD.value}
+         "offload": _OFFLOAD.value, "mesh": _MESH.value, "devices": n_dev}
   if remat.policy == "magc":
     remat.l, remat.s, _ = magc.resolve(remat, cfg.llm_config, seqlen)
     row.update(l=remat.l, s=remat.s)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: VideoMa2mba(cfg, rngs=nnx.Rngs(0))),
                                  nnx.Param)
-  params = jax.jit(lambda: nnx.to_pure_dict(
-      nnx.state(VideoMa2mba(cfg, rngs=nnx.Rngs(0)), nnx.Param)))()
+  abstract_params = nnx.to_pure_dict(abstract)
   optim_cfg = ml_collections.ConfigDict(dict(
       lr_llm=4e-5, lr_vision=4e-6, lr_projector=4e-5, b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.05, grad_clip=1.0, warmup_frac=0.1))
-  optimizer = optim.make_optimizer(optim_cfg, 1000, params)
-  state = TrainState(step=jnp.zeros((), jnp.int32), trainable=params, frozen={},
-                     opt_state=jax.jit(optimizer.init)(params), rng=jax.random.key(0))
+  optimizer = optim.make_optimizer(optim_cfg, 1000, abstract_params)
+  param_shardings, opt_shardings = sharding.layout_shardings(
+      mesh, abstract_params, jax.eval_shape(optimizer.init, abstract_params), zero1=bool(zero1))
+  params = jax.jit(lambda: nnx.to_pure_dict(
+      nnx.state(VideoMa2mba(cfg, rngs=nnx.Rngs(0)), nnx.Param)), out_shardings=param_shardings)()
+  replicated = sharding.replicated(mesh)
+  state_shardings = TrainState(step=replicated, trainable=param_shardings, frozen={},
+                               opt_state=opt_shardings, rng=replicated)
+  state = jax.device_put(TrainState(
+      step=jnp.zeros((), jnp.int32), trainable=params, frozen={},
+      opt_state=jax.jit(optimizer.init, out_shardings=opt_shardings)(params),
+      rng=jax.random.key(0)), state_shardings)
   batch, n_frames = synthetic_batch(seqlen, cfg.tokens_per_frame, cfg.image_size,
                                     cfg.llm_config.vocab_size, _TEXT_EVERY.value)
-  batch = jax.device_put(batch)
+  batch = sharding.shard_batch(mesh, {k: np.repeat(v, n_dev, axis=0) for k, v in batch.items()})
   row["frames"] = n_frames
-  step = jax.jit(make_train_step(graphdef, optimizer, remat, n_micro=1), donate_argnums=(0,))
+  step = jax.jit(make_train_step(graphdef, optimizer, remat, n_micro=1, mesh=mesh),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   try:
     compiled = step.lower(state, batch).compile()
     times = []
-    for _ in range(2):
+    for _ in range(_STEPS.value):
       start = time.perf_counter()
       state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)
@@ -104,11 +125,12 @@ def run_one(seqlen: int) -> dict:
     row["error"] = "OOM"
     return row
   row["step_s"] = times[-1]
-  row["tokens_per_s"] = seqlen / times[-1]
+  row["tokens_per_s"] = n_dev * seqlen / times[-1]
+  row["tokens_per_s_per_device"] = seqlen / times[-1]
   row["loss"] = float(metrics["loss"])
-  stats = common.device_memory_stats()
-  if "peak_bytes_in_use" in stats:
-    row["peak_GB"] = stats["peak_bytes_in_use"] / 1e9
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in mesh.devices.flat]
+  if all(p is not None for p in peaks):
+    row["peak_GB"] = max(peaks) / 1e9                     # the fullest device
   row["params"] = sum(a.size for a in jax.tree.leaves(params))
   return row
 
@@ -124,13 +146,14 @@ def main(argv):
     cmd = [sys.executable, "-m", "ma2mba_jax.bench.train", f"--child={seqlen}",
            f"--preset={_PRESET.value}", f"--policy={_POLICY.value}",
            f"--cell_saves={_CELL_SAVES.value}", f"--l={_L.value}", f"--s={_S.value}",
-           f"--offload={_OFFLOAD.value}", f"--text_every={_TEXT_EVERY.value}"]
-    row = common.run_child(cmd, timeout=_TIMEOUT.value, identity={"T": seqlen})
+           f"--offload={_OFFLOAD.value}", f"--text_every={_TEXT_EVERY.value}",
+           f"--mesh={_MESH.value}", f"--steps={_STEPS.value}"]
+    row = common.run_child(cmd, timeout=_TIMEOUT.value, identity={"T": seqlen, "mesh": _MESH.value})
     print(row, flush=True)
     rows.append(row)
   print()
-  columns = ["preset", "policy", "T", "frames", "offload", "l", "s", "step_s", "tokens_per_s", "peak_GB",
-             "loss", "error"]
+  columns = ["preset", "mesh", "policy", "T", "frames", "offload", "l", "s", "step_s",
+             "tokens_per_s", "tokens_per_s_per_device", "peak_GB", "loss", "error"]
   common.print_table(rows, [c for c in columns if any(c in r for r in rows)])
   common.write_json(_JSON.value, {"env": common.environment(), "rows": rows})
 

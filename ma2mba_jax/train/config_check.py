@@ -63,6 +63,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.train.steps={c.train.steps} must be >= 1")
   if c.train.log_every < 1:
     raise ConfigError(f"config.train.log_every={c.train.log_every} must be >= 1")
+  for name in ("data", "fsdp"):
+    if c.mesh[name] != -1 and c.mesh[name] < 1:
+      raise ConfigError(f"config.mesh.{name}={c.mesh[name]} must be >= 1 (or -1: the rest)")
+  _one_of("mesh.zero1", c.mesh.get("zero1", False), (False, True))
   _at_least("ckpt.every_steps", c.ckpt.every_steps, 1)
   # 0 would delete every checkpoint right after saving it: a rerun would start from step 0.
   _at_least("ckpt.max_to_keep", c.ckpt.max_to_keep, 1)

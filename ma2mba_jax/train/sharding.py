@@ -1,9 +1,18 @@
 """Device mesh and sharding rules, in one place.
 
-Mesh axes: `data` (batch split, parameters replicated) and `fsdp` (batch split too, and
-parameters and optimizer state sharded on their largest divisible axis). With one device
-both axes have size 1 and everything is replicated. Multi-host: call
-`jax.distributed.initialize()` before building the mesh (main.py does when asked).
+Mesh axes: `data` and `fsdp`; the batch is split over both. Three layouts, picked by
+`config.mesh` (see `layout_shardings`):
+
+  data parallel   fsdp=1, zero1=False   parameters and optimizer state replicated
+  ZeRO-1          zero1=True            parameters replicated over `data` (sharded over
+                                        `fsdp` if fsdp > 1), optimizer state sharded over
+                                        `data` x `fsdp`
+  FSDP            fsdp=N                parameters and optimizer state sharded over `fsdp`
+
+An array is sharded on its largest axis that the shard count divides; arrays smaller than
+`MIN_SHARD_SIZE` elements stay replicated. With one device everything is replicated.
+Multi-host: call `jax.distributed.initialize()` before building the mesh (main.py does when
+asked).
 """
 
 from __future__ import annotations
@@ -15,6 +24,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
+# Arrays with fewer elements stay replicated: sharding them saves little and costs a
+# collective each.
+MIN_SHARD_SIZE = 2**14
 
 
 def make_mesh(mesh_cfg: Any, devices=None) -> Mesh:
@@ -33,23 +45,52 @@ def make_mesh(mesh_cfg: Any, devices=None) -> Mesh:
   return Mesh(np.array(devices).reshape(data, fsdp), BATCH_AXES)
 
 
-def param_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 2**14) -> P:
-  """Shards the largest axis divisible by the fsdp size; small arrays stay replicated."""
-  if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+def array_spec(shape: tuple[int, ...], mesh_shape: dict[str, int], axes: tuple[str, ...],
+               min_size: int = MIN_SHARD_SIZE) -> P:
+  """Splits the largest axis of `shape` that the product of `axes`' sizes divides over those
+  mesh axes (size-1 axes left out); small or indivisible arrays are replicated."""
+  axes = tuple(a for a in axes if mesh_shape[a] > 1)
+  n_shards = int(np.prod([mesh_shape[a] for a in axes], dtype=np.int64))
+  if n_shards == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
     return P()
   for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
-    if shape[axis] % fsdp_size == 0:
+    if shape[axis] % n_shards == 0:
       spec = [None] * len(shape)
-      spec[axis] = "fsdp"
+      spec[axis] = axes[0] if len(axes) == 1 else axes
       return P(*spec)
   return P()
 
 
-def tree_shardings(mesh: Mesh, abstract_tree: Any) -> Any:
-  """NamedShardings for a pytree of arrays / ShapeDtypeStructs (params, optimizer state)."""
-  fsdp = mesh.shape["fsdp"]
-  return jax.tree.map(lambda a: NamedSharding(mesh, param_spec(tuple(a.shape), fsdp)),
-                      abstract_tree)
+def _opt_spec(shape: tuple[int, ...], mesh_shape: dict[str, int], zero1: bool) -> P:
+  if zero1:
+    # `fsdp` first: device (d, f) then holds a piece of the parameter piece it holds under
+    # FSDP, so the update needs no data from other devices before its all-gather.
+    spec = array_spec(shape, mesh_shape, ("fsdp", "data"))
+    if spec != P():
+      return spec
+  return array_spec(shape, mesh_shape, ("fsdp",))
+
+
+def layout_shardings(mesh: Mesh, abstract_params: Any, abstract_opt: Any,
+                     zero1: bool = False) -> tuple[Any, Any]:
+  """(param_shardings, opt_shardings): NamedShardings for the pytrees of parameters and of
+  optimizer state (arrays or ShapeDtypeStructs) under this mesh and layout."""
+  return param_shardings(mesh, abstract_params), opt_shardings(mesh, abstract_opt, zero1)
+
+
+def param_shardings(mesh: Mesh, abstract_params: Any) -> Any:
+  """Parameters: sharded over `fsdp`, replicated over `data`."""
+  shape = dict(mesh.shape)
+  return jax.tree.map(
+      lambda a: NamedSharding(mesh, array_spec(tuple(a.shape), shape, ("fsdp",))),
+      abstract_params)
+
+
+def opt_shardings(mesh: Mesh, abstract_opt: Any, zero1: bool = False) -> Any:
+  """Optimizer state: like the parameters, and with ZeRO-1 also sharded over `data`."""
+  shape = dict(mesh.shape)
+  return jax.tree.map(
+      lambda a: NamedSharding(mesh, _opt_spec(tuple(a.shape), shape, zero1)), abstract_opt)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -68,3 +109,12 @@ def shard_batch(mesh: Mesh, batch: dict[str, np.ndarray]) -> dict[str, jax.Array
     sharding = batch_sharding(mesh, value.ndim)
     out[key] = jax.make_array_from_process_local_data(sharding, value)
   return out
+
+
+def bytes_per_device(tree: Any) -> dict[Any, int]:
+  """{device: bytes of `tree`'s arrays resident on it} over this process's devices."""
+  held: dict[Any, int] = {}
+  for a in jax.tree.leaves(tree):
+    for shard in a.addressable_shards:
+      held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+  return held

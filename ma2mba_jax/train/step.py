@@ -14,9 +14,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
 
+from ma2mba_jax.kernels.ssd import reset_from_segment_ids
 from ma2mba_jax.remat.lm import apply_layers_with_remat
 from ma2mba_jax.train.loss import blockwise_cross_entropy, shift_targets
+from ma2mba_jax.train.sharding import BATCH_AXES
 
 
 class TrainState(NamedTuple):
@@ -33,42 +36,75 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
 
 
 def loss_sums(model: Any, batch: dict[str, jax.Array], remat_cfg: Any,
-              loss_block_len: int = 4096) -> tuple[jax.Array, jax.Array]:
-  """(sum of token cross-entropies, number of target tokens) of one micro-batch."""
+              loss_block_len: int = 4096, packed: bool = False) -> tuple[jax.Array, jax.Array]:
+  """(sum of token cross-entropies, number of target tokens) of one micro-batch.
+
+  packed (static): rows hold several examples (batch["segment_ids"] 1, 2, ...); the LM
+  restarts its state where the segment changes. Without it (one example a row, then
+  padding) the model runs exactly as before. Either way position t is a target only if
+  t + 1 is in the same segment: the loss never crosses a boundary.
+  """
+  segment_ids = batch["segment_ids"]                                 # [B, T] int32
   h = model.embed_inputs(batch["tokens"], batch["vision_index"], batch["frames"],
                          batch["frame_mask"])                        # [B, T, C] f32
-  h, _ = apply_layers_with_remat(model.llm, h, remat_cfg)
+  reset = reset_from_segment_ids(segment_ids) if packed else None    # [B, T] bool
+  h, _ = apply_layers_with_remat(model.llm, h, remat_cfg, reset=reset)
   targets, weights = shift_targets(batch["tokens"], batch["loss_mask"])
-  weights = weights * (batch["segment_ids"] > 0)
+  same = jnp.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1],
+                          jnp.zeros_like(segment_ids[:, :1], bool)], axis=1)  # [B, T]
+  weights = weights * ((segment_ids > 0) & same)
   return blockwise_cross_entropy(h, model.llm.head, targets, weights,
                                  block_len=loss_block_len)
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    remat_cfg: Any, n_micro: int):
-  """Returns train_step(state, batch) -> (state, metrics); jit it with donation."""
+                    remat_cfg: Any, n_micro: int, mesh: Mesh | None = None,
+                    packed: bool = False):
+  """Returns train_step(state, batch) -> (state, metrics); jit it with donation.
+
+  packed: the batches pack several examples a row (config.data.packing; see loss_sums).
+
+  With a `mesh` whose `fsdp` axis has size 1 (data parallel, ZeRO-1), the forward and
+  backward run inside a shard_map over the batch axes: each device runs the model on its own
+  rows and the gradients are summed once per step (a psum). Left to XLA's automatic
+  partitioning, the kernels it cannot split (Pallas / Triton custom calls such as the SSD)
+  would run on every row on every device. With FSDP the parameters stay sharded and XLA
+  partitions the step.
+  """
 
   def micro_loss(trainable, frozen, micro):
     model = nnx.merge(graphdef, merge_params(trainable, frozen))
-    return loss_sums(model, micro, remat_cfg)
+    return loss_sums(model, micro, remat_cfg, packed=packed)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def grads_and_sums(trainable, frozen, micro):
+    """Summed gradients, loss and target tokens over the micro-batches of `micro`."""
+    def accumulate(carry, mb):
+      grads_sum, loss_sum, count = carry
+      (loss, n_tokens), grads = grad_fn(trainable, frozen, mb)
+      grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+      return (grads_sum, loss_sum + loss, count + n_tokens), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    (grads, loss_sum, count), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), micro)
+    return grads, loss_sum, count
+
+  summed = grads_and_sums
+  if mesh is not None and mesh.devices.size > 1 and mesh.shape["fsdp"] == 1:
+    def local(trainable, frozen, micro):
+      return jax.lax.psum(grads_and_sums(trainable, frozen, micro), BATCH_AXES)
+    # micro: [A, rows, ...], rows split over the batch axes.
+    summed = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(None, BATCH_AXES)),
+                           out_specs=P(), check_vma=False)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     # Micro-batch i takes rows i, i + A, i + 2A, ...: every device's contiguous share of the
     # rows then splits evenly over the micro-batches, so no rows move between devices.
     micro = jax.tree.map(
         lambda a: jnp.swapaxes(a.reshape((-1, n_micro) + a.shape[1:]), 0, 1), batch)
-
-    def accumulate(carry, mb):
-      grads_sum, loss_sum, count = carry
-      (loss, n_tokens), grads = grad_fn(state.trainable, state.frozen, mb)
-      grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-      return (grads_sum, loss_sum + loss, count + n_tokens), None
-
-    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-    (grads, loss_sum, count), _ = jax.lax.scan(
-        accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), micro)
+    grads, loss_sum, count = summed(state.trainable, state.frozen, micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
@@ -80,9 +116,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, remat_cfg: Any):
+def make_eval_step(graphdef: nnx.GraphDef, remat_cfg: Any, packed: bool = False):
   def eval_step(state: TrainState, batch):
     model = nnx.merge(graphdef, merge_params(state.trainable, state.frozen))
-    loss, count = loss_sums(model, batch, remat_cfg)
+    loss, count = loss_sums(model, batch, remat_cfg, packed=packed)
     return {"loss_sum": loss, "target_tokens": count}
   return eval_step

@@ -244,11 +244,11 @@ def model_layout(run: RunInputs) -> ModelLayout:
   abstract_model = nnx.eval_shape(lambda: VideoMa2mba(run.model_cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
   abstract_params = nnx.to_pure_dict(abstract_state)
-  param_shardings = sharding.tree_shardings(mesh, abstract_params)
+  param_shardings = sharding.param_shardings(mesh, abstract_params)
   abstract_trainable, _ = _split_groups(abstract_params, run.groups)
   optimizer = optim.make_optimizer(config.optim, config.train.steps, abstract_trainable)
   abstract_opt = jax.eval_shape(optimizer.init, abstract_trainable)
-  opt_shardings = sharding.tree_shardings(mesh, abstract_opt)
+  opt_shardings = sharding.opt_shardings(mesh, abstract_opt, zero1=config.mesh.zero1)
   n_trainable = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_trainable))
   n_total = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_params))
   logging.info("model %s: %s parameters, %s trainable (%s)", run.model_cfg.name,
@@ -320,6 +320,11 @@ def place_and_compile(run: RunInputs, layout: ModelLayout, state: TrainState):
       trainable={g: param_shardings[g] for g in state.trainable},
       frozen={g: param_shardings[g] for g in state.frozen}, opt_state=opt_shardings)
   state = jax.device_put(state, state_shardings)
+  held = {name: max(sharding.bytes_per_device(tree).values(), default=0) for name, tree in
+          (("params", (state.trainable, state.frozen)), ("opt_state", state.opt_state))}
+  logging.info("mesh %s%s: most bytes on one device: params %d, optimizer state %d",
+               dict(mesh.shape), " ZeRO-1" if run.config.mesh.zero1 else "",
+               held["params"], held["opt_state"])
   train_step = jax.jit(make_train_step(graphdef, optimizer, remat_cfg, n_micro, mesh=mesh),
                        out_shardings=(state_shardings, sharding.replicated(mesh)),
                        donate_argnums=(0,))
@@ -498,9 +503,10 @@ def evaluate_loss(config, model_cfg, graphdef, state, remat_cfg, tokenizer, mesh
 def export_model(workdir: str, graphdef: nnx.GraphDef, state: TrainState,
                  tokenizer: Any = None) -> str:
   """Writes workdir/model (params + model_config.json, and the run's tokenizer with its
-  added special tokens: tokenizer.json) for the next stage and inference."""
-  if jax.process_index() != 0:
-    return ""
+  added special tokens: tokenizer.json) for the next stage and inference.
+
+  Runs on every process: the Orbax save inside waits for all of them (each writes its own
+  shards), so returning early on the others would hang process 0."""
   model = nnx.merge(graphdef, {**state.trainable, **state.frozen})
   path = model_io.save_model(model, os.path.join(workdir, MODEL_EXPORT), overwrite=True,
                              tokenizer=tokenizer)
