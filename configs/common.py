@@ -106,13 +106,14 @@ def get_base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.remat.l = "auto"
   c.remat.s = "auto"
   # What a cell keeps inside for its backward: nothing | layers | dots | names
-  # (remat/cells.py).
-  c.remat.cell_saves = "nothing"
+  # (remat/cells.py), or auto (planner=measure: the fastest that fits; else nothing).
+  c.remat.cell_saves = "auto"
   # With cell_saves=names: activations to keep (tags in models/mamba2.py).
   c.remat.save_names = ()
   # Checkpoints kept in host memory instead of on the device: none | sequence (each cell's
   # input states) | all (and each cell's input h). Bounds length by host RAM (remat/cells.py).
-  c.remat.offload = "none"
+  # auto (planner=measure): none if it fits, else the least offload that fits.
+  c.remat.offload = "auto"
   # With l/s=auto: activation budget in GB (None: planner=measure takes the device's memory
   # less weights, gradients and optimizer state; planner=model the least memory).
   c.remat.budget_gb = ml_collections.FieldReference(None, field_type=float)

@@ -522,7 +522,9 @@ def plan(model_cfg: Any, seqlen: int, remat_cfg: Any, *, budget_bytes: float | N
           choice = row.candidate
   if budget_bytes is None:
     # Nothing to fit: the model's optimum among the candidates, as planner='model' picks.
-    best = min(rows, key=lambda r: (r.cost[1], r.predicted_bytes, r.cost))
+    # cell_saves='nothing' (the least memory per cell) when 'auto' leaves it open.
+    best = min(rows, key=lambda r: (r.cost[1], r.predicted_bytes,
+                                    r.candidate.cell_saves != "nothing", r.cost))
     result = MeasuredPlan(best.candidate, rows, None,
                           note="no memory budget known: the paper model's choice")
   elif choice is None:

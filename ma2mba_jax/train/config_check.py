@@ -42,9 +42,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of("model.preset", c.model.preset, tuple(VIDEO_PRESETS))
   _one_of("model.compute_dtype", c.model.compute_dtype, COMPUTE_DTYPES)
   _one_of("remat.policy", c.remat.policy, tuple(POLICIES))
-  _one_of("remat.offload", c.remat.get("offload", "none"), tuple(OFFLOAD_CHOICES))
-  _one_of("remat.cell_saves", c.remat.cell_saves, CELL_SAVES)
   _one_of("remat.planner", c.remat.get("planner", "measure"), PLANNERS)
+  # 'auto': the measuring planner chooses (MA-GC); otherwise it means nothing / none.
+  _one_of("remat.offload", c.remat.get("offload", "none"), tuple(OFFLOAD_CHOICES) + ("auto",))
+  _one_of("remat.cell_saves", c.remat.cell_saves, tuple(CELL_SAVES) + ("auto",))
   _auto_or_positive_int("remat.l", c.remat.l)
   _auto_or_positive_int("remat.s", c.remat.s)
   if c.remat.budget_gb is not None and c.remat.budget_gb <= 0:

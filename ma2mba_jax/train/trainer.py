@@ -38,7 +38,7 @@ from ma2mba_jax.data.pipeline import make_pipeline
 from ma2mba_jax.data.tokenizer import load_tokenizer, vocab_size
 from ma2mba_jax.models.video_lm import VideoMa2mba
 from ma2mba_jax.models.video_presets import video_config
-from ma2mba_jax.remat import magc
+from ma2mba_jax.remat import magc, measure
 from ma2mba_jax.train import config_check
 from ma2mba_jax.train import checkpoint, metrics as metrics_lib, optim, sharding
 from ma2mba_jax.train import workdir as workdir_lib
@@ -126,17 +126,61 @@ def data_settings(config: ml_collections.ConfigDict, model_cfg: Any) -> dict[str
       validate_media=config.data.validate_media)
 
 
-def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any) -> types.SimpleNamespace:
-  """config.remat with MA-GC's l/s ('auto' or a number) turned into ints for this length."""
+def _training_state_bytes(config: ml_collections.ConfigDict, model_cfg: Any,
+                          mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Bytes per device of weights, gradients and optimizer state (the fixed part of the MA-GC
+  activation budget), from shapes only, after this mesh's sharding (FSDP, ZeRO-1)."""
+  abstract = nnx.eval_shape(lambda: VideoMa2mba(model_cfg, rngs=nnx.Rngs(0)))
+  params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  trainable, _ = _split_groups(params, optim.trainable_groups(config.optim))
+  optimizer = optim.make_optimizer(config.optim, config.train.steps, trainable)
+  opt_state = jax.eval_shape(optimizer.init, trainable)
+  fsdp = mesh.shape["fsdp"]
+  opt_split = fsdp * (mesh.shape["data"] if config.mesh.zero1 else 1)
+  n_micro = config.optim.global_batch // (config.optim.micro_batch * mesh.devices.size)
+  grad_copies = 2 if n_micro > 1 else 1  # the step's accumulator beside one micro-batch's
+  return dict(weight_bytes=measure.tree_bytes(params) / fsdp,
+              grad_bytes=grad_copies * measure.tree_bytes(trainable) / fsdp,
+              opt_state_bytes=measure.tree_bytes(opt_state) / opt_split)
+
+
+def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any,
+                   mesh: jax.sharding.Mesh | None = None) -> types.SimpleNamespace:
+  """config.remat with MA-GC's l/s (and, with planner=measure, cell_saves/offload 'auto')
+  turned into concrete values for this length.
+
+  planner=measure compiles candidate settings and keeps the fastest whose measured memory
+  fits the device after weights, gradients and optimizer state (remat/measure.py); with no
+  device memory known (CPU) and no remat.budget_gb it takes the paper model's choice.
+  planner=model minimises the paper's memory model (remat/planner.py).
+  """
   remat_cfg = types.SimpleNamespace(**config.remat.to_dict())
-  if remat_cfg.policy == "magc":
-    budget = None if remat_cfg.budget_gb is None else remat_cfg.budget_gb * 1e9
-    itemsize = jnp.dtype(config.model.compute_dtype).itemsize
-    l, s, predicted = magc.resolve(remat_cfg, model_cfg.llm_config, config.data.max_tokens,
-                                   bytes_per_element=itemsize, budget_bytes=budget)
-    remat_cfg.l, remat_cfg.s = l, s
-    logging.info("MA-GC: l=%d layers x s=%d tokens per cell; memory model predicts %.2f GB "
-                 "of activations per sequence", l, s, predicted / 1e9)
+  measured = remat_cfg.policy == "magc" and getattr(remat_cfg, "planner", "measure") == "measure"
+  if not measured:  # 'auto' is the measuring planner's to resolve; otherwise the defaults
+    remat_cfg.cell_saves = "nothing" if remat_cfg.cell_saves == "auto" else remat_cfg.cell_saves
+    remat_cfg.offload = "none" if getattr(remat_cfg, "offload", "none") == "auto" else (
+        getattr(remat_cfg, "offload", "none"))
+  if remat_cfg.policy != "magc":
+    return remat_cfg
+  if measured:
+    mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+    budget = measure.training_budget_bytes(**_training_state_bytes(config, model_cfg, mesh),
+                                           budget_gb=remat_cfg.budget_gb)
+    result = measure.plan(model_cfg.llm_config, config.data.max_tokens, remat_cfg,
+                          budget_bytes=budget, batch=config.optim.micro_batch, show=False)
+    c = result.choice
+    remat_cfg.l, remat_cfg.s = c.l, c.s
+    remat_cfg.cell_saves, remat_cfg.offload = c.cell_saves, c.offload
+    logging.info("MA-GC (planner=measure%s): l=%d x s=%d, cell_saves=%s, offload=%s",
+                 f", {result.note}" if result.note else "", c.l, c.s, c.cell_saves, c.offload)
+    return remat_cfg
+  budget = None if remat_cfg.budget_gb is None else remat_cfg.budget_gb * 1e9
+  itemsize = jnp.dtype(config.model.compute_dtype).itemsize
+  l, s, predicted = magc.resolve(remat_cfg, model_cfg.llm_config, config.data.max_tokens,
+                                 bytes_per_element=itemsize, budget_bytes=budget)
+  remat_cfg.l, remat_cfg.s = l, s
+  logging.info("MA-GC: l=%d layers x s=%d tokens per cell; memory model predicts %.2f GB "
+               "of activations per sequence", l, s, predicted / 1e9)
   return remat_cfg
 
 
@@ -204,7 +248,7 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str) -> RunInputs:
   train_data = _pipeline(data_settings(config, model_cfg), tokenizer, "train")
   val_data = (val_pipeline(config, model_cfg, tokenizer, mesh)
               if config.eval.batches > 0 else None)
-  remat_cfg = resolved_remat(config, model_cfg)
+  remat_cfg = resolved_remat(config, model_cfg, mesh)
   return RunInputs(config=config, tokenizer=tokenizer, model_cfg=model_cfg,
                    remat_cfg=remat_cfg, mesh=mesh,
                    n_micro=config.optim.global_batch // rows_per_micro, groups=groups,
