@@ -36,9 +36,18 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Sequences per step.")
 _L = flags.DEFINE_string("l", "auto", "MA-GC layers per group (or auto).")
 _S = flags.DEFINE_string("s", "auto", "MA-GC tokens per time block (or auto).")
 _CELL_SAVES = flags.DEFINE_string("cell_saves", "nothing", "nothing | layers | dots | names.")
-_OFFLOAD = flags.DEFINE_enum("offload", "none", ["none", "sequence", "all"],
+_OFFLOAD = flags.DEFINE_enum("offload", "none", ["none", "sequence", "all", "auto"],
                              "Checkpoints kept in host memory (remat/cells.py).")
 _SSD_IMPL = flags.DEFINE_string("ssd_impl", "auto", "SSD backend.")
+_PLANNER = flags.DEFINE_enum("planner", "model", ["model", "measure"],
+                             "How MA-GC's auto settings are chosen: the paper's memory model, "
+                             "or compiled candidates measured against --budget_gb "
+                             "(remat/measure.py; cell_saves/offload may then be auto).")
+_BUDGET_GB = flags.DEFINE_float("budget_gb", None,
+                                "planner=measure: activation budget in GB (default: the "
+                                "device's memory less weights and gradients, less a margin).")
+_MAX_CANDIDATES = flags.DEFINE_integer("max_candidates", 8,
+                                       "planner=measure: settings compiled at most.")
 _BLOCK_IMPL = flags.DEFINE_enum("block_impl", None, ["fused", "autodiff"],
                                 "Mamba2Config.block_impl (default: the config's).")
 _N_LAYERS = flags.DEFINE_integer("n_layers", None, "Override the preset's layer count.")
@@ -92,7 +101,23 @@ def run_one(policy: str, seqlen: int) -> dict:
          "block_impl": cfg.block_impl, "n_layers": cfg.n_layers,
          "cell_saves": _CELL_SAVES.value}
   itemsize = jnp.dtype(_DTYPE.value).itemsize
-  if policy == "magc":
+  if policy == "magc" and _PLANNER.value == "measure":
+    from ma2mba_jax.remat import measure
+    n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(
+        nnx.state(nnx.eval_shape(lambda: Mamba2LM(cfg, rngs=nnx.Rngs(0))))))
+    budget = measure.training_budget_bytes(weight_bytes=4 * n_params, grad_bytes=4 * n_params,
+                                           opt_state_bytes=0, budget_gb=_BUDGET_GB.value)
+    plan_start = time.perf_counter()
+    result = measure.plan(cfg, seqlen, remat_cfg, budget_bytes=budget, batch=_BATCH.value,
+                          max_candidates=_MAX_CANDIDATES.value)
+    choice = result.choice
+    remat_cfg.l, remat_cfg.s = choice.l, choice.s
+    remat_cfg.cell_saves, remat_cfg.offload = choice.cell_saves, choice.offload
+    row.update(l=choice.l, s=choice.s, cell_saves=choice.cell_saves, offload=choice.offload,
+               planner="measure", budget_GB=None if budget is None else budget / 1e9,
+               plan_s=time.perf_counter() - plan_start,
+               plan_compiled=sum(r.measured is not None for r in result.rows))
+  elif policy == "magc":
     l, s, predicted = magc.resolve(remat_cfg, cfg, seqlen, bytes_per_element=itemsize)
     remat_cfg.l, remat_cfg.s = l, s
     row.update(l=l, s=s, predicted_GB=predicted * _BATCH.value / 1e9)
@@ -159,10 +184,13 @@ def run_child(spec: str, n_layers: int | None = None, compile_only: bool = False
   cmd = [sys.executable, "-m", "ma2mba_jax.bench.remat", f"--child={spec}",
          f"--model={_MODEL.value}", f"--batch={_BATCH.value}", f"--l={_L.value}",
          f"--s={_S.value}", f"--cell_saves={_CELL_SAVES.value}", f"--offload={_OFFLOAD.value}",
-         f"--ssd_impl={_SSD_IMPL.value}",
+         f"--ssd_impl={_SSD_IMPL.value}", f"--planner={_PLANNER.value}",
+         f"--max_candidates={_MAX_CANDIDATES.value}",
          f"--compute_dtype={_DTYPE.value}", f"--repeats={_REPEATS.value}"]
   if _BLOCK_IMPL.value:
     cmd.append(f"--block_impl={_BLOCK_IMPL.value}")
+  if _BUDGET_GB.value is not None:
+    cmd.append(f"--budget_gb={_BUDGET_GB.value}")
   n_layers = n_layers or _N_LAYERS.value
   if n_layers:
     cmd.append(f"--n_layers={n_layers}")
