@@ -106,10 +106,14 @@ class Measurement:
   param_bytes: int     # of the arguments: the layers' parameters
   grad_bytes: int      # of the outputs: the layers' parameter gradients
   compile_s: float
+  failed: str = ""     # XLA's error when this setting does not compile (it never fits)
 
   @property
-  def device_bytes(self) -> int:
-    """What the step needs on the device beyond weights and their gradients."""
+  def device_bytes(self) -> float:
+    """What the step needs on the device beyond weights and their gradients (inf when the
+    setting did not compile)."""
+    if self.failed:
+      return math.inf
     return (self.temp_bytes + self.argument_bytes + self.output_bytes - self.alias_bytes
             - self.param_bytes - self.grad_bytes)
 
@@ -332,9 +336,16 @@ def _program_hash(lowered: Any) -> str:
 
 def _compile_memory(lowered: Any, layer_bytes: int, candidate: Candidate) -> Measurement:
   """Compiles `lowered` (nothing runs) and reads XLA's memory analysis."""
-  del candidate  # (named in logs and by tests that count compiles)
   start = time.perf_counter()
-  analysis = lowered.compile(compiler_options=_compiler_options()).memory_analysis()
+  try:
+    analysis = lowered.compile(compiler_options=_compiler_options()).memory_analysis()
+  except jax.errors.JaxRuntimeError as err:
+    # XLA may refuse a setting outright (out of memory while compiling, or an internal error
+    # in a rarely used path such as host offload): that candidate cannot be chosen.
+    first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else repr(err)
+    logging.warning("MA-GC measure: %s did not compile: %s", candidate, first_line)
+    return Measurement(0, 0, 0, 0, 0, layer_bytes, layer_bytes,
+                       time.perf_counter() - start, failed=first_line)
   compile_s = time.perf_counter() - start
   if analysis is None:
     raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis: "
@@ -467,9 +478,10 @@ def format_table(rows: Sequence[Row], budget_bytes: float | None,
   lines = []
   for row in rows:
     c, m = row.candidate, row.measured
-    fmt = lambda name: "-" if m is None else f"{getattr(m, name) / size:.3f}"
-    fits = ("not compiled" if m is None else "-" if row.fits is None
-            else "yes" if row.fits else "no")
+    fmt = lambda name: ("-" if m is None else "failed" if m.failed
+                        else f"{getattr(m, name) / size:.3f}")
+    fits = ("not compiled" if m is None else "no (compile failed)" if m.failed
+            else "-" if row.fits is None else "yes" if row.fits else "no")
     lines.append(["*" if c == choice else "", str(c.l), str(c.s), c.cell_saves, c.offload,
                   str(row.cost[2]), f"{row.predicted_bytes / size:.3f}", fmt("device_bytes"),
                   fmt("temp_bytes"), fmt("host_bytes"), fits])

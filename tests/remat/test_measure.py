@@ -271,3 +271,24 @@ def test_cli_prints_the_plan(measured):
   expected = fastest_fitting(rows, budget)
   assert expected == measure.Candidate(1, 32)
   assert "choice: l=1 s=32 cell_saves=nothing offload=none" in out
+
+
+def test_a_setting_that_does_not_compile_is_never_chosen(monkeypatch):
+  """XLA can refuse a setting (out of memory while compiling, or an internal error, as the
+  H100 gave for one offload candidate at 2^19): the plan marks it and picks another."""
+  real = measure._compiler_options
+  calls = []
+
+  def failing_first(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:
+      raise jax.errors.JaxRuntimeError("INTERNAL: refused on purpose by the test")
+    return real(*args, **kwargs)
+  monkeypatch.setattr(measure, "_compiler_options", failing_first)
+  result = measure.plan(CFG, SEQLEN, L1_AUTO_S, budget_bytes=1e12, batch=BATCH,
+                        cache=measure.CompileCache(), max_candidates=N_CANDIDATES, show=False)
+  first, chosen = result.rows[0], result.choice
+  assert first.measured.failed.startswith("INTERNAL: refused on purpose")
+  assert first.fits is False and math.isinf(first.measured.device_bytes)
+  assert chosen != first.candidate and chosen == result.rows[1].candidate
+  assert "compile failed" in result.table()
