@@ -20,7 +20,8 @@ autodiff of the forward's `Linear` uses (compute-dtype inputs, f32 accumulation,
 result rounded to the compute dtype).
 
 Every input is differentiable: the parameters, h and both input states (MA-GC's cells
-need the states' gradients and pass in the output states' cotangents).
+need the states' gradients and pass in the output states' cotangents); `reset` (packed
+segments, [B, T] bool) is not, and gets no cotangent.
 
 Remat: a policy of an outer `jax.checkpoint` sees this block's forward rule, so the
 residual zxbcdt carries the tag `mamba2_in_proj` and the out_proj output `mamba2_out_proj`
@@ -98,7 +99,8 @@ def _norm_in(h: Array, weight: Array, eps: float, cd) -> Array:
 
 
 def _mix(config: Mamba2Config, mix_params: tuple, zxbcdt: Array, conv_state: Array,
-         ssm_state: Array, *, tag: bool = False) -> tuple[Array, Array, Array]:
+         ssm_state: Array, reset: Array | None = None, *, tag: bool = False
+         ) -> tuple[Array, Array, Array]:
   """From the in_proj output to the out_proj input (no matmul inside).
 
   Args:
@@ -106,6 +108,7 @@ def _mix(config: Mamba2Config, mix_params: tuple, zxbcdt: Array, conv_state: Arr
       gated_norm [E]).
     zxbcdt: [B, T, F] in the compute dtype.
     conv_state: [B, C, K-1] f32; ssm_state: [B, H, P, N] f32.
+    reset: [B, T] bool or None (packed segments: the conv and SSD restart where True).
 
   Returns:
     gated_norm(y, z) [B, T, E] in the compute dtype, new conv_state, new ssm_state.
@@ -113,7 +116,7 @@ def _mix(config: Mamba2Config, mix_params: tuple, zxbcdt: Array, conv_state: Arr
   c = config
   conv_weight, conv_bias, dt_bias, A_log, D, gated_norm = mix_params
   z, xBC, dt = jnp.split(zxbcdt, [c.d_inner, c.d_inner + c.conv_dim], axis=-1)
-  xBC, conv_state = causal_conv(xBC, conv_state, conv_weight, conv_bias)   # [B, T, C]
+  xBC, conv_state = causal_conv(xBC, conv_state, conv_weight, conv_bias, reset)  # [B,T,C]
   if tag:
     xBC = checkpoint_name(xBC, "mamba2_conv")
   gn = c.n_groups * c.d_state
@@ -125,7 +128,7 @@ def _mix(config: Mamba2Config, mix_params: tuple, zxbcdt: Array, conv_state: Arr
   A = -jnp.exp(A_log.astype(f32))                                # [H]
   y, ssm_state = ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True,
                      dt_limit=c.dt_limit, initial_state=ssm_state, chunk_len=c.chunk_len,
-                     impl=c.ssd_impl)                            # y: [B, T, H, P]
+                     impl=c.ssd_impl, reset=reset)               # y: [B, T, H, P]
   if tag:
     y = checkpoint_name(y, "mamba2_ssd")
   normed = gated_rms_norm(y.reshape(z.shape), z, gated_norm, c.n_groups, c.norm_eps)
@@ -137,13 +140,13 @@ def _mix_params(p: BlockParams) -> tuple:
 
 
 def _forward(config: Mamba2Config, p: BlockParams, h: Array, conv_state: Array,
-             ssm_state: Array, *, tag_all: bool):
+             ssm_state: Array, reset: Array | None, *, tag_all: bool):
   """-> ((h_out, conv_state, ssm_state), zxbcdt)."""
   cd = config.compute_dtype
   u = _norm_in(h, p.norm, config.norm_eps, cd)                   # [B, T, D]
   zxbcdt = checkpoint_name(_linear(u, p.in_proj, cd), "mamba2_in_proj")  # [B, T, F]
   normed, conv_state, ssm_state = _mix(config, _mix_params(p), zxbcdt, conv_state,
-                                       ssm_state, tag=tag_all)   # [B, T, E]
+                                       ssm_state, reset, tag=tag_all)  # [B, T, E]
   out = checkpoint_name(_linear(normed, p.out_proj, cd), "mamba2_out_proj")  # [B, T, D]
   return (h + out.astype(f32), conv_state, ssm_state), zxbcdt
 
@@ -151,23 +154,25 @@ def _forward(config: Mamba2Config, p: BlockParams, h: Array, conv_state: Array,
 # --------------------------------------------------------------------------- the custom_vjp
 
 
+# `reset` ([B, T] bool or None) is an ordinary argument, not a nondiff_argnum (it is traced);
+# the backward returns None for it: it has no cotangent.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(config: Mamba2Config, p: BlockParams, h: Array, conv_state: Array,
-           ssm_state: Array) -> tuple[Array, Array, Array]:
-  return _forward(config, p, h, conv_state, ssm_state, tag_all=True)[0]
+           ssm_state: Array, reset: Array | None) -> tuple[Array, Array, Array]:
+  return _forward(config, p, h, conv_state, ssm_state, reset, tag_all=True)[0]
 
 
-def _fused_fwd(config, p, h, conv_state, ssm_state):
-  outs, zxbcdt = _forward(config, p, h, conv_state, ssm_state, tag_all=False)
-  return outs, (p, h, zxbcdt, conv_state, ssm_state)
+def _fused_fwd(config, p, h, conv_state, ssm_state, reset):
+  outs, zxbcdt = _forward(config, p, h, conv_state, ssm_state, reset, tag_all=False)
+  return outs, (p, h, zxbcdt, conv_state, ssm_state, reset)
 
 
 def _fused_bwd(config, residuals, cotangents):
-  p, h, zxbcdt, conv_state, ssm_state = residuals
+  p, h, zxbcdt, conv_state, ssm_state, reset = residuals
   dh_out, dconv_out, dssm_out = cotangents                       # [B,T,D], states
   cd = config.compute_dtype
   # Recompute conv, SSD and gated norm from zxbcdt (no matmul), keeping their vjp.
-  mix = functools.partial(_mix, config)
+  mix = functools.partial(_mix, config, reset=reset)
   (normed, _, _), mix_vjp = jax.vjp(mix, _mix_params(p), zxbcdt, conv_state, ssm_state)
   # h_out = h + out.astype(f32), out = normed @ out_proj.
   dnormed, dout_proj = _linear_backward(normed, p.out_proj, dh_out.astype(cd), cd)
@@ -180,22 +185,29 @@ def _fused_bwd(config, residuals, cotangents):
   dp = BlockParams(norm=dnorm, in_proj=din_proj, conv_weight=conv_weight,
                    conv_bias=conv_bias, dt_bias=dt_bias, A_log=A_log, D=D,
                    gated_norm=gated_norm, out_proj=dout_proj)
-  return dp, dh_out + dh_norm, dconv, dssm
+  return dp, dh_out + dh_norm, dconv, dssm, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def fused_block_apply(config: Mamba2Config, p: BlockParams, h: Array, conv_state: Array,
-                      ssm_state: Array) -> tuple[Array, Array, Array]:
+                      ssm_state: Array, reset: Array | None = None
+                      ) -> tuple[Array, Array, Array]:
   """`Mamba2Block.__call__` with the memory-lean backward.
 
   Args:
     p: the layer's parameters (see `block_params`).
     h: [B, T, D] (any float dtype; the residual stream is f32), any T >= 1.
     conv_state: [B, C, K-1]; ssm_state: [B, H, P, N] (f32 after the cast here).
+    reset: [B, T] bool (or int, nonzero = True), optional: True where a packed segment
+      starts. Not differentiable.
 
   Returns:
     (h [B, T, D] f32, conv_state [B, C, K-1] f32, ssm_state [B, H, P, N] f32).
   """
-  return _fused(config, p, h.astype(f32), conv_state.astype(f32), ssm_state.astype(f32))
+  if reset is not None:
+    reset = jnp.asarray(reset)
+    reset = reset if reset.dtype == jnp.bool_ else reset != 0
+  return _fused(config, p, h.astype(f32), conv_state.astype(f32), ssm_state.astype(f32),
+                reset)

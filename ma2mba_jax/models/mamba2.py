@@ -255,8 +255,8 @@ class Linear(nnx.Module):
                       preferred_element_type=f32).astype(cd)
 
 
-def causal_conv(xBC: Array, conv_state: Array, weight: Array, bias: Array
-                ) -> tuple[Array, Array]:
+def causal_conv(xBC: Array, conv_state: Array, weight: Array, bias: Array,
+                reset: Array | None = None) -> tuple[Array, Array]:
   """Depthwise causal conv1d continuing from a state, then SiLU.
 
   Args:
@@ -265,11 +265,18 @@ def causal_conv(xBC: Array, conv_state: Array, weight: Array, bias: Array
     weight: [K, C]; out[t] = bias + sum_k weight[k] * in[t - (K-1) + k] (PyTorch's conv1d
       cross-correlation with K-1 zeros of left padding).
     bias: [C].
+    reset: [B, T] bool, optional (packed segments, True where a segment starts): token t
+      uses input t-j only if there is no reset in (t-j, t] (the conv_state's inputs count
+      as positions -(K-1) .. -1, so they reach only tokens before the first reset). None
+      costs nothing.
 
   Returns:
     silu(out) [B, T, C] in xBC.dtype (accumulated in f32), and the new conv state
     [B, C, K-1] in f32: the last K-1 inputs of state + xBC. The state is read in xBC's
-    dtype, which loses nothing when it holds earlier inputs of the same dtype.
+    dtype, which loses nothing when it holds earlier inputs of the same dtype. With
+    `reset`, the inputs before the last reset are zeroed in it (no later token may reach
+    them), so the state equals that of the last segment run alone and a caller that cuts
+    T into blocks and slices `reset` the same way gets the unsplit result.
   """
   kernel = weight.shape[0]
   seqlen = xBC.shape[1]
@@ -277,9 +284,22 @@ def causal_conv(xBC: Array, conv_state: Array, weight: Array, bias: Array
   # multiply-adds.
   window = jnp.concatenate([jnp.swapaxes(conv_state, 1, 2).astype(xBC.dtype), xBC],
                            axis=1)                               # [B, K-1+T, C]
-  out = bias.astype(f32) + sum(window[:, k:k + seqlen].astype(f32) * weight[k].astype(f32)
+  if reset is None:
+    taps = [window[:, k:k + seqlen] for k in range(kernel)]      # K x [B, T, C]
+    last = window[:, seqlen:]                                    # [B, K-1, C]
+  else:
+    # Input p reaches token t iff no reset in (p, t] iff count[t] == count[p], where
+    # count[p] = resets in [0, p] (0 for the state's positions p < 0).
+    count = jnp.cumsum(reset.astype(jnp.int32), axis=1)          # [B, T]
+    padded = jnp.pad(count, ((0, 0), (kernel - 1, 0)))           # [B, K-1+T]
+    zero = jnp.zeros((), xBC.dtype)
+    taps = [jnp.where((padded[:, k:k + seqlen] == count)[..., None],
+                      window[:, k:k + seqlen], zero) for k in range(kernel)]
+    keep = padded[:, seqlen:] == count[:, -1:]                   # [B, K-1]
+    last = jnp.where(keep[..., None], window[:, seqlen:], zero)
+  out = bias.astype(f32) + sum(taps[k].astype(f32) * weight[k].astype(f32)
                                for k in range(kernel))           # [B, T, C]
-  new_state = jnp.swapaxes(window[:, seqlen:], 1, 2).astype(f32)  # [B, C, K-1]
+  new_state = jnp.swapaxes(last, 1, 2).astype(f32)               # [B, C, K-1]
   return jax.nn.silu(out).astype(xBC.dtype), new_state
 
 
@@ -337,25 +357,28 @@ class Mamba2Mixer(nnx.Module):
     y = y.reshape(z.shape)
     return self.out_proj(self.norm(y, z).astype(self.config.compute_dtype))
 
-  def __call__(self, u: Array, conv_state: Array, ssm_state: Array
-               ) -> tuple[Array, Array, Array]:
+  def __call__(self, u: Array, conv_state: Array, ssm_state: Array,
+               reset: Array | None = None) -> tuple[Array, Array, Array]:
     """Sequence mode (full or chunked), any T >= 1.
 
     Args:
       u: [B, T, D] normalised input (cast to the compute dtype).
       conv_state: [B, C, K-1] f32; ssm_state: [B, H, P, N] f32 (the states before u[:, 0]).
+      reset: [B, T] bool, optional: True where a packed segment starts (the conv and SSD
+        restart there; see `causal_conv` and `ssd`).
 
     Returns:
       out [B, T, D] in compute dtype, new conv_state, new ssm_state (f32).
     """
     c = self.config
     z, xBC, dt = self._split_in_proj(u.astype(c.compute_dtype), name="mamba2_in_proj")
-    xBC, conv_state = causal_conv(xBC, conv_state, self.conv_weight[...], self.conv_bias[...])
+    xBC, conv_state = causal_conv(xBC, conv_state, self.conv_weight[...], self.conv_bias[...],
+                                  reset)
     x, B, C = self._split_xBC(checkpoint_name(xBC, "mamba2_conv"))
     A = -jnp.exp(self.A_log[...].astype(f32))                      # [H]
     y, ssm_state = ssd(x, dt, A, B, C, D=self.D[...], dt_bias=self.dt_bias[...],
                        dt_softplus=True, dt_limit=c.dt_limit, initial_state=ssm_state,
-                       chunk_len=c.chunk_len, impl=c.ssd_impl)     # y: [B, T, H, P]
+                       chunk_len=c.chunk_len, impl=c.ssd_impl, reset=reset)  # [B,T,H,P]
     out = self._output(checkpoint_name(y, "mamba2_ssd"), z)
     return checkpoint_name(out, "mamba2_out_proj"), conv_state, ssm_state
 
@@ -388,10 +411,11 @@ class Mamba2Block(nnx.Module):
     self.norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=config.param_dtype)
     self.mixer = Mamba2Mixer(config, rngs=rngs)
 
-  def __call__(self, h: Array, conv_state: Array, ssm_state: Array
-               ) -> tuple[Array, Array, Array]:
+  def __call__(self, h: Array, conv_state: Array, ssm_state: Array,
+               reset: Array | None = None) -> tuple[Array, Array, Array]:
     """h [B, T, D] f32 and the layer's states -> (h [B, T, D] f32, conv_state, ssm_state).
 
+    reset: [B, T] bool, optional: True where a packed segment starts.
     With `config.block_impl == "fused"` the same function with a hand-written backward
     (models/fused_block.py).
     """
@@ -399,8 +423,8 @@ class Mamba2Block(nnx.Module):
     if config.block_impl == "fused":
       from ma2mba_jax.models import fused_block  # it imports this module
       return fused_block.fused_block_apply(config, fused_block.block_params(self), h,
-                                           conv_state, ssm_state)
-    out, conv_state, ssm_state = self.mixer(self.norm(h), conv_state, ssm_state)
+                                           conv_state, ssm_state, reset)
+    out, conv_state, ssm_state = self.mixer(self.norm(h), conv_state, ssm_state, reset)
     return h.astype(f32) + out.astype(f32), conv_state, ssm_state
 
   def step(self, h: Array, conv_state: Array, ssm_state: Array) -> tuple[Array, Array, Array]:
@@ -413,7 +437,8 @@ class Mamba2Block(nnx.Module):
 
 
 def block_apply(block_graphdef: nnx.GraphDef, layer_params: nnx.State, h: Array,
-                conv_state: Array, ssm_state: Array) -> tuple[Array, Array, Array]:
+                conv_state: Array, ssm_state: Array, reset: Array | None = None
+                ) -> tuple[Array, Array, Array]:
   """Applies ONE layer, as a pure function of all its arguments (what MA-GC scans over).
 
   Args:
@@ -421,13 +446,15 @@ def block_apply(block_graphdef: nnx.GraphDef, layer_params: nnx.State, h: Array,
     layer_params: the stacked params indexed at one layer (leaves without the L axis).
     h: [B, T, D] f32, any T >= 1.
     conv_state: [B, C, K-1] f32 (C = conv_dim); ssm_state: [B, H, P, N] f32.
+    reset: [B, T] bool, optional: True where a packed segment starts (the states restart
+      just before that token; see `causal_conv` and `ssd`). None: no segments.
 
   Returns:
     (h [B, T, D] f32, conv_state [B, C, K-1] f32, ssm_state [B, H, P, N] f32), the states
     after the last token. Differentiable in layer_params, h and both states.
   """
   block = nnx.merge(block_graphdef, layer_params)
-  return block(h, conv_state, ssm_state)
+  return block(h, conv_state, ssm_state, reset)
 
 
 def block_step(block_graphdef: nnx.GraphDef, layer_params: nnx.State, h: Array,
@@ -448,11 +475,13 @@ class LayerStates(NamedTuple):
 
 
 def _scan_layers(layer_fn, graphdef: nnx.GraphDef, stacked_params: nnx.State, h: Array,
-                 states: LayerStates) -> tuple[Array, LayerStates]:
-  """h through every layer with `layer_fn` (block_apply or block_step) in a lax.scan."""
+                 states: LayerStates, **kwargs) -> tuple[Array, LayerStates]:
+  """h through every layer with `layer_fn` (block_apply or block_step) in a lax.scan;
+  kwargs (block_apply's reset) go to every layer."""
   def body(h, xs):
     layer_params, conv_state, ssm_state = xs
-    h, conv_state, ssm_state = layer_fn(graphdef, layer_params, h, conv_state, ssm_state)
+    h, conv_state, ssm_state = layer_fn(graphdef, layer_params, h, conv_state, ssm_state,
+                                        **kwargs)
     return h, (conv_state, ssm_state)
 
   h, (conv, ssm) = jax.lax.scan(body, h, (stacked_params, states.conv, states.ssm))
@@ -520,21 +549,31 @@ class Mamba2LM(nnx.Module):
         conv=jnp.zeros((c.n_layers, batch_size, c.conv_dim, c.d_conv - 1), f32),
         ssm=jnp.zeros((c.n_layers, batch_size, c.n_heads, c.head_dim, c.d_state), f32))
 
-  def apply_layers(self, h: Array, states: LayerStates) -> tuple[Array, LayerStates]:
-    """h [B, T, D] f32 through all layers (a scan of `block_apply`) -> (h, final states)."""
+  def apply_layers(self, h: Array, states: LayerStates, reset: Array | None = None
+                   ) -> tuple[Array, LayerStates]:
+    """h [B, T, D] f32 through all layers (a scan of `block_apply`) -> (h, final states).
+
+    reset: [B, T] bool, optional: True where a packed segment starts (every layer's state
+    restarts there).
+    """
     graphdef, stacked = self.split_layers()
-    return _scan_layers(block_apply, graphdef, stacked, h, states)
+    kwargs = {} if reset is None else {"reset": reset}
+    return _scan_layers(block_apply, graphdef, stacked, h, states, **kwargs)
 
   # -- the three modes
 
   def __call__(self, tokens: Array | None = None, *, embeds: Array | None = None,
-               states: LayerStates | None = None, return_states: bool = False):
+               states: LayerStates | None = None, return_states: bool = False,
+               reset: Array | None = None):
     """Full mode (states None: zeros) or chunked mode (states given).
 
     Args:
       tokens: int32 [B, T]; or `embeds` [B, T, D] (e.g. text with frame features), not both.
       states: LayerStates before the first token, or None for a fresh sequence.
       return_states: also return the LayerStates after the last token.
+      reset: [B, T] bool, optional, for rows packing several sequences: True where one
+        starts (`kernels.ssd.reset_from_segment_ids`). Each segment's logits are those of
+        the segment alone; `states` reach only the tokens before the first reset.
 
     Returns:
       logits [B, T, V] f32, and the final LayerStates if return_states.
@@ -547,7 +586,7 @@ class Mamba2LM(nnx.Module):
                        f"got {h.shape}")
     if states is None:
       states = self.init_states(h.shape[0])
-    h, states = self.apply_layers(h, states)
+    h, states = self.apply_layers(h, states, reset)
     logits = self.head(h)
     return (logits, states) if return_states else logits
 

@@ -183,11 +183,14 @@ class VideoMa2mba(nnx.Module):
 
   def __call__(self, tokens: Array, vision_index: Array, frames: Array | None = None,
                frame_mask: Array | None = None, *, states: Any = None,
-               return_states: bool = False):
+               return_states: bool = False, reset: Array | None = None):
     """-> logits [B, T, V] float32 (and the LM's final states if return_states).
 
     states: the LM's LayerStates before the first token (None: a fresh sequence), so a long
     conversation can be run piece by piece.
+    reset: [B, T] bool, optional, for packed rows: True where an example starts
+    (`kernels.ssd.reset_from_segment_ids(segment_ids)`); the LM restarts its state there.
+    (Frames are encoded one by one, so they need no reset.)
     """
     embeds = self.embed_inputs(tokens, vision_index, frames, frame_mask)
-    return self.llm(embeds=embeds, states=states, return_states=return_states)
+    return self.llm(embeds=embeds, states=states, return_states=return_states, reset=reset)

@@ -38,11 +38,15 @@ CELL_SAVES = ("nothing", "layers", "dots", "names")
 
 
 def scan_layers(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
-                ssm: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Applies the layers in order. params leaves [l, ...]; conv/ssm [l, ...]; h [B, S, D]."""
+                ssm: jax.Array, reset: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Applies the layers in order. params leaves [l, ...]; conv/ssm [l, ...]; h [B, S, D];
+  reset [B, S] bool or None (packed segments; passed to every layer only when given)."""
+  kwargs = {} if reset is None else {"reset": reset}
+
   def one_layer(h, layer):
     layer_params, conv_state, ssm_state = layer
-    h, conv_state, ssm_state = layer_fn(layer_params, h, conv_state, ssm_state)
+    h, conv_state, ssm_state = layer_fn(layer_params, h, conv_state, ssm_state, **kwargs)
     return h, (conv_state, ssm_state)
 
   h, (conv, ssm) = jax.lax.scan(one_layer, h, (params, conv, ssm))
@@ -97,7 +101,8 @@ def cell_layer_fn(layer_fn: Callable, remat_cfg: Any) -> Callable:
 def cell_checkpoint(remat_cfg: Any) -> Callable[[Callable], Callable]:
   """Returns a decorator that puts a cell function under jax.checkpoint with the policy.
 
-  The cell function is fn(params, h, conv, ssm) -> (h, conv, ssm).
+  The cell function is fn(params, h, conv, ssm, reset) -> (h, conv, ssm) (reset [B, S]
+  bool or None: not differentiable, never offloaded).
   """
   policy = _cell_policy(remat_cfg)
   names = offloaded_names(remat_cfg)
@@ -106,11 +111,11 @@ def cell_checkpoint(remat_cfg: Any) -> Callable[[Callable], Callable]:
   policy = _with_offload(policy, names)
 
   def decorate(fn: Callable) -> Callable:
-    def tagged(params, h, conv, ssm):
+    def tagged(params, h, conv, ssm, reset=None):
       if LAYER_CHECKPOINT in names:
         h = checkpoint_name(h, LAYER_CHECKPOINT)
       conv = checkpoint_name(conv, SEQUENCE_CHECKPOINT)
       ssm = checkpoint_name(ssm, SEQUENCE_CHECKPOINT)
-      return fn(params, h, conv, ssm)
+      return fn(params, h, conv, ssm, reset)
     return jax.checkpoint(tagged, policy=policy, prevent_cse=False)
   return decorate

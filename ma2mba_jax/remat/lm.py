@@ -13,15 +13,17 @@ from ma2mba_jax.remat.policies import apply_with_remat
 
 
 def apply_layers_with_remat(llm: Mamba2LM, h: jax.Array, remat_cfg: Any,
-                            states: LayerStates | None = None) -> tuple[jax.Array, LayerStates]:
+                            states: LayerStates | None = None,
+                            reset: jax.Array | None = None) -> tuple[jax.Array, LayerStates]:
   """h [B, T, D] f32 through every layer under `remat_cfg` -> (h, final LayerStates).
 
   remat_cfg: policy, l, s (resolved ints for magc: see remat.magc.resolve), cell_saves,
-  save_names.
+  save_names. reset: [B, T] bool or None, True where a packed segment starts.
   """
   graphdef, stacked = llm.split_layers()
   if states is None:
     states = llm.init_states(h.shape[0])
   layer_fn = functools.partial(block_apply, graphdef)
-  h, conv, ssm = apply_with_remat(layer_fn, stacked, h, states.conv, states.ssm, remat_cfg)
+  h, conv, ssm = apply_with_remat(layer_fn, stacked, h, states.conv, states.ssm, remat_cfg,
+                                  reset)
   return h, LayerStates(conv=conv, ssm=ssm)

@@ -36,14 +36,16 @@ def _leading(tree: Any) -> int:
 
 def apply_layer_groups(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
                        ssm: jax.Array, *, group_size: int,
-                       checkpoint: Callable[[Callable], Callable]) -> tuple:
+                       checkpoint: Callable[[Callable], Callable],
+                       reset: jax.Array | None = None) -> tuple:
   """Layers in groups of `group_size`, each group a checkpointed cell, scanned in order.
 
-  params leaves [L, ...]; h [B, S, D]; conv [L, B, conv_dim, K-1]; ssm [L, B, H, P, N].
+  params leaves [L, ...]; h [B, S, D]; conv [L, B, conv_dim, K-1]; ssm [L, B, H, P, N];
+  reset [B, S] bool or None (packed segments).
   """
   n_layers = _leading(params)
   n_full, n_rest = divmod(n_layers, group_size)
-  cell = checkpoint(lambda p, h, c, s: scan_layers(layer_fn, p, h, c, s))
+  cell = checkpoint(lambda p, h, c, s, r: scan_layers(layer_fn, p, h, c, s, r))
   convs, ssms = [], []
 
   if n_full:
@@ -52,7 +54,7 @@ def apply_layer_groups(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.
 
     def group_step(h, group):
       group_params, group_conv, group_ssm = group
-      h, group_conv, group_ssm = cell(group_params, h, group_conv, group_ssm)
+      h, group_conv, group_ssm = cell(group_params, h, group_conv, group_ssm, reset)
       return h, (group_conv, group_ssm)
 
     h, (c, s) = jax.lax.scan(group_step, h, jax.tree.map(grouped, (params, conv, ssm)))
@@ -60,32 +62,37 @@ def apply_layer_groups(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.
     ssms.append(s.reshape((-1,) + s.shape[2:]))
   if n_rest:
     rest = lambda a: a[n_full * group_size:]
-    h, c, s = cell(jax.tree.map(rest, params), h, rest(conv), rest(ssm))
+    h, c, s = cell(jax.tree.map(rest, params), h, rest(conv), rest(ssm), reset)
     convs.append(c)
     ssms.append(s)
   return h, jnp.concatenate(convs, axis=0), jnp.concatenate(ssms, axis=0)
 
 
 def _group_over_time(cell: Callable, group_params: Any, h: jax.Array, conv: jax.Array,
-                     ssm: jax.Array, s: int) -> tuple:
+                     ssm: jax.Array, s: int, reset: jax.Array | None = None) -> tuple:
   """One group of layers over every token, one time block (cell) after another.
 
   The scan's carry is the group's states: what it keeps for the backward at each block
-  boundary are the sequence checkpoints; its xs are the layer checkpoints (h [B, s, D]).
+  boundary are the sequence checkpoints; its xs are the layer checkpoints (h [B, s, D])
+  and, with packed segments, the block's slice of reset [B, s].
   """
   batch, seqlen, width = h.shape
   n_blocks, n_rest = divmod(seqlen, s)
   outputs = []
   if n_blocks:
-    def block_step(states, h_blk):
-      h_blk, c, m = cell(group_params, h_blk, *states)
+    def block_step(states, xs):
+      h_blk, reset_blk = xs
+      h_blk, c, m = cell(group_params, h_blk, *states, reset_blk)
       return (c, m), h_blk
 
     blocks = jnp.moveaxis(h[:, :n_blocks * s].reshape(batch, n_blocks, s, width), 1, 0)
-    (conv, ssm), h_out = jax.lax.scan(block_step, (conv, ssm), blocks)
+    reset_blocks = None if reset is None else jnp.moveaxis(
+        reset[:, :n_blocks * s].reshape(batch, n_blocks, s), 1, 0)  # [n_blocks, B, s]
+    (conv, ssm), h_out = jax.lax.scan(block_step, (conv, ssm), (blocks, reset_blocks))
     outputs.append(jnp.moveaxis(h_out, 0, 1).reshape(batch, n_blocks * s, width))
   if n_rest:
-    h_rest, conv, ssm = cell(group_params, h[:, n_blocks * s:], conv, ssm)
+    reset_rest = None if reset is None else reset[:, n_blocks * s:]
+    h_rest, conv, ssm = cell(group_params, h[:, n_blocks * s:], conv, ssm, reset_rest)
     outputs.append(h_rest)
   return _concat(outputs, axis=1), conv, ssm
 
@@ -95,8 +102,9 @@ def _concat(parts: list[jax.Array], axis: int) -> jax.Array:
 
 
 def apply_magc(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
-               ssm: jax.Array, remat_cfg: Any) -> tuple:
+               ssm: jax.Array, remat_cfg: Any, reset: jax.Array | None = None) -> tuple:
   """The MA-GC grid. `remat_cfg.l` and `remat_cfg.s` must be resolved ints (see resolve).
+  reset [B, S] bool or None (packed segments) is sliced per time block alongside h.
 
   Traversal: a scan over layer groups, inside it a scan over time blocks, each cell under
   jax.checkpoint. The grid and the checkpoints are the paper's; only the loop nesting is
@@ -112,7 +120,8 @@ def apply_magc(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
     raise ValueError(f"MA-GC needs resolved positive ints for config.remat.l and .s, got "
                      f"l={l!r}, s={s!r} (resolve 'auto' with remat.magc.resolve first)")
   inner_fn = cell_layer_fn(layer_fn, remat_cfg)
-  cell = cell_checkpoint(remat_cfg)(lambda p, h, c, m: scan_layers(inner_fn, p, h, c, m))
+  cell = cell_checkpoint(remat_cfg)(
+      lambda p, h, c, m, r: scan_layers(inner_fn, p, h, c, m, r))
   n_layers = _leading(params)
   n_full, n_rest = divmod(n_layers, l)
   convs, ssms = [], []
@@ -124,7 +133,7 @@ def apply_magc(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
     def group_step(h, group):
       group_params, group_conv, group_ssm = group
       h, group_conv, group_ssm = _group_over_time(cell, group_params, h, group_conv,
-                                                  group_ssm, s)
+                                                  group_ssm, s, reset)
       return h, (group_conv, group_ssm)
 
     h, (c, m) = jax.lax.scan(group_step, h, jax.tree.map(grouped, (params, conv, ssm)))
@@ -132,7 +141,8 @@ def apply_magc(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
     ssms.append(m.reshape((-1,) + m.shape[2:]))
   if n_rest:
     rest = lambda a: a[n_full * l:]
-    h, c, m = _group_over_time(cell, jax.tree.map(rest, params), h, rest(conv), rest(ssm), s)
+    h, c, m = _group_over_time(cell, jax.tree.map(rest, params), h, rest(conv), rest(ssm), s,
+                               reset)
     convs.append(c)
     ssms.append(m)
   return h, _concat(convs, axis=0), _concat(ssms, axis=0)

@@ -7,6 +7,7 @@ Every policy computes the same function,
     layer_fn(layer_params, h, conv_state, ssm_state) -> (h, conv_state, ssm_state)
     params: pytree, leaves [L, ...]     h: [B, S, D] f32
     conv: [L, B, conv_dim, K-1]         ssm: [L, B, H, P, N]
+    reset: [B, S] bool or None (packed segments; layer_fn gets reset= only when given)
 
 and differs only in what the forward keeps for the backward:
 
@@ -29,25 +30,25 @@ from ma2mba_jax.remat.cells import cell_checkpoint, scan_layers
 LayerFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
 
-def apply_none(layer_fn: LayerFn, params, h, conv, ssm, remat_cfg) -> tuple:
+def apply_none(layer_fn: LayerFn, params, h, conv, ssm, remat_cfg, reset=None) -> tuple:
   del remat_cfg
-  return scan_layers(layer_fn, params, h, conv, ssm)
+  return scan_layers(layer_fn, params, h, conv, ssm, reset)
 
 
-def apply_layer(layer_fn: LayerFn, params, h, conv, ssm, remat_cfg) -> tuple:
+def apply_layer(layer_fn: LayerFn, params, h, conv, ssm, remat_cfg, reset=None) -> tuple:
   return magc.apply_layer_groups(layer_fn, params, h, conv, ssm, group_size=1,
-                                 checkpoint=cell_checkpoint(remat_cfg))
+                                 checkpoint=cell_checkpoint(remat_cfg), reset=reset)
 
 
 def sqrt_group_size(n_layers: int) -> int:
   return max(1, round(math.sqrt(n_layers)))
 
 
-def apply_sqrt(layer_fn: LayerFn, params, h, conv, ssm, remat_cfg) -> tuple:
+def apply_sqrt(layer_fn: LayerFn, params, h, conv, ssm, remat_cfg, reset=None) -> tuple:
   n_layers = jax.tree.leaves(params)[0].shape[0]
   return magc.apply_layer_groups(layer_fn, params, h, conv, ssm,
                                  group_size=sqrt_group_size(n_layers),
-                                 checkpoint=cell_checkpoint(remat_cfg))
+                                 checkpoint=cell_checkpoint(remat_cfg), reset=reset)
 
 
 POLICIES: dict[str, Callable[..., tuple]] = {
@@ -59,9 +60,15 @@ POLICIES: dict[str, Callable[..., tuple]] = {
 
 
 def apply_with_remat(layer_fn: LayerFn, params: Any, h: jax.Array, conv: jax.Array,
-                     ssm: jax.Array, remat_cfg: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Runs the layer stack under the policy named by `remat_cfg.policy`."""
+                     ssm: jax.Array, remat_cfg: Any, reset: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Runs the layer stack under the policy named by `remat_cfg.policy`.
+
+  reset: [B, S] bool or None: True where a packed segment starts (see block_apply).
+  """
   policy = remat_cfg.policy
   if policy not in POLICIES:
     raise ValueError(f"config.remat.policy={policy!r} is not one of {sorted(POLICIES)}")
-  return POLICIES[policy](layer_fn, params, h, conv, ssm, remat_cfg)
+  if reset is None:  # today's call, exactly
+    return POLICIES[policy](layer_fn, params, h, conv, ssm, remat_cfg)
+  return POLICIES[policy](layer_fn, params, h, conv, ssm, remat_cfg, reset=reset)
