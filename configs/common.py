@@ -69,6 +69,9 @@ def get_base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.data.max_tokens = 524_288
   # Pack several short examples into one row.
   c.data.packing = False
+  # Length buckets without packing (issue 17): None pads every batch to max_tokens; "auto"
+  # to the smallest of 256, 512, ... max_tokens holding its longest row; or a list.
+  c.data.bucket_lengths = None
   # Grain worker processes and per-worker prefetch (0 workers: decode in this process).
   c.data.num_workers = 8
   c.data.worker_buffer_size = 2

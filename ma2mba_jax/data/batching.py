@@ -19,6 +19,10 @@ Batch contract (B batch, T max_tokens, F max_frames, S image side, K tokens per 
 With packing, a row holds several examples one after another: their tokens and frames are
 concatenated and each example's vision_index is offset by the frames before it. The model
 must restart its recurrent state where segment_ids changes.
+
+Length buckets (`bucket_lengths`, without packing): T is then the smallest bucket length
+that holds the batch's longest row, not max_tokens, so a batch of short examples costs a
+short step; the jitted step compiles once per bucket (see `bucket_ladder`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,24 @@ _COUNTERS = ("batches", "examples", "skipped", "truncated", "dropped_exchanges",
              "skipped_in_a_row")
 # Skip messages kept for the give-up error.
 _FIRST_BAD = 5
+
+
+def bucket_ladder(max_tokens: int, multiple: int = 256, ratio: int = 2) -> tuple[int, ...]:
+  """The default bucket lengths: multiple, multiple*ratio, ... (a geometric ladder of
+  multiples of `multiple`, e.g. the MA-GC time block), then max_tokens itself."""
+  ladder, length = [], multiple
+  while length < max_tokens:
+    ladder.append(length)
+    length *= ratio
+  return tuple(ladder) + (max_tokens,)
+
+
+def bucket_length(used: int, buckets: tuple[int, ...]) -> int:
+  """The smallest bucket >= used (buckets ascending, the last one max_tokens)."""
+  for length in buckets:
+    if length >= used:
+      return length
+  raise ValueError(f"{used} tokens exceed the largest bucket {buckets[-1]}")
 
 
 def _worth_logging(count: int) -> bool:
@@ -192,6 +214,13 @@ class _PadBatchIterator(grain_dataset.DatasetIterator):
     if cfg["drop_remainder"] and complete_rows < batch_size:
       raise StopIteration
     self.stats["batches"] += 1
+    buckets = cfg.get("bucket_lengths")
+    if buckets:
+      arrays = rows.arrays
+      used = int(np.max(np.nonzero(arrays["segment_ids"].any(axis=0))[0], initial=-1)) + 1
+      length = bucket_length(max(used, 1), buckets)
+      for key in ("tokens", "loss_mask", "vision_index", "segment_ids"):
+        arrays[key] = arrays[key][:, :length]
     return rows.arrays
 
   def get_state(self) -> dict[str, Any]:
@@ -208,7 +237,9 @@ class PadBatchIterDataset(grain_dataset.IterDataset):
   """Batches decoded examples into the fixed-shape arrays of the module docstring.
 
   Without packing each example takes one row; with `pack`, examples fill a row in order
-  while both its tokens and frames fit (greedy, order kept). With `drop_remainder` a last
+  while both its tokens and frames fit (greedy, order kept). With `bucket_lengths`
+  (ascending; max_tokens is added as the last) the token arrays are cut to the smallest
+  bucket holding the batch's longest row. With `drop_remainder` a last
   incomplete batch is dropped, otherwise padded with empty rows.
 
   give_up_after: raise DataError once this many skip markers (skip_bad) come in a row
@@ -219,14 +250,24 @@ class PadBatchIterDataset(grain_dataset.IterDataset):
   def __init__(self, parent: grain_dataset.IterDataset, *, batch_size: int, max_tokens: int,
                max_frames: int, image_size: int, tokens_per_frame: int, pad_id: int,
                pack: bool = False, drop_remainder: bool = True,
-               give_up_after: int | None = None, index_note: str = "the limit"):
+               give_up_after: int | None = None, index_note: str = "the limit",
+               bucket_lengths: tuple[int, ...] | None = None):
     super().__init__(parent)
     if give_up_after is not None and give_up_after < 1:
       raise ValueError(f"give_up_after must be >= 1 or None, got {give_up_after}")
+    if bucket_lengths:
+      bucket_lengths = tuple(sorted(int(n) for n in bucket_lengths))
+      if bucket_lengths[0] < 1 or bucket_lengths[-1] > max_tokens:
+        raise ValueError(f"bucket_lengths must be in 1..max_tokens={max_tokens}, got "
+                         f"{bucket_lengths}")
+      if bucket_lengths[-1] != max_tokens:
+        bucket_lengths += (max_tokens,)
+    else:
+      bucket_lengths = None
     self._cfg = dict(batch_size=batch_size, max_tokens=max_tokens, max_frames=max_frames,
                      image_size=image_size, tokens_per_frame=tokens_per_frame, pad_id=pad_id,
                      pack=pack, drop_remainder=drop_remainder, give_up_after=give_up_after,
-                     index_note=index_note)
+                     index_note=index_note, bucket_lengths=bucket_lengths)
 
   def __iter__(self) -> _PadBatchIterator:
     return _PadBatchIterator(self._parent.__iter__(), self._cfg)

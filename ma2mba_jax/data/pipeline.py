@@ -27,6 +27,9 @@ The data config (a dict or ml_collections.ConfigDict), fields with defaults in D
   fps, image_size, tokens_per_frame, max_frames, max_tokens   per-example budget
   batch_size        examples (rows) per batch for THIS process
   packing           pack several examples into a row (else one example per row)
+  bucket_lengths    None: every batch is max_tokens long; "auto": the geometric ladder
+                    batching.bucket_ladder(max_tokens); or a list of lengths: each batch is
+                    cut to the smallest bucket holding its longest row (not with packing)
   num_workers       decoding worker processes (0: decode in this process)
   worker_buffer_size  decoded samples each worker keeps ready
   read_threads, read_buffer_size  threads (and their queue) decoding inside each worker
@@ -55,7 +58,7 @@ import grain
 import tokenizers
 from absl import flags
 
-from ma2mba_jax.data.batching import EMPTY, SKIPPED, PadBatchIterDataset
+from ma2mba_jax.data.batching import EMPTY, SKIPPED, PadBatchIterDataset, bucket_ladder
 from ma2mba_jax.data.errors import DataError
 from ma2mba_jax.data.example import ExampleSpec, build_example
 from ma2mba_jax.data.formats import FORMATS, Sample, pack_by_video, read_source
@@ -69,6 +72,7 @@ DEFAULTS: dict[str, Any] = {
     "image_size": 224,
     "tokens_per_frame": 144,
     "packing": False,
+    "bucket_lengths": None,
     "num_workers": 0,
     "worker_buffer_size": 2,
     "read_threads": 1,
@@ -113,6 +117,18 @@ def data_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     raise ValueError(f"data.decode_threads must be >= 0, got {settings['decode_threads']!r}")
   if not settings["fps"] > 0:
     raise ValueError(f"data.fps must be > 0, got {settings['fps']!r}")
+  buckets = settings["bucket_lengths"]
+  if buckets == "auto":
+    settings["bucket_lengths"] = bucket_ladder(settings["max_tokens"])
+  elif buckets:
+    buckets = tuple(buckets)
+    if not all(isinstance(n, int) and 1 <= n <= settings["max_tokens"] for n in buckets):
+      raise ValueError(f"data.bucket_lengths must be ints in 1..max_tokens, got {buckets!r}")
+    settings["bucket_lengths"] = buckets
+  else:
+    settings["bucket_lengths"] = None
+  if settings["bucket_lengths"] and settings["packing"]:
+    raise ValueError("data.bucket_lengths needs packing=False (packed rows fill max_tokens)")
   return settings
 
 
@@ -312,4 +328,4 @@ def make_pipeline(
       tokens_per_frame=settings["tokens_per_frame"],
       pad_id=special_ids(tokenizer).endoftext, pack=bool(settings["packing"]),
       drop_remainder=train, give_up_after=give_up_after if settings["skip_bad"] else None,
-      index_note=index_note)
+      index_note=index_note, bucket_lengths=settings["bucket_lengths"])

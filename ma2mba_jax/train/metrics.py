@@ -65,12 +65,16 @@ class Progress:
     self._last_step = first_step
     self._last_time: float | None = None
     self._tokens = 0
+    self._padded = 0  # tokens computed on, padding included (batch rows x T)
 
   def start(self, step: int) -> None:
     self._last_step, self._last_time, self._tokens = step, time.perf_counter(), 0
+    self._padded = 0
 
-  def add_tokens(self, n: int) -> None:
+  def add_tokens(self, n: int, padded: int | None = None) -> None:
+    """n real (non-padding) tokens; `padded` the batch's tokens with padding (default n)."""
     self._tokens += n
+    self._padded += n if padded is None else padded
 
   def report(self, step: int) -> dict[str, float]:
     """step_time_s, tokens_per_s, eta_s (none before two steps have run after `start`) and
@@ -81,8 +85,10 @@ class Progress:
       elapsed = max(now - self._last_time, 1e-9)
       steps = step - self._last_step
       out = {"step_time_s": elapsed / steps, "tokens_per_s": self._tokens / elapsed,
+             "padded_tokens_per_s": self._padded / elapsed,
+             "padding_frac": 1.0 - self._tokens / max(self._padded, 1),
              "eta_s": (self._total - step) * elapsed / steps}
-      self._last_step, self._last_time, self._tokens = step, now, 0
+      self._last_step, self._last_time, self._tokens, self._padded = step, now, 0, 0
     mem = device_memory_gib()
     if mem is not None:
       out["peak_memory_gib"] = mem
@@ -96,6 +102,9 @@ def format_line(stage: int, step: int, total: int, scalars: dict[str, Any]) -> s
   if "eta_s" in scalars:
     eta = int(scalars["eta_s"])
     parts.append(f"{scalars['tokens_per_s']:,.0f} tok/s")
+    if "padding_frac" in scalars:
+      parts.append(f"{scalars['padded_tokens_per_s']:,.0f} padded tok/s "
+                   f"({100 * scalars['padding_frac']:.0f}% padding)")
     parts.append(f"{scalars['step_time_s']:.2f} s/step")
   if "peak_memory_gib" in scalars:
     parts.append(f"mem {scalars['peak_memory_gib']:.1f} GiB")

@@ -109,9 +109,6 @@ def data_settings(config: ml_collections.ConfigDict, model_cfg: Any) -> dict[str
   if not sources:
     raise ConfigError(f"config.data.synthetic_dir={config.data.synthetic_dir!r} has no "
                       f"sources for stage {config.stage}")
-  if config.data.packing:
-    raise ConfigError("config.data.packing=True needs the LM to reset its state at segment "
-                      "boundaries, which it does not do yet: set it to False")
   n_proc = jax.process_count()
   if config.optim.global_batch % n_proc:
     raise ConfigError(f"config.optim.global_batch={config.optim.global_batch} must be a "
@@ -120,7 +117,8 @@ def data_settings(config: ml_collections.ConfigDict, model_cfg: Any) -> dict[str
       stage=config.stage, sources=sources, fps=config.data.fps,
       image_size=model_cfg.image_size, tokens_per_frame=model_cfg.tokens_per_frame,
       max_frames=config.data.max_frames, max_tokens=config.data.max_tokens,
-      batch_size=config.optim.global_batch // n_proc, packing=False,
+      batch_size=config.optim.global_batch // n_proc, packing=bool(config.data.packing),
+      bucket_lengths=config.data.get("bucket_lengths"),
       num_workers=config.data.num_workers, worker_buffer_size=config.data.worker_buffer_size,
       seed=config.seed, skip_bad=config.data.skip_bad, qa_per_sample=config.data.qa_per_sample,
       validate_media=config.data.validate_media)
@@ -369,7 +367,9 @@ def place_and_compile(run: RunInputs, layout: ModelLayout, state: TrainState):
   logging.info("mesh %s%s: most bytes on one device: params %d, optimizer state %d",
                dict(mesh.shape), " ZeRO-1" if run.config.mesh.zero1 else "",
                held["params"], held["opt_state"])
-  train_step = jax.jit(make_train_step(graphdef, optimizer, remat_cfg, n_micro, mesh=mesh),
+  # With packing the LM restarts its state where segment_ids changes (step.loss_sums).
+  train_step = jax.jit(make_train_step(graphdef, optimizer, remat_cfg, n_micro, mesh=mesh,
+                                       packed=bool(run.config.data.packing)),
                        out_shardings=(state_shardings, sharding.replicated(mesh)),
                        donate_argnums=(0,))
   return state, train_step
@@ -461,6 +461,7 @@ def _train_loop(run: RunInputs, state: TrainState, train_step, start: int,
   progress = metrics_lib.Progress(start, total_steps)
   watch = _LossWatch()
   last = {}
+  shapes_seen = set()  # token shapes the train step saw: one compile each (length buckets)
   try:
     for step in range(start, stop):
       batch_np = next(data_iter)
@@ -469,7 +470,12 @@ def _train_loop(run: RunInputs, state: TrainState, train_step, start: int,
         state, step_metrics = train_step(state, batch)
       done = step + 1
       watch.push(done, step_metrics["loss"])
-      progress.add_tokens(int(np.sum(batch_np["segment_ids"] > 0)))
+      progress.add_tokens(int(np.sum(batch_np["segment_ids"] > 0)),
+                          padded=int(batch_np["segment_ids"].size))
+      if batch_np["tokens"].shape not in shapes_seen:  # jit compiles once per shape (bucket)
+        shapes_seen.add(batch_np["tokens"].shape)
+        logging.info("train step compiled for batch shape %s: %d compile(s) so far",
+                     batch_np["tokens"].shape, len(shapes_seen))
       if done == start + 1:
         watch.flush()            # waits for the first step: rates and ETA start after it
         progress.start(done)
@@ -518,9 +524,9 @@ class Evaluator:
   once (every batch has the same shape), reusable through the run."""
 
   def __init__(self, dataset: Any, batches: int, graphdef: nnx.GraphDef, remat_cfg: Any,
-               mesh: jax.sharding.Mesh):
+               mesh: jax.sharding.Mesh, packed: bool = False):
     self._dataset, self._batches, self._mesh = dataset, batches, mesh
-    self._eval_step = jax.jit(make_eval_step(graphdef, remat_cfg))
+    self._eval_step = jax.jit(make_eval_step(graphdef, remat_cfg, packed=packed))
 
   def __call__(self, state: TrainState) -> dict:
     total, count = 0.0, 0.0
@@ -538,7 +544,8 @@ def evaluate_loss(config, model_cfg, graphdef, state, remat_cfg, tokenizer, mesh
   dataset = val_pipeline(config, model_cfg, tokenizer, mesh)
   if dataset is None:
     return {}
-  return Evaluator(dataset, config.eval.batches, graphdef, remat_cfg, mesh)(state)
+  return Evaluator(dataset, config.eval.batches, graphdef, remat_cfg, mesh,
+                   packed=bool(config.data.packing))(state)
 
 
 # --------------------------------------------------------------------------- export
@@ -598,7 +605,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, start = initial_state(run, layout, ckpt, data_iter)
     state, train_step = place_and_compile(run, layout, state)
     evaluator = (Evaluator(run.val_data, config.eval.batches, layout.graphdef, run.remat_cfg,
-                           run.mesh) if run.val_data is not None else None)
+                           run.mesh, packed=bool(config.data.packing))
+                 if run.val_data is not None else None)
     writer = metrics_lib.MetricWriter(workdir, stage=config.stage)
     state, last = _train_loop(run, state, train_step, start, ckpt, data_iter, evaluator,
                               writer, workdir)
