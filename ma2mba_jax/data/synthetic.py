@@ -119,6 +119,27 @@ def _seconds(rng: np.random.Generator, bounds: tuple[int, int]) -> int:
   return int(rng.integers(bounds[0], bounds[1] + 1))
 
 
+# SceneWalk's video lengths (the paper: 11.8K hours over 87.8K videos, about 8 minutes on
+# average), for benchmarks of mixed-length training (issue 17): lognormal, capped at an hour.
+SCENEWALK_MEAN_S = 480.0
+SCENEWALK_MAX_S = 3600.0
+SCENEWALK_SIGMA = 1.0
+
+
+def scenewalk_lengths(rng: np.random.Generator, n: int, *, mean_s: float = SCENEWALK_MEAN_S,
+                      max_s: float = SCENEWALK_MAX_S, sigma: float = SCENEWALK_SIGMA,
+                      max_tokens: int | None = None, min_tokens: int = 16) -> np.ndarray:
+  """n video lengths like SceneWalk's: lognormal with mean `mean_s` seconds (before the
+  cap) and log-std `sigma`, capped at `max_s`. With `max_tokens`, returned as token counts
+  with max_s -> max_tokens (int64 [n], at least min_tokens); else in seconds (float [n]).
+  Not used by `generate` (whose output stays as it is)."""
+  mu = np.log(mean_s) - sigma ** 2 / 2  # the mean of a lognormal is exp(mu + sigma^2 / 2)
+  seconds = np.minimum(rng.lognormal(mu, sigma, size=n), max_s)
+  if max_tokens is None:
+    return seconds
+  return np.clip(np.round(seconds / max_s * max_tokens), min_tokens, max_tokens).astype(int)
+
+
 def _scene_list(rng, durations: Sequence[int], key_index: int | None) -> list[sc.Scene]:
   """Scenes of the given durations; consecutive ones differ (a visible scene change); the
   key scene's shape and colour appear nowhere else."""
