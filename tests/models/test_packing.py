@@ -13,9 +13,12 @@ a multiple of s, L = 3 layers in groups of l = 2).
 Tolerances (relative to the largest magnitude of the reference, per quantity) come from
 `python -m tests.models.packing_sweep --seeds=20` (float32, CPU, seeds 0..19); worst over
 the seeds:
-  fused-xla       outputs 8.2e-8, states 4.8e-7, gradients 2.7e-7
-  autodiff-xla    outputs 1.2e-7, states 9.9e-7, gradients 5.0e-7
-  magc-fused-xla  outputs 2.4e-7, states 2.8e-7, gradients 7.9e-7
+  fused-xla          outputs 8.2e-8, states 4.8e-7, gradients 2.7e-7
+  autodiff-xla       outputs 1.2e-7, states 9.9e-7, gradients 5.0e-7
+  magc-fused-xla     outputs 2.4e-7, states 2.8e-7, gradients 7.9e-7
+  fused-pallas       outputs 1.2e-7, states 8.1e-7, gradients 4.0e-7  (interpret)
+  magc-autodiff-xla  outputs 2.5e-7, states 2.8e-7, gradients 9.1e-7  (sweep only)
+  magc-fused-pallas  outputs 2.4e-7, states 3.8e-7, gradients 8.6e-7  (sweep only)
 and are set at 10x the worst (1e-5 for all). A conv or SSD that leaks across a boundary,
 or a carried conv state that keeps inputs from before a reset, shows as 1e-3 to 1
 (checked by monkeypatching each away: every one fails fused-xla and magc-fused-xla).
