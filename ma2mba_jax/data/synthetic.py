@@ -219,12 +219,28 @@ def _stage1(w: _Writer, preset: Preset) -> list[dict]:
           {"format": "webvid", "annotations": "stage1/webvid.csv", "media_root": "stage1"}]
 
 
-def _stage2(w: _Writer, preset: Preset) -> list[dict]:
+WALK_LENGTHS = ("preset", "scenewalk")
+
+
+def _walk_durations(rng: np.random.Generator, preset: Preset, walk_lengths: str) -> list[int]:
+  """A walk's scene durations (s): `preset.walk_scenes` scenes of `preset.scene_len`, or
+  with walk_lengths="scenewalk" scenes of scene_len filling a total drawn from
+  `scenewalk_lengths` (lognormal, mean 8 minutes, at most an hour)."""
+  if walk_lengths == "preset":
+    count = _seconds(rng, preset.walk_scenes)
+    return [_seconds(rng, preset.scene_len) for _ in range(count)]
+  target = max(1, int(round(float(scenewalk_lengths(rng, 1)[0]))))
+  durations: list[int] = []
+  while sum(durations) < target:
+    durations.append(min(_seconds(rng, preset.scene_len), target - sum(durations)))
+  return durations
+
+
+def _stage2(w: _Writer, preset: Preset, walk_lengths: str = "preset") -> list[dict]:
   records = []
   for i in range(preset.walks):
     rng = w.rng("walk", i)
-    count = _seconds(rng, preset.walk_scenes)
-    scenes = _scene_list(rng, [_seconds(rng, preset.scene_len) for _ in range(count)], None)
+    scenes = _scene_list(rng, _walk_durations(rng, preset, walk_lengths), None)
     name = f"walk_{i:05d}"
     duration = w.video(f"stage2/videos/{name}.mp4", scenes)
     records.append({"video_id": name, "video": f"videos/{name}.mp4", "duration": duration,
@@ -331,14 +347,19 @@ def _eval(w: _Writer, preset: Preset) -> dict:
 
 def generate(out: str, *, seed: int = 0, size: str = "tiny", frame_size: int = 64,
              video_fps: int = 4, shape_radius: float = sc.SHAPE_RADIUS,
-             **counts: int) -> dict:
+             walk_lengths: str = "preset", **counts: int) -> dict:
   """Writes the dataset under `out` (see the module docstring); returns the manifest.
 
   counts: overrides of the preset's item counts (images, clips, walks, qa_videos,
   qa_val_videos, eval_videos: one count for each duration class, or a dict of them, e.g.
   {"short": 24, "medium": 8, "long": 4}).
   shape_radius: the shapes' radius as a fraction of the frame side (scenes.SHAPE_RADIUS).
+  walk_lengths: "preset" (the size preset's walks) or "scenewalk" (stage-2 walk lengths
+  drawn like SceneWalk's, `scenewalk_lengths`, for benchmarks; recorded in the manifest
+  only then, so the default output is unchanged).
   """
+  if walk_lengths not in WALK_LENGTHS:
+    raise ValueError(f"walk_lengths must be one of {WALK_LENGTHS}, got {walk_lengths!r}")
   if size not in PRESETS:
     raise ValueError(f"size must be one of {sorted(PRESETS)}, got {size!r}")
   if frame_size < 16 or frame_size % 2:
@@ -353,7 +374,7 @@ def generate(out: str, *, seed: int = 0, size: str = "tiny", frame_size: int = 6
                      f"known: {list(preset.eval_len)}")
   os.makedirs(out, exist_ok=True)
   w = _Writer(out, seed, frame_size, video_fps, shape_radius)
-  stages = {"1": {"train": _stage1(w, preset)}, "2": {"train": _stage2(w, preset)},
+  stages = {"1": {"train": _stage1(w, preset)}, "2": {"train": _stage2(w, preset, walk_lengths)},
             "3": _stage3(w, preset)}
   eval_info = _eval(w, preset)
   tokenizer = train_tokenizer(w.texts, vocab_size=1024)
@@ -367,6 +388,8 @@ def generate(out: str, *, seed: int = 0, size: str = "tiny", frame_size: int = 6
                      "backgrounds": list(sc.BACKGROUNDS), "motions": list(sc.MOTIONS)},
       "files": sorted(w.files) + ["manifest.json"],
   }
+  if walk_lengths != "preset":
+    manifest["walk_lengths"] = walk_lengths
   with open(os.path.join(out, "manifest.json"), "w", encoding="utf-8") as f:
     json.dump(manifest, f, indent=1)
   return manifest
@@ -392,13 +415,17 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--video-fps", type=int, default=4, help="frame rate of the mp4s")
   parser.add_argument("--shape-radius", type=float, default=sc.SHAPE_RADIUS,
                       help="shape radius as a fraction of the frame side")
+  parser.add_argument("--walk-lengths", choices=WALK_LENGTHS, default="preset",
+                      help="stage-2 walk lengths: the preset's, or SceneWalk-like "
+                           "(lognormal, mean 8 minutes, at most an hour; for benchmarks)")
   for name in ("images", "clips", "walks", "qa-videos", "qa-val-videos", "eval-videos"):
     parser.add_argument(f"--{name}", type=int, default=None,
                         help="override the size preset's count")
   args = parser.parse_args(argv)
   manifest = generate(
       args.out, seed=args.seed, size=args.size, frame_size=args.frame_size,
-      video_fps=args.video_fps, shape_radius=args.shape_radius, images=args.images,
+      video_fps=args.video_fps, shape_radius=args.shape_radius,
+      walk_lengths=args.walk_lengths, images=args.images,
       clips=args.clips, walks=args.walks, qa_videos=args.qa_videos,
       qa_val_videos=args.qa_val_videos, eval_videos=args.eval_videos)
   ev = manifest["eval"]
