@@ -114,7 +114,8 @@ def save_model(model: nnx.Module, out_dir: str | Path, *, overwrite: bool = Fals
     checkpointer.save(params_dir, params, force=overwrite)
   meta = {"format_version": FORMAT_VERSION, "model_class": _qualified_name(type(model)),
           "config": encode_config(model.config), "num_params": _count(params)}
-  (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+  if jax.process_index() == 0:  # every process saves its shards above; one writes the rest
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
   if tokenizer is not None and jax.process_index() == 0:
     from ma2mba_jax.data.tokenizer import save_tokenizer  # noqa: PLC0415
     save_tokenizer(tokenizer, str(out))
