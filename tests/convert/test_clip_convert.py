@@ -20,20 +20,11 @@ HF_VISION = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=3,
                  layer_norm_eps=1e-5, num_channels=3)
 
 
-def random_clip_tensors(hf: dict, seed: int) -> dict[str, np.ndarray]:
-  """CLIPVisionModel tensors (names after `vision_model.`) with random float32 values."""
-  rng = np.random.default_rng(seed)
-  d, m, p = hf["hidden_size"], hf["intermediate_size"], hf["patch_size"]
-  n_pos = (hf["image_size"] // p) ** 2 + 1
-  w = lambda *shape: (rng.standard_normal(shape) * 0.3).astype(np.float32)
-  gain = lambda n: (1.0 + 0.2 * rng.standard_normal(n)).astype(np.float32)
-  t = {
-      "embeddings.patch_embedding.weight": w(d, 3, p, p),
-      "embeddings.class_embedding": w(d),
-      "embeddings.position_embedding.weight": w(n_pos, d),
-      "pre_layrnorm.weight": gain(d), "pre_layrnorm.bias": w(d),
-      "post_layernorm.weight": gain(d), "post_layernorm.bias": w(d),
-  }
+def random_encoder_layer_tensors(hf: dict, w, gain) -> dict[str, np.ndarray]:
+  """The encoder layers' tensors, shared by CLIP and SigLIP (names after `vision_model.`);
+  `w(*shape)` and `gain(n)` draw the random weights and norm gains, in this order."""
+  d, m = hf["hidden_size"], hf["intermediate_size"]
+  t = {}
   for i in range(hf["num_hidden_layers"]):
     l = f"encoder.layers.{i}."
     for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -44,6 +35,24 @@ def random_clip_tensors(hf: dict, seed: int) -> dict[str, np.ndarray]:
       t[f"{l}{norm}.bias"] = w(d)
     t[f"{l}mlp.fc1.weight"], t[f"{l}mlp.fc1.bias"] = w(m, d), w(m)
     t[f"{l}mlp.fc2.weight"], t[f"{l}mlp.fc2.bias"] = w(d, m), w(d)
+  return t
+
+
+def random_clip_tensors(hf: dict, seed: int) -> dict[str, np.ndarray]:
+  """CLIPVisionModel tensors (names after `vision_model.`) with random float32 values."""
+  rng = np.random.default_rng(seed)
+  d, p = hf["hidden_size"], hf["patch_size"]
+  n_pos = (hf["image_size"] // p) ** 2 + 1
+  w = lambda *shape: (rng.standard_normal(shape) * 0.3).astype(np.float32)
+  gain = lambda n: (1.0 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+  t = {
+      "embeddings.patch_embedding.weight": w(d, 3, p, p),
+      "embeddings.class_embedding": w(d),
+      "embeddings.position_embedding.weight": w(n_pos, d),
+      "pre_layrnorm.weight": gain(d), "pre_layrnorm.bias": w(d),
+      "post_layernorm.weight": gain(d), "post_layernorm.bias": w(d),
+  }
+  t.update(random_encoder_layer_tensors(hf, w, gain))
   return t
 
 

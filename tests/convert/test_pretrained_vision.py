@@ -18,6 +18,7 @@ from ma2mba_jax.convert.clip import CheckpointError, load_vision
 from ma2mba_jax.models.vision import (CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD,
                                       VisionEncoder, vision_config)
 from tests.convert.test_clip_convert import (HF_VISION, _layer_norm, numpy_clip_features,
+                                             random_encoder_layer_tensors,
                                              random_clip_tensors, write_checkpoint)
 
 # A small SigLIP vision config (width 24, 3 heads, 6-pixel patches on 26-pixel images: a
@@ -41,16 +42,7 @@ def random_siglip_tensors(hf: dict, seed: int, *, head: bool = True) -> dict[str
       "embeddings.position_embedding.weight": w(n_pos, d),
       "post_layernorm.weight": gain(d), "post_layernorm.bias": w(d),
   }
-  for i in range(hf["num_hidden_layers"]):
-    l = f"encoder.layers.{i}."
-    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-      t[f"{l}self_attn.{proj}.weight"] = w(d, d)
-      t[f"{l}self_attn.{proj}.bias"] = w(d)
-    for norm in ("layer_norm1", "layer_norm2"):
-      t[f"{l}{norm}.weight"] = gain(d)
-      t[f"{l}{norm}.bias"] = w(d)
-    t[f"{l}mlp.fc1.weight"], t[f"{l}mlp.fc1.bias"] = w(m, d), w(m)
-    t[f"{l}mlp.fc2.weight"], t[f"{l}mlp.fc2.bias"] = w(d, m), w(d)
+  t.update(random_encoder_layer_tensors(hf, w, gain))
   if head:
     t.update({"head.probe": w(1, 1, d), "head.attention.in_proj_weight": w(3 * d, d),
               "head.attention.in_proj_bias": w(3 * d),
