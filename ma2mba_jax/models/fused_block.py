@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from ma2mba_jax.kernels.ssd import ssd
+from ma2mba_jax.kernels.ssd import sequence_parallel as seq_par
 from ma2mba_jax.models.mamba2 import (Mamba2Config, _rms_normalize, causal_conv,
                                       gated_rms_norm)
 
@@ -116,7 +116,10 @@ def _mix(config: Mamba2Config, mix_params: tuple, zxbcdt: Array, conv_state: Arr
   c = config
   conv_weight, conv_bias, dt_bias, A_log, D, gated_norm = mix_params
   z, xBC, dt = jnp.split(zxbcdt, [c.d_inner, c.d_inner + c.conv_dim], axis=-1)
-  xBC, conv_state = causal_conv(xBC, conv_state, conv_weight, conv_bias, reset)  # [B,T,C]
+  # Under a sequence mesh axis: the previous piece's inputs, the stitched SSD (mamba2.py).
+  xBC, conv_state = causal_conv(xBC, seq_par.conv_state_in_context(xBC, conv_state, reset),
+                                conv_weight, conv_bias, reset)   # [B, T, C]
+  conv_state = seq_par.last_piece_state(conv_state)
   if tag:
     xBC = checkpoint_name(xBC, "mamba2_conv")
   gn = c.n_groups * c.d_state
@@ -126,9 +129,10 @@ def _mix(config: Mamba2Config, mix_params: tuple, zxbcdt: Array, conv_state: Arr
   B = B.reshape(lead + (c.n_groups, c.d_state))                  # [B, T, G, N]
   C = C.reshape(lead + (c.n_groups, c.d_state))                  # [B, T, G, N]
   A = -jnp.exp(A_log.astype(f32))                                # [H]
-  y, ssm_state = ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True,
-                     dt_limit=c.dt_limit, initial_state=ssm_state, chunk_len=c.chunk_len,
-                     impl=c.ssd_impl, reset=reset)               # y: [B, T, H, P]
+  y, ssm_state = seq_par.ssd_in_context(
+      x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True, dt_limit=c.dt_limit,
+      initial_state=ssm_state, chunk_len=c.chunk_len, impl=c.ssd_impl,
+      reset=reset)                                               # y: [B, T, H, P]
   if tag:
     y = checkpoint_name(y, "mamba2_ssd")
   normed = gated_rms_norm(y.reshape(z.shape), z, gated_norm, c.n_groups, c.norm_eps)

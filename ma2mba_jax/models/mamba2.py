@@ -37,7 +37,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from ma2mba_jax.kernels.ssd import process_dt, ssd
+from ma2mba_jax.kernels.ssd import process_dt
+from ma2mba_jax.kernels.ssd import sequence_parallel as seq_par
 
 Array = jax.Array
 f32 = jnp.float32
@@ -308,7 +309,10 @@ def causal_conv_step(xBC: Array, conv_state: Array, weight: Array, bias: Array
   """One step of `causal_conv`: xBC [B, C] and conv_state [B, C, K-1] -> ([B, C], state)."""
   window = jnp.concatenate([conv_state.astype(xBC.dtype), xBC[:, :, None]],
                            axis=2).astype(f32)                   # [B, C, K]
-  out = bias.astype(f32) + jnp.einsum("bck,kc->bc", window, weight.astype(f32))
+  # The K products summed in order, as `causal_conv` does (an einsum here is a dot with a
+  # batch axis, which XLA on GPU may run as a batched GEMM call per layer and token).
+  out = bias.astype(f32) + sum(window[:, :, k] * weight[k].astype(f32)
+                               for k in range(weight.shape[0]))  # [B, C]
   return jax.nn.silu(out).astype(xBC.dtype), window[:, :, 1:]
 
 
@@ -372,13 +376,17 @@ class Mamba2Mixer(nnx.Module):
     """
     c = self.config
     z, xBC, dt = self._split_in_proj(u.astype(c.compute_dtype), name="mamba2_in_proj")
-    xBC, conv_state = causal_conv(xBC, conv_state, self.conv_weight[...], self.conv_bias[...],
-                                  reset)
+    # Under a sequence mesh axis (train/step.py) the conv starts from the previous piece's
+    # inputs and the SSD stitches the pieces' states; otherwise both are the plain ones.
+    xBC, conv_state = causal_conv(xBC, seq_par.conv_state_in_context(xBC, conv_state, reset),
+                                  self.conv_weight[...], self.conv_bias[...], reset)
+    conv_state = seq_par.last_piece_state(conv_state)
     x, B, C = self._split_xBC(checkpoint_name(xBC, "mamba2_conv"))
     A = -jnp.exp(self.A_log[...].astype(f32))                      # [H]
-    y, ssm_state = ssd(x, dt, A, B, C, D=self.D[...], dt_bias=self.dt_bias[...],
-                       dt_softplus=True, dt_limit=c.dt_limit, initial_state=ssm_state,
-                       chunk_len=c.chunk_len, impl=c.ssd_impl, reset=reset)  # [B,T,H,P]
+    y, ssm_state = seq_par.ssd_in_context(
+        x, dt, A, B, C, D=self.D[...], dt_bias=self.dt_bias[...], dt_softplus=True,
+        dt_limit=c.dt_limit, initial_state=ssm_state, chunk_len=c.chunk_len,
+        impl=c.ssd_impl, reset=reset)                              # [B,T,H,P]
     out = self._output(checkpoint_name(y, "mamba2_ssd"), z)
     return checkpoint_name(out, "mamba2_out_proj"), conv_state, ssm_state
 
@@ -399,8 +407,13 @@ class Mamba2Mixer(nnx.Module):
     A = -jnp.exp(self.A_log[...].astype(f32))                      # [H]
     x32 = x.astype(f32)
     decay = jnp.exp(dt * A)[:, :, None, None]                      # [B, H, 1, 1]
-    ssm_state = decay * ssm_state.astype(f32) + jnp.einsum("bh,bhp,bhn->bhpn", dt, x32, B)
-    y = jnp.einsum("bhpn,bhn->bhp", ssm_state, C) + self.D[...].astype(f32)[:, None] * x32
+    # Products and a sum over N, not einsums: they fuse into one or two kernels, where a
+    # dot_general with batch axes may become small GEMM calls (one token's step is bound by
+    # reading the weights; every extra kernel per layer and token costs microseconds).
+    ssm_state = (decay * ssm_state.astype(f32)
+                 + (dt[:, :, None] * x32)[..., None] * B[:, :, None, :])  # [B, H, P, N]
+    y = (jnp.sum(ssm_state * C[:, :, None, :], axis=-1)
+         + self.D[...].astype(f32)[:, None] * x32)                # [B, H, P]
     return self._output(y.astype(x.dtype), z), conv_state, ssm_state
 
 
