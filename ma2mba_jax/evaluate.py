@@ -9,7 +9,7 @@
   python -m ma2mba_jax.evaluate --checkpoint=WORKDIR --benchmark=activitynetqa \
       --annotations=test_q.json --answers=test_a.json --video_root=videos/
 
-Layouts, answer parsing and scoring: infer/benchmarks.py. Multiple choice is answered by
+Layouts, answer parsing and scoring: ma2mba_jax/evals/ (one module per benchmark). Multiple choice is answered by
 option likelihood and/or by generation (infer/answering.py says how); open-ended questions by
 greedy generation, scored by exact match and token F1 (no LLM judge). Each video is read once
 for all its questions. The results table (accuracy with the chance level beside it and the
@@ -33,28 +33,31 @@ from typing import Any, Protocol
 
 from absl import app, flags, logging
 
-from ma2mba_jax.bench.common import environment, print_table, write_json
+from ma2mba_jax import evals
 from ma2mba_jax.data.errors import DataError
-from ma2mba_jax.infer import answering, benchmarks, checkpoint
+from ma2mba_jax.evals import MCItem, OpenItem
+from ma2mba_jax.infer import answering, model_flags
 from ma2mba_jax.infer.answer_log import AnswerLog, record_key
-from ma2mba_jax.infer.benchmarks import MCItem, OpenItem
+from ma2mba_jax.reporting import environment, print_table, write_json
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Trainer workdir or model export folder.")
-_BENCHMARK = flags.DEFINE_enum("benchmark", None, list(benchmarks.BENCHMARKS), "Benchmark.")
+flags.adopt_module_key_flags(model_flags)  # --help lists the shared flags too
+_BENCHMARK = flags.DEFINE_string("benchmark", None, "Benchmark: a module of ma2mba_jax/evals/ "
+                                 f"({', '.join(evals.names())}).")
 _ANNOTATIONS = flags.DEFINE_string("annotations", None, "Annotation file (ActivityNet-QA: the "
                                    "questions file; synthetic: the dataset folder or its "
                                    "manifest.json).")
 _ANSWERS = flags.DEFINE_string("answers", "", "ActivityNet-QA answers file (default: the "
                                "questions file with _q.json -> _a.json).")
 _VIDEO_ROOT = flags.DEFINE_string("video_root", "", "Folder of the videos (default: per "
-                                  "benchmark, see infer/benchmarks.py).")
+                                  "benchmark, see its module in ma2mba_jax/evals/).")
 _METHOD = flags.DEFINE_enum("method", "both", ["likelihood", "generate", "both"],
                             "Multiple choice: answer by option likelihood, generation, or both.")
 _TARGET = flags.DEFINE_enum("likelihood_target", None, ["letter", "text"],
                             "What an option's likelihood scores: its letter after the "
                             "multiple-choice prompt, or its text as the answer to the bare "
-                            "question (a cloze test; infer/answering.py). Default: text for "
-                            "the synthetic set (as the demo scores it), letter otherwise.")
+                            "question (a cloze test; infer/answering.py). Default: the "
+                            "benchmark module's LIKELIHOOD_TARGET (text for the synthetic set, "
+                            "as the demo scores it; letter for the others).")
 _JSON = flags.DEFINE_string("json", None, "Write the results here.")
 _RECORDS = flags.DEFINE_string("records", "", "JSONL of per-question records, appended as "
                                "each video is answered; an existing one is resumed (default: "
@@ -62,18 +65,8 @@ _RECORDS = flags.DEFINE_string("records", "", "JSONL of per-question records, ap
 _SKIP_BAD = flags.DEFINE_bool("skip_bad", False, "Skip (and count) a video that cannot be "
                               "read instead of stopping.")
 _LIMIT = flags.DEFINE_integer("limit", None, "Only the first N questions.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "tokenizer.json (default: from the "
-                                 "checkpoint's config.json).")
-_FPS = flags.DEFINE_float("fps", 1.0, "Frames per second read from each video.")
-_MAX_FRAMES = flags.DEFINE_integer("max_frames", None, "At most this many frames per video, "
-                                   "spread evenly (default: all).")
-_FRAMES_PER_STEP = flags.DEFINE_integer("frames_per_step", 16, "Frames encoded per step.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "Longest generated answer "
                                        "(default: 8 for multiple choice, 64 open-ended).")
-_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "", ["", "float32", "bfloat16"],
-                                   "Override the checkpoint's compute dtype.")
-_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "", ["", "bfloat16"],
-                                 "Store weight matrices in bf16 (default: f32).")
 
 
 class Answerer(Protocol):
@@ -108,8 +101,8 @@ def _open_records(video: str, group: Sequence[OpenItem], answerer: Answerer
   predictions = answerer.answer_open(video, group)
   return [{"question_id": item.question_id, "video": item.video, "group": item.group,
            "question": item.question, "answer": item.answer, "prediction": prediction,
-           "exact_match": benchmarks.exact_match(prediction, item.answer),
-           "f1": benchmarks.token_f1(prediction, item.answer)}
+           "exact_match": evals.exact_match(prediction, item.answer),
+           "f1": evals.token_f1(prediction, item.answer)}
           for item, prediction in zip(group, predictions, strict=True)]
 
 
@@ -134,7 +127,7 @@ def records_path_for(json_path: str | None) -> str | None:
 
 def _print_report(report: dict[str, Any]) -> None:
   if report["kind"] == "open_ended":
-    print(f"NOTE: {benchmarks.NO_JUDGE_NOTE}")
+    print(f"NOTE: {evals.NO_JUDGE_NOTE}")
     rows = [{"group": r["group"], "n": r["n"], "exact match %": f"{r['exact_match']:.1f}",
              "token F1 %": f"{r['f1']:.1f}"} for r in report["rows"]]
   else:
@@ -156,7 +149,7 @@ def _print_report(report: dict[str, Any]) -> None:
 def load_items(benchmark: str, annotations: str, *, video_root: str = "", answers: str = "",
                limit: int | None = None) -> list[MCItem] | list[OpenItem]:
   """The benchmark's questions (the first `limit`), checked, videos included."""
-  items = benchmarks.read_items(benchmark, annotations, video_root=video_root, answers=answers)
+  items = evals.read_items(benchmark, annotations, video_root=video_root, answers=answers)
   items = items[:limit] if limit is not None else items
   if not items:
     raise DataError(f"{annotations}: no questions to evaluate")
@@ -177,7 +170,8 @@ def evaluate_items(benchmark: str, annotations: str, items, *, answerer: Answere
   (what else decides the answers: checkpoint, fps, ...) goes into its header with the
   benchmark, annotations and methods, and must match to resume.
   """
-  multiple_choice = benchmark in benchmarks.MULTIPLE_CHOICE
+  spec = evals.get(benchmark)
+  multiple_choice = spec.multiple_choice
   methods = list(methods) if multiple_choice else ["generate"]
   target = getattr(answerer, "target", None) if multiple_choice else None
   records_path = records_path or records_path_for(json_path)
@@ -228,10 +222,10 @@ def evaluate_items(benchmark: str, annotations: str, items, *, answerer: Answere
                             "records_file": records_path}
   if multiple_choice:
     report.update(kind="multiple_choice", methods=methods, likelihood_target=target,
-                  rows=benchmarks.accuracy_rows(records, methods), records=records)
+                  rows=evals.accuracy_rows(records, methods, spec.groups), records=records)
   else:
-    report.update(kind="open_ended", methods=methods, note=benchmarks.NO_JUDGE_NOTE,
-                  rows=benchmarks.open_ended_rows(records), records=records)
+    report.update(kind="open_ended", methods=methods, note=evals.NO_JUDGE_NOTE,
+                  rows=evals.open_ended_rows(records, spec.groups), records=records)
   report["environment"] = environment()
   write_json(json_path, report)
   _print_report(report)
@@ -253,10 +247,13 @@ def run(benchmark: str, annotations: str, *, answerer: Answerer, video_root: str
 
 def main(argv):
   del argv
-  for name in ("checkpoint", "benchmark", "annotations"):
+  for name in ("checkpoint", "benchmark", "annotations"):  # checkpoint: infer/model_flags.py
     if not flags.FLAGS[name].value:
       raise app.UsageError(f"--{name} is required")
-  if _BENCHMARK.value not in benchmarks.MULTIPLE_CHOICE and _METHOD.value == "likelihood":
+  if _BENCHMARK.value not in evals.names():
+    raise app.UsageError(f"--benchmark={_BENCHMARK.value}: no such benchmark; expected one "
+                         f"of {', '.join(evals.names())} (modules of ma2mba_jax/evals/)")
+  if not evals.get(_BENCHMARK.value).multiple_choice and _METHOD.value == "likelihood":
     raise app.UsageError(f"{_BENCHMARK.value} is open-ended: it is answered by generation, "
                          "not option likelihood")
   try:
@@ -269,28 +266,27 @@ def likelihood_target(benchmark: str) -> str:
   """--likelihood_target, or the benchmark's default when it is not given."""
   if _TARGET.value is not None:
     return _TARGET.value
-  return "text" if benchmark == "synthetic" else "letter"
+  return evals.get(benchmark).likelihood_target or "letter"
 
 
 def _evaluate_checkpoint() -> None:
   # The annotations first: a bad record fails before the model loads.
   items = load_items(_BENCHMARK.value, _ANNOTATIONS.value, video_root=_VIDEO_ROOT.value,
                      answers=_ANSWERS.value, limit=_LIMIT.value)
-  model, tokenizer = checkpoint.load(_CHECKPOINT.value, tokenizer=_TOKENIZER.value,
-                                     compute_dtype=_COMPUTE_DTYPE.value,
-                                     param_dtype=_PARAM_DTYPE.value)
+  model, tokenizer = model_flags.load_model()
   max_new = _MAX_NEW_TOKENS.value
   answerer = answering.ModelAnswerer.create(
-      model, tokenizer, fps=_FPS.value, max_frames=_MAX_FRAMES.value,
-      frames_per_step=_FRAMES_PER_STEP.value, target=likelihood_target(_BENCHMARK.value),
+      model, tokenizer, fps=model_flags.FPS.value, max_frames=model_flags.MAX_FRAMES.value,
+      frames_per_step=model_flags.FRAMES_PER_STEP.value, target=likelihood_target(_BENCHMARK.value),
       mc_max_new_tokens=max_new or 8, open_max_new_tokens=max_new or 64,
       progress=lambda video: answering.progress_printer(f"reading {os.path.basename(video)}"))
   methods = answering.METHODS if _METHOD.value == "both" else (_METHOD.value,)
   # What else decides the answers: a records file made with other values is not resumed.
-  settings = {"checkpoint": os.path.abspath(_CHECKPOINT.value), "fps": _FPS.value,
-              "max_frames": _MAX_FRAMES.value, "max_new_tokens": max_new,
-              "compute_dtype": _COMPUTE_DTYPE.value, "param_dtype": _PARAM_DTYPE.value,
-              "tokenizer": _TOKENIZER.value}
+  settings = {"checkpoint": os.path.abspath(model_flags.CHECKPOINT.value),
+              "fps": model_flags.FPS.value, "max_frames": model_flags.MAX_FRAMES.value,
+              "max_new_tokens": max_new, "compute_dtype": model_flags.COMPUTE_DTYPE.value,
+              "param_dtype": model_flags.PARAM_DTYPE.value,
+              "tokenizer": model_flags.TOKENIZER.value}
   evaluate_items(_BENCHMARK.value, _ANNOTATIONS.value, items, answerer=answerer,
                  methods=methods, json_path=_JSON.value,
                  records_path=_RECORDS.value or None, skip_bad=_SKIP_BAD.value,

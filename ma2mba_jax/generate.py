@@ -5,6 +5,8 @@ question is answered by recurrent decoding, follow-ups continuing the same state
       --video=runs/demo/data/eval/videos/synth_001.mp4 \
       --question="What colour is the triangle?" --followup="Which way does it move?"
 
+Flags shared with evaluate (--checkpoint, --tokenizer, --fps, --max_frames,
+--frames_per_step, --compute_dtype, --param_dtype): infer/model_flags.py.
 --checkpoint is a trainer workdir (its model/ export and the tokenizer its config.json names)
 or a model export folder (then --tokenizer, unless the parent workdir names it). Greedy by
 default; --temperature > 0 samples (with --top_p, --top_k, --min_p, --seed);
@@ -20,23 +22,16 @@ import sys
 from absl import app, flags
 
 from ma2mba_jax.data.errors import DataError
-
-from ma2mba_jax.infer import answering, checkpoint
+from ma2mba_jax.infer import answering, model_flags
 from ma2mba_jax.infer.sample import SamplingParams
 from ma2mba_jax.infer.stream import Streamer
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Trainer workdir or model export folder.",
-                                  required=True)
+flags.adopt_module_key_flags(model_flags)  # --help lists the shared flags too
+flags.mark_flag_as_required("checkpoint")
 _VIDEO = flags.DEFINE_string("video", None, "The video file.", required=True)
 _QUESTION = flags.DEFINE_string("question", None, "The first question.", required=True)
 _FOLLOWUP = flags.DEFINE_multi_string("followup", [], "Follow-up questions, in order "
                                       "(repeat the flag); each continues the running state.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "tokenizer.json (default: from the "
-                                 "checkpoint's config.json).")
-_FPS = flags.DEFINE_float("fps", 1.0, "Frames per second read from the video (every frame "
-                          "on that grid).")
-_MAX_FRAMES = flags.DEFINE_integer("max_frames", None, "Read at most this many frames, "
-                                   "spread evenly (default: all).")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Longest answer, in tokens.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sampling.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
@@ -51,12 +46,6 @@ _BLOCK_TOKENS = flags.DEFINE_integer("block_tokens", 8, "Tokens per dispatch of 
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _NO_REPEAT_STOP = flags.DEFINE_bool("no_repeat_stop", False, "Do not stop when 5 generated "
                                     "tokens repeat earlier generated text (the paper's rule).")
-_FRAMES_PER_STEP = flags.DEFINE_integer("frames_per_step", 16, "Frames encoded per step "
-                                        "(device memory grows with this, not the video).")
-_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "", ["", "float32", "bfloat16"],
-                                   "Override the checkpoint's compute dtype.")
-_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "", ["", "bfloat16"],
-                                 "Store weight matrices in bf16 (default: f32).")
 
 
 def main(argv):
@@ -71,16 +60,16 @@ def run() -> None:
   sampling = SamplingParams(max_new_tokens=_MAX_NEW_TOKENS.value,
                             temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
                             top_k=_TOP_K.value, min_p=_MIN_P.value,
-                            repetition_penalty=_REPETITION_PENALTY.value, seed=_SEED.value, stop_on_repeat=not _NO_REPEAT_STOP.value)
-  model, tokenizer = checkpoint.load(_CHECKPOINT.value, tokenizer=_TOKENIZER.value,
-                                     compute_dtype=_COMPUTE_DTYPE.value,
-                                     param_dtype=_PARAM_DTYPE.value)
-  streamer = Streamer(model, tokenizer, frames_per_step=_FRAMES_PER_STEP.value)
+                            repetition_penalty=_REPETITION_PENALTY.value, seed=_SEED.value,
+                            stop_on_repeat=not _NO_REPEAT_STOP.value)
+  model, tokenizer = model_flags.load_model()
+  streamer = Streamer(model, tokenizer, frames_per_step=model_flags.FRAMES_PER_STEP.value)
   sampler = answering.make_sampler(model, streamer, decode_impl=_DECODE_IMPL.value,
                                    block_tokens=_BLOCK_TOKENS.value)
   # Each answer is streamed to stdout as it is decoded (Q: ..., A: ..., as before).
   answering.chat(streamer, sampler, _VIDEO.value, [_QUESTION.value, *_FOLLOWUP.value],
-                 sampling=sampling, fps=_FPS.value, max_frames=_MAX_FRAMES.value,
+                 sampling=sampling, fps=model_flags.FPS.value,
+                 max_frames=model_flags.MAX_FRAMES.value,
                  progress=answering.progress_printer(f"reading {_VIDEO.value}"), out=sys.stdout)
 
 

@@ -58,10 +58,11 @@ import grain
 import tokenizers
 from absl import flags
 
+from ma2mba_jax.data import formats
 from ma2mba_jax.data.batching import EMPTY, SKIPPED, PadBatchIterDataset, bucket_ladder
 from ma2mba_jax.data.errors import DataError
 from ma2mba_jax.data.example import ExampleSpec, build_example
-from ma2mba_jax.data.formats import FORMATS, Sample, pack_by_video, read_source
+from ma2mba_jax.data.formats import Sample, pack_by_video, read_source
 from ma2mba_jax.data.tokenizer import special_ids
 from ma2mba_jax.data.video import probe_media
 
@@ -147,8 +148,8 @@ def build_index(config: Mapping[str, Any], split: str = TRAIN_SPLIT) -> list[Sam
     for key in ("format", "annotations"):
       if key not in source:
         raise ValueError(f"data.sources.{split}[{i}] lacks field '{key}'")
-    if source["format"] not in FORMATS:
-      raise ValueError(f"data.sources.{split}[{i}].format must be one of {FORMATS}, "
+    if source["format"] not in formats.names():
+      raise ValueError(f"data.sources.{split}[{i}].format must be one of {formats.names()}, "
                        f"got {source['format']!r}")
     index = read_source(
         source["format"], source["annotations"], source.get("media_root", "") or "",

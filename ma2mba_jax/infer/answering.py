@@ -35,7 +35,7 @@ import tokenizers
 
 from ma2mba_jax.data.formats import format_multiple_choice
 from ma2mba_jax.data.tokenizer import vocab_size
-from ma2mba_jax.infer.benchmarks import MCItem, OpenItem, parse_choice
+from ma2mba_jax.evals import MCItem, OpenItem, parse_choice
 from ma2mba_jax.infer.sample import Generation, Sampler, SamplingParams
 from ma2mba_jax.infer.stream import Conversation, Progress, Streamer, encode_text
 from ma2mba_jax.models.video_lm import VideoMa2mba
@@ -144,7 +144,7 @@ class ModelAnswerer:
   """Answers benchmark questions with a VideoMa2mba (the `Answerer` evaluate.py calls).
 
   methods for multiple choice: 'likelihood' (see the module docstring) and/or 'generate'
-  (greedy decoding, the first option letter in the text, benchmarks.parse_choice).
+  (greedy decoding, the first option letter in the text, evals.parse_choice).
   """
 
   def __init__(self, streamer: Streamer, sampler: Sampler, *, fps: float = 1.0,

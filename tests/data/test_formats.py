@@ -5,10 +5,12 @@ test_template.py), budget fitting, and errors naming file, record and field."""
 import csv
 import json
 import logging
+import sys
 
 import numpy as np
 import pytest
 
+from ma2mba_jax.data import formats
 from ma2mba_jax.data.errors import DataError
 from ma2mba_jax.data.example import ExampleSpec, build_example
 from ma2mba_jax.data.formats import (WHOLE, Exchange, Sample, format_multiple_choice,
@@ -230,3 +232,57 @@ def test_videomme_layout(tmp_path):
   assert format_multiple_choice(q.question, q.options) == (
       "What colour?\nA. red\nB. blue\nC. green\nD. gray\n"
       "Answer with the option's letter from the given choices directly.")
+
+
+TOY_FORMAT = '''"""A toy format written by the test: a JSON list of {"clip", "text"}, one captioned
+video each."""
+
+from ma2mba_jax.data.formats import (VIDEO_CAPTION_PROMPT, WHOLE, Exchange, Record, Sample,
+                                     media_path)
+
+
+def parse(rec: Record, media_root: str) -> Sample:
+  return Sample(rec.id, rec.path, rec.index, "video", media_path(media_root, rec.get("clip")),
+                (Exchange(VIDEO_CAPTION_PROMPT, rec.get("text").strip(), WHOLE),))
+'''
+
+
+@pytest.fixture
+def format_dir(tmp_path, monkeypatch):
+  """A folder placed on ma2mba_jax.data.formats' search path: a module written there is a
+  format, as a new file in ma2mba_jax/data/formats/ would be."""
+  folder = tmp_path / "plugins"
+  folder.mkdir()
+  monkeypatch.setattr(formats, "__path__", [str(folder), *formats.__path__])
+  yield folder
+  for name in ("toycaps", "noparse"):
+    sys.modules.pop(f"ma2mba_jax.data.formats.{name}", None)
+
+
+def test_a_new_format_is_one_file(format_dir, media, word_tokenizer, tmp_path):
+  """A format module dropped into the package is read by name and makes the same example
+  as the same caption in the WebVid format."""
+  (format_dir / "toycaps.py").write_text(TOY_FORMAT)
+  assert "toycaps" in formats.names() and "webvid" in formats.names()
+  toy = _json(tmp_path / "toy.json", [{"id": "c1", "clip": "vids/v1.mp4",
+                                       "text": " a red circle moves left. "}])
+  webvid = _json(tmp_path / "webvid.json", [{"videoid": "v1", "page_dir": "vids",
+                                             "name": "a red circle moves left."}])
+  [sample] = read_source("toycaps", toy, str(media)).samples
+  [reference] = read_source("webvid", webvid, str(media)).samples
+  assert (sample.path, sample.media, sample.exchanges) == (
+      reference.path, reference.media, reference.exchanges)
+  got = build_example(sample, tokenizer=word_tokenizer, spec=_spec())
+  want = build_example(reference, tokenizer=word_tokenizer, spec=_spec())
+  for key in ("tokens", "loss_mask", "vision_index", "frames"):
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  with pytest.raises(DataError, match=r"toy2\.json: record 0 \(id 0\): missing field 'text'"):
+    read_source("toycaps", _json(tmp_path / "toy2.json", [{"clip": "vids/v1.mp4"}]))
+
+
+def test_a_format_module_without_parse_is_named(format_dir):
+  (format_dir / "noparse.py").write_text("PARSE = None\n")
+  with pytest.raises(TypeError, match=r"noparse\.py: format 'noparse' must define parse"):
+    read_source("noparse", "x.json")
+  with pytest.raises(ValueError, match=r"unknown annotation format 'nope'; expected one of"):
+    read_source("nope", "x.json")

@@ -5,17 +5,18 @@ the random tiny model."""
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
 from flax import nnx
 
-from ma2mba_jax import evaluate
+from ma2mba_jax import evals, evaluate
 from ma2mba_jax.convert.io import save_model
 from ma2mba_jax.data.errors import DataError
-from ma2mba_jax.infer import benchmarks, checkpoint
+from ma2mba_jax.evals import MCItem, exact_match, parse_choice, token_f1
+from ma2mba_jax.infer import checkpoint
 from ma2mba_jax.infer.answering import ModelAnswerer
-from ma2mba_jax.infer.benchmarks import MCItem, exact_match, parse_choice, token_f1
 
 OPTIONS = ["A. red", "B. blue", "C. green", "D. yellow"]
 
@@ -107,7 +108,7 @@ def test_videomme_accuracy_by_duration_with_a_wrong_answer(tmp_path, capsys):
 
 
 def test_chance_p_value_is_the_exact_tail_of_guessing():
-  p = benchmarks.chance_p_value
+  p = evals.chance_p_value
   assert p(0, [0.25] * 10) == 1.0 and p(11, [0.25] * 10) == 0.0
   assert p(3, [0.25] * 3) == pytest.approx(0.25 ** 3)
   tail = sum(math.comb(48, k) * 0.25 ** k * 0.75 ** (48 - k) for k in range(20, 49))
@@ -127,7 +128,7 @@ def test_longvideobench_groups_and_mixed_chance(tmp_path):
       "correct_choice": correct}
   file = _write(tmp_path / "lvb_val.json", [record(0, "a.mp4", 15, 1, 4),
                                             record(1, "b.mp4", 3600, 4, 5)])
-  items = benchmarks.read_items("longvideobench", file)  # videos default to <dir>/videos
+  items = evals.read_items("longvideobench", file)  # videos default to <dir>/videos
   assert [i.options[-1] for i in items] == ["D. option 3", "E. option 4"]
   assert [(i.answer, i.group) for i in items] == [("B", "8-15s"), ("E", "900-3600s")]
   report = evaluate.run("longvideobench", file, methods=("likelihood",),
@@ -353,3 +354,80 @@ def test_checkpoint_load_from_workdir_and_export(tiny_model, tokenizer, tmp_path
   with pytest.raises(ValueError, match="--tokenizer"):
     checkpoint.resolve(str(workdir))
   assert isinstance(model, type(tiny_model)) and nnx.graphdef(model) == nnx.graphdef(tiny_model)
+
+
+TOY_BENCHMARK = '''"""A toy benchmark written by the test: a JSON list of {"id", "clip", "question",
+"choices": [str], "answer": index}; clips are relative to the file's folder."""
+
+import os
+import sys
+
+from ma2mba_jax.data.formats import Record, load_records
+from ma2mba_jax.evals import LETTERS, MCItem, check_video
+
+KIND = "multiple_choice"
+GROUPS = ("toy",)
+LIKELIHOOD_TARGET = "letter"
+
+
+def read_items(annotations, *, video_root="", answers=""):
+  root = video_root or os.path.dirname(os.path.abspath(annotations))
+  items = []
+  for index, record in enumerate(load_records(annotations)):
+    rec = Record(record, annotations, index)
+    choices = rec.get("choices", list)
+    options = tuple(f"{LETTERS[j]}. {c}" for j, c in enumerate(choices))
+    path = check_video(rec, os.path.join(root, rec.get("clip")), "clip")
+    items.append(MCItem(rec.id, path, rec.get("question"), options,
+                        LETTERS[rec.get("answer", int)], "toy"))
+  return items
+'''
+
+
+@pytest.fixture
+def plugin_dir(tmp_path, monkeypatch):
+  """A folder placed on ma2mba_jax.evals' search path: a module written there is a
+  benchmark, as a new file in ma2mba_jax/evals/ would be."""
+  folder = tmp_path / "plugins"
+  folder.mkdir()
+  monkeypatch.setattr(evals, "__path__", [str(folder), *evals.__path__])
+  yield folder
+  for name in ("toyqa", "broken"):
+    sys.modules.pop(f"ma2mba_jax.evals.{name}", None)
+
+
+def test_a_new_benchmark_is_one_file(plugin_dir, streamer, sampler, video, tmp_path):
+  """A benchmark module dropped into the package runs end to end through evaluate with the
+  tiny model, and answers exactly as the same questions in the Video-MME layout do."""
+  (plugin_dir / "toyqa.py").write_text(TOY_BENCHMARK)
+  assert "toyqa" in evals.names()
+  data = tmp_path / "toy"
+  data.mkdir()
+  os.symlink(video, data / "clip.mp4")
+  questions = [("t1", "What colour is the circle?", ["red", "blue", "green"], 2),
+               ("t2", "Which way does it move?", ["up", "down", "left", "right"], 0)]
+  toy = _write(data / "toy.json", [{"id": qid, "clip": "clip.mp4", "question": q,
+                                    "choices": c, "answer": a} for qid, q, c, a in questions])
+  mme = _write(data / "mme.json", [{
+      "video_id": qid, "videoID": "clip", "duration": "short", "question_id": qid,
+      "task_type": "t", "question": q, "options": [f"{'ABCD'[j]}. {x}" for j, x in enumerate(c)],
+      "answer": "ABCD"[a]} for qid, q, c, a in questions])
+  answerer = ModelAnswerer(streamer, sampler, target="letter")
+  report = evaluate.run("toyqa", toy, answerer=answerer, methods=("likelihood",),
+                        json_path=str(tmp_path / "toy_eval.json"))
+  assert [(r["group"], r["n"]) for r in report["rows"]] == [("toy", 2), ("overall", 2)]
+  assert report["rows"][-1]["chance"] == pytest.approx(100 * (1 / 3 + 1 / 4) / 2)
+  reference = evaluate.run("videomme", mme, answerer=answerer, methods=("likelihood",))
+  for got, want in zip(report["records"], reference["records"], strict=True):
+    assert (got["question_id"], got["answer"]) == (want["question_id"], want["answer"])
+    assert got["likelihood"] == want["likelihood"]
+  assert json.loads((tmp_path / "toy_eval.json").read_text())["benchmark"] == "toyqa"
+
+
+def test_a_benchmark_module_missing_a_declaration_is_named(plugin_dir):
+  (plugin_dir / "broken.py").write_text('KIND = "multiple_choice"\nGROUPS = ()\n')
+  with pytest.raises(TypeError, match=r"broken\.py: benchmark 'broken' must define "
+                                      r"LIKELIHOOD_TARGET"):
+    evals.get("broken")
+  with pytest.raises(ValueError, match=r"unknown benchmark 'nope'; expected one of \("):
+    evals.read_items("nope", "x.json")
