@@ -90,6 +90,12 @@ def model_for(name: str) -> Mamba2LM:
   return init_model(CONFIGS[name])
 
 
+def state_for(name: str, seed: int):
+  """Parameters of config `name` drawn with init seed 7 + seed (seed 0: model_for's)."""
+  model = model_for(name)
+  return nnx.state(model if seed == 0 else init_model(model.config, seed=7 + seed))
+
+
 def pure_fns(model: Mamba2LM):
   """Jitted pure functions of the model state: forward (chunked) and one decoding step."""
   graphdef, state = nnx.split(model)
@@ -123,34 +129,49 @@ def run_in_pieces(forward, state, embeds, states, lengths):
 # --------------------------------------------------------------------------- the three modes
 
 
-@pytest.mark.parametrize("config_name,schedules", [("g1", ("pieces", "halves")),
-                                                   ("g2_l3", ("halves",))])
-def test_full_chunked_and_step_agree_on_logits(config_name, schedules):
+def mode_errors(config_name: str, seed: int, schedules: tuple[str, ...]) -> dict[str, float]:
+  """Errors of the chunked (per schedule) and recurrent modes against one full pass, for the
+  model initialised with `seed` on tokens drawn with `seed`: relative errors of logits and
+  SSM states, largest absolute difference of the conv states."""
   model = model_for(config_name)
-  state, forward, step = pure_fns_for(config_name)
-  tokens = tokens_for(model.config)
-  embeds = embed(model, tokens)
+  _, forward, step = pure_fns_for(config_name)  # compiled once per config; state varies
+  state = state_for(config_name, seed)
+  params = nnx.merge(nnx.graphdef(model), state)
+  tokens = tokens_for(model.config, seed=seed)
+  embeds = embed(params, tokens)
   zeros = zero_states(model.config)
   full, full_states = forward(state, embeds, zeros)
   assert full.shape == (BATCH, SEQLEN, model.config.padded_vocab_size)
   assert full.dtype == jnp.float32
-
+  errors = {}
   for name in schedules:
     chunked, states = run_in_pieces(forward, state, embeds, zeros, SCHEDULES[name])
-    assert rel_err(chunked, full) < 1e-5, name
-    assert rel_err(states.ssm, full_states.ssm) < 1e-5, name
-    np.testing.assert_allclose(states.conv, full_states.conv, rtol=1e-6, atol=1e-6,
-                               err_msg=name)
-
-  cache = zeros
-  stepped = []
+    errors[f"{name}.logits"] = rel_err(chunked, full)
+    errors[f"{name}.ssm"] = rel_err(states.ssm, full_states.ssm)
+    errors[f"{name}.conv_abs"] = float(np.abs(states.conv - full_states.conv).max())
+  cache, stepped = zeros, []
   for t in range(SEQLEN):
     logits, cache = step(state, tokens[:, t], cache)
     stepped.append(np.asarray(logits))
-  stepped = np.stack(stepped, axis=1)
-  assert rel_err(stepped, full) < 1e-5
-  assert rel_err(cache.ssm, full_states.ssm) < 1e-5
-  np.testing.assert_allclose(cache.conv, full_states.conv, rtol=1e-6, atol=1e-6)
+  errors["step.logits"] = rel_err(np.stack(stepped, axis=1), full)
+  errors["step.ssm"] = rel_err(cache.ssm, full_states.ssm)
+  errors["step.conv_abs"] = float(np.abs(cache.conv - full_states.conv).max())
+  return errors
+
+
+# Sweep (python -m tests.models.model_tolerance_sweep, 20 seeds, f32 on CPU, 2026-11-26):
+# largest relative error of logits and SSM states over every schedule and the step mode:
+# g1 5.0e-7, g2_l3 5.6e-7; conv states differ by at most 1.31e-6 (absolute). Tolerances:
+# about 10x the worst seed.
+MODE_TOL = 1e-5
+CONV_ABS_TOL = 1e-5
+
+
+@pytest.mark.parametrize("config_name,schedules", [("g1", ("pieces", "halves")),
+                                                   ("g2_l3", ("halves",))])
+def test_full_chunked_and_step_agree_on_logits(config_name, schedules):
+  for name, err in mode_errors(config_name, 0, schedules).items():
+    assert err < (CONV_ABS_TOL if name.endswith("conv_abs") else MODE_TOL), (name, err)
 
 
 def test_states_carry_information():
@@ -183,16 +204,28 @@ def test_call_on_tokens_and_on_embeds():
     model()
 
 
-def test_chunked_gradients_match_full():
-  """d(loss)/d(params) and d(loss)/d(embeds) agree between one pass and two pieces split
-  at 2: inside the conv window and off the chunk grid, so the gradient crosses the split
-  through both states."""
+def chunked_gradient_errors(seed: int) -> dict[str, float]:
+  """Relative error of d(loss)/d(each parameter) and d(loss)/d(embeds) between one pass
+  and two pieces split at 2 (inside the conv window and off the chunk grid, so the gradient
+  crosses the split through both states); g1 initialised with `seed`."""
   model = model_for("g1")
-  graphdef, state = nnx.split(model)
-  embeds = embed(model, tokens_for(model.config, seed=3))
-  cot = normal(4, BATCH, SEQLEN, model.config.padded_vocab_size)
+  graphdef = nnx.graphdef(model)
+  state = state_for("g1", seed)
+  embeds = embed(nnx.merge(graphdef, state), tokens_for(model.config, seed=3 + seed))
+  cot = normal(4 + seed, BATCH, SEQLEN, model.config.padded_vocab_size)
+  g_full = _piecewise_grad(graphdef)(state, embeds, cot, (SEQLEN,))
+  g_chunked = _piecewise_grad(graphdef)(state, embeds, cot, (2, SEQLEN - 2))
+  assert np.abs(g_full[1][:, 0]).max() > 0  # the first token does reach the loss
+  flat_full = dict(nnx.to_flat_state(g_full[0]))
+  errors = {"d" + ".".join(map(str, path)): rel_err(g[...], flat_full[path][...])
+            for path, g in nnx.to_flat_state(g_chunked[0])}
+  errors["dembeds"] = rel_err(g_chunked[1], g_full[1])
+  return errors
 
-  def loss(state, embeds, lengths):
+
+@functools.cache
+def _piecewise_grad(graphdef):
+  def loss(state, embeds, cot, lengths):
     m = nnx.merge(graphdef, state)
     states, total, start = m.init_states(BATCH), 0.0, 0
     for length in lengths:
@@ -202,15 +235,17 @@ def test_chunked_gradients_match_full():
       start = stop
     return total
 
-  grad = jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
-  g_full = grad(state, embeds, (SEQLEN,))
-  g_chunked = grad(state, embeds, (2, SEQLEN - 2))
-  flat_full = dict(nnx.to_flat_state(g_full[0]))
-  for path, g in nnx.to_flat_state(g_chunked[0]):
-    err = rel_err(g[...], flat_full[path][...])
-    assert err < 1e-4, f"d{'.'.join(map(str, path))}: rel err {err:.2e}"
-  assert rel_err(g_chunked[1], g_full[1]) < 1e-4
-  assert np.abs(g_full[1][:, 0]).max() > 0  # the first token does reach the loss
+  return jit(jax.grad(loss, argnums=(0, 1)), static_argnums=3)
+
+
+# Sweep (20 seeds, 2026-11-26): largest relative gradient error 6.6e-7 (dt_bias), embeds
+# 4.2e-7. Tolerance about 15x the worst seed.
+GRAD_TOL = 1e-5
+
+
+def test_chunked_gradients_match_full():
+  for name, err in chunked_gradient_errors(0).items():
+    assert err < GRAD_TOL, f"{name}: rel err {err:.2e}"
 
 
 # --------------------------------------------------------------------------- block_apply
@@ -358,23 +393,45 @@ def test_initialisation_follows_mamba_ssm():
 # --------------------------------------------------------------------------- precision
 
 
-def test_bf16_compute_stays_close_to_f32():
+def bf16_errors(seed: int) -> dict[str, float]:
+  """g1 initialised with `seed`, the same f32 parameters computed in bf16: relative error of
+  its logits against f32 compute, and of bf16 in two halves against bf16 in one pass."""
   f32_model = model_for("g1")
-  state, forward, _ = pure_fns_for("g1")
-  bf16_model = nnx.eval_shape(lambda: Mamba2LM(
-      f32_model.config.replace(compute_dtype="bfloat16"), rngs=nnx.Rngs(0)))
-  nnx.update(bf16_model, state)  # the same f32 params, bf16 compute
-  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(bf16_model)))
-  embeds = embed(f32_model, tokens_for(f32_model.config))
+  _, forward, _ = pure_fns_for("g1")
+  state = state_for("g1", seed)
+  bf16_state, bf16_forward = _bf16_fns()
+  bf16_state = jax.tree.map(lambda _, new: new, bf16_state, state)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(bf16_state))
+  embeds = embed(nnx.merge(nnx.graphdef(f32_model), state),
+                 tokens_for(f32_model.config, seed=seed))
   zeros = zero_states(f32_model.config)
   ref, _ = forward(state, embeds, zeros)
-  bf16_state, bf16_forward, _ = pure_fns(bf16_model)
   logits, states = bf16_forward(bf16_state, embeds, zeros)
   assert logits.dtype == jnp.float32 and states.ssm.dtype == jnp.float32
-  err = rel_err(logits, ref)
-  assert 1e-6 < err < 3e-2  # really computed in bf16, and close
   pieces, _ = run_in_pieces(bf16_forward, bf16_state, embeds, zeros, SCHEDULES["halves"])
-  assert rel_err(pieces, logits) < 2e-2
+  return {"bf16_vs_f32": rel_err(logits, ref), "bf16_halves": rel_err(pieces, logits)}
+
+
+@functools.cache
+def _bf16_fns():
+  config = model_for("g1").config.replace(compute_dtype="bfloat16")
+  bf16_model = nnx.eval_shape(lambda: Mamba2LM(config, rngs=nnx.Rngs(0)))
+  state, forward, _ = pure_fns(bf16_model)
+  return state, forward
+
+
+# Sweep (20 seeds, 2026-11-26): bf16 vs f32 logits 6.9e-3 .. 7.6e-3 (the lower bound shows
+# bf16 really computed); bf16 in two halves equals bf16 in one pass exactly on every seed
+# (the carried states are f32), so its tolerance only allows another platform's rounding.
+BF16_MIN = 1e-3
+BF16_TOL = 3e-2
+BF16_HALVES_TOL = 1e-5
+
+
+def test_bf16_compute_stays_close_to_f32():
+  errors = bf16_errors(0)
+  assert BF16_MIN < errors["bf16_vs_f32"] < BF16_TOL, errors
+  assert errors["bf16_halves"] < BF16_HALVES_TOL, errors
 
 
 # --------------------------------------------------------------------------- learning
