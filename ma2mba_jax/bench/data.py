@@ -19,16 +19,16 @@ tokens / tokens_per_frame frames/s; workers = that / (frames/s one worker decode
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 import av
 import numpy as np
+from absl import app, flags
 
 from ma2mba_jax.data import scenes as sc
 from ma2mba_jax.data.pipeline import make_pipeline
@@ -125,56 +125,76 @@ def recommend(per_worker_frames_per_s: float, *, host_tokens_per_s: float,
                    "pre-extract 1-FPS frames or lower the source resolution.")}
 
 
-def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m ma2mba_jax.bench.data",
-                                   description=__doc__.split("\n\n")[0])
-  parser.add_argument("--video", help="an mp4 to decode (default: write a 640x360 test video)")
-  parser.add_argument("--seconds", type=int, default=60, help="length of the test video")
-  parser.add_argument("--image-size", type=int, default=336)
-  parser.add_argument("--tokens-per-frame", type=int, default=144)
-  parser.add_argument("--max-frames", type=int, default=32, help="frames per pipeline sample")
-  parser.add_argument("--workers", default="0,1,2", help="comma-separated num_workers to try")
-  parser.add_argument("--batches", type=int, default=4, help="timed batches per setting")
-  parser.add_argument("--host-tokens-per-s", type=float,
-                      default=8 * PAPER_TOKENS_PER_S_PER_GPU)
-  parser.add_argument("--json", help="write the results here")
-  args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line's flags (absl, spelled as in the module docstring); defined only when
+  the module runs as a program."""
+  fv = {"flag_values": flag_values}
+  flags.DEFINE_string("video", None, "An mp4 to decode (default: write a 640x360 test "
+                      "video).", **fv)
+  flags.DEFINE_integer("seconds", 60, "Length of the test video.", **fv)
+  flags.DEFINE_integer("image-size", 336, "Frame side the pipeline resizes to.", **fv)
+  flags.DEFINE_integer("tokens-per-frame", 144, "Vision tokens per frame.", **fv)
+  flags.DEFINE_integer("max-frames", 32, "Frames per pipeline sample.", **fv)
+  flags.DEFINE_string("workers", "0,1,2", "Comma-separated num_workers to try.", **fv)
+  flags.DEFINE_integer("batches", 4, "Timed batches per setting.", **fv)
+  flags.DEFINE_float("host-tokens-per-s", 8 * PAPER_TOKENS_PER_S_PER_GPU, "Training "
+                     "tokens/s of the GPU host the pipeline feeds.", **fv)
+  flags.DEFINE_string("json", None, "Write the results here.", **fv)
 
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """app.run's main: runs `run` with the parsed flags."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {list(argv[1:])}")
+  value = lambda name: flag_values[name].value
+  run(video=value("video"), seconds=value("seconds"), image_size=value("image-size"),
+      tokens_per_frame=value("tokens-per-frame"), max_frames=value("max-frames"),
+      workers=value("workers"), batches=value("batches"),
+      host_tokens_per_s=value("host-tokens-per-s"), json_path=value("json"))
+
+
+def run(*, video: str | None = None, seconds: int = 60, image_size: int = 336,
+        tokens_per_frame: int = 144, max_frames: int = 32, workers: str = "0,1,2",
+        batches: int = 4, host_tokens_per_s: float = 8 * PAPER_TOKENS_PER_S_PER_GPU,
+        json_path: str | None = None) -> dict:
+  """Decodes a video (`video`, or a written test video of `seconds`), runs the pipeline with
+  each num_workers in `workers`, prints the table and the recommendation and returns them
+  (written to `json_path` too when given)."""
   with tempfile.TemporaryDirectory() as folder:
-    video = args.video or os.path.join(folder, "bench.mp4")
-    if args.video:  # ~10 s "scenes" with placeholder captions: only their length matters
-      with Video(video) as opened:
+    path = video or os.path.join(folder, "bench.mp4")
+    if video:  # ~10 s "scenes" with placeholder captions: only their length matters
+      with Video(path) as opened:
         count = max(1, int(opened.duration // 10))
         scenes = [sc.Scene("circle", "red", "black", "still", opened.duration / count)] * count
     else:
-      scenes = write_test_video(video, args.seconds)
-    with av.open(video) as container:
+      scenes = write_test_video(path, seconds)
+    with av.open(path) as container:
       stream = container.streams.video[0]
       source = f"{stream.width}x{stream.height} {float(stream.average_rate):.0f} fps"
-    decodes = {threads: bench_decode(video, image_size=args.image_size, threads=threads)
+    decodes = {threads: bench_decode(path, image_size=image_size, threads=threads)
                for threads in (1, 0)}
     tokenizer = train_tokenizer([s.caption() for s in scenes], vocab_size=512)
-    annotations = _scenewalk(folder, video, scenes, clips_per_sample=min(3, len(scenes)))
+    annotations = _scenewalk(folder, path, scenes, clips_per_sample=min(3, len(scenes)))
     pipelines = [bench_pipeline(annotations, tokenizer, workers=int(w),
-                                image_size=args.image_size,
-                                tokens_per_frame=args.tokens_per_frame,
-                                max_frames=args.max_frames, batches=args.batches)
-                 for w in args.workers.split(",")]
+                                image_size=image_size,
+                                tokens_per_frame=tokens_per_frame,
+                                max_frames=max_frames, batches=batches)
+                 for w in workers.split(",")]
   # One worker = one core decoding single-threaded, plus tokenising and batching.
   per_worker = min(decodes[1]["frames_per_s"],
                    next((p["frames_per_s"] for p in pipelines if p["workers"] == 0),
                         decodes[1]["frames_per_s"]))
-  advice = recommend(per_worker, host_tokens_per_s=args.host_tokens_per_s,
-                     tokens_per_frame=args.tokens_per_frame)
+  advice = recommend(per_worker, host_tokens_per_s=host_tokens_per_s,
+                     tokens_per_frame=tokens_per_frame)
   results = {"machine": {"cpu_count": os.cpu_count()}, "video": source,
-             "image_size": args.image_size,
+             "image_size": image_size,
              "decode": {"1_thread": decodes[1], "all_cores": decodes[0]}, "pipeline": pipelines,
              "recommendation": advice}
-  if args.json:
-    with open(args.json, "w") as f:
+  if json_path:
+    with open(json_path, "w") as f:
       json.dump(results, f, indent=1)
 
-  print(f"source video {source}, frames to {args.image_size}px at 1 FPS, "
+  print(f"source video {source}, frames to {image_size}px at 1 FPS, "
         f"{os.cpu_count()} CPU cores")
   print(f"{'what':<24}{'frames/s':>10}{'video s/s':>11}{'samples/s':>11}{'startup s':>11}")
   for threads, name in ((1, "decode, 1 thread"), (0, "decode, all cores")):
@@ -190,4 +210,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  define_flags()
+  app.run(main)

@@ -2,8 +2,9 @@
 training stages' formats, a Video-MME-style multiple-choice eval set, and a tokenizer.
 
     python -m ma2mba_jax.data.synthetic --out DIR [--seed 0] [--size tiny|small|long]
-        [--frame-size 64] [--video-fps 4] [--shape-radius 0.14] [--images N] [--clips N]
-        [--walks N] [--qa-videos N] [--qa-val-videos N] [--eval-videos N]
+        [--frame-size 64] [--video-fps 4] [--shape-radius 0.14] [--walk-lengths scenewalk]
+        [--images N] [--clips N] [--walks N] [--qa-videos N] [--qa-val-videos N]
+        [--eval-videos N]
 
 Writes under DIR (see docs/data_formats.md for the layouts):
   stage1/llava_images.json + stage1/images/*.png   LLaVA-Pretrain image captions
@@ -25,15 +26,14 @@ videos for benchmarks; slow to write).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
 import os
-import sys
 from collections.abc import Sequence
 
 import numpy as np
+from absl import app, flags
 
 from ma2mba_jax.data import scenes as sc
 from ma2mba_jax.data.formats import VIDEO_CAPTION_PROMPT, format_multiple_choice
@@ -405,35 +405,43 @@ def sources(out: str, stage: int | str) -> dict[str, list[dict]]:
           for split, entries in manifest["sources"][str(stage)].items()}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      prog="python -m ma2mba_jax.data.synthetic", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", required=True, help="folder to write into")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--size", choices=sorted(PRESETS), default="tiny")
-  parser.add_argument("--frame-size", type=int, default=64, help="frame side in pixels")
-  parser.add_argument("--video-fps", type=int, default=4, help="frame rate of the mp4s")
-  parser.add_argument("--shape-radius", type=float, default=sc.SHAPE_RADIUS,
-                      help="shape radius as a fraction of the frame side")
-  parser.add_argument("--walk-lengths", choices=WALK_LENGTHS, default="preset",
-                      help="stage-2 walk lengths: the preset's, or SceneWalk-like "
-                           "(lognormal, mean 8 minutes, at most an hour; for benchmarks)")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line's flags (absl, spelled as in the module docstring). Defined only when
+  the module runs as a program, so that importing the generator defines none."""
+  fv = {"flag_values": flag_values}
+  flags.DEFINE_string("out", None, "Folder to write into.", required=True, **fv)
+  flags.DEFINE_integer("seed", 0, "Seed of every random stream.", **fv)
+  flags.DEFINE_enum("size", "tiny", sorted(PRESETS), "Size preset.", **fv)
+  flags.DEFINE_integer("frame-size", 64, "Frame side in pixels.", **fv)
+  flags.DEFINE_integer("video-fps", 4, "Frame rate of the mp4s.", **fv)
+  flags.DEFINE_float("shape-radius", sc.SHAPE_RADIUS, "Shape radius as a fraction of the "
+                     "frame side.", **fv)
+  flags.DEFINE_enum("walk-lengths", "preset", list(WALK_LENGTHS), "Stage-2 walk lengths: the "
+                    "preset's, or SceneWalk-like (lognormal, mean 8 minutes, at most an hour; "
+                    "for benchmarks).", **fv)
   for name in ("images", "clips", "walks", "qa-videos", "qa-val-videos", "eval-videos"):
-    parser.add_argument(f"--{name}", type=int, default=None,
-                        help="override the size preset's count")
-  args = parser.parse_args(argv)
+    flags.DEFINE_integer(name, None, "Override the size preset's count.", **fv)
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """app.run's main: writes the dataset the parsed flags describe and prints a summary."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {list(argv[1:])}")
+  value = lambda name: flag_values[name].value
+  out = value("out")
   manifest = generate(
-      args.out, seed=args.seed, size=args.size, frame_size=args.frame_size,
-      video_fps=args.video_fps, shape_radius=args.shape_radius,
-      walk_lengths=args.walk_lengths, images=args.images,
-      clips=args.clips, walks=args.walks, qa_videos=args.qa_videos,
-      qa_val_videos=args.qa_val_videos, eval_videos=args.eval_videos)
+      out, seed=value("seed"), size=value("size"), frame_size=value("frame-size"),
+      video_fps=value("video-fps"), shape_radius=value("shape-radius"),
+      walk_lengths=value("walk-lengths"), images=value("images"), clips=value("clips"),
+      walks=value("walks"), qa_videos=value("qa-videos"),
+      qa_val_videos=value("qa-val-videos"), eval_videos=value("eval-videos"))
   ev = manifest["eval"]
-  print(f"wrote {len(manifest['files'])} files to {args.out}: "
+  print(f"wrote {len(manifest['files'])} files to {out}: "
         f"{ev['num_questions']} eval questions ({ev['num_options']} options, chance "
         f"{ev['chance_accuracy']:.0%}, {ev['needle_questions']} needle), "
         f"tokenizer vocab {manifest['vocab_size']}")
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  define_flags()
+  app.run(main)

@@ -2,13 +2,18 @@
 
 import json
 
+from absl import flags
+
 from ma2mba_jax.bench import data as bench
 
 
 def test_bench_runs_and_recommends(tmp_path, capsys):
   out = tmp_path / "bench.json"
-  bench.main(["--seconds", "4", "--workers", "0", "--batches", "1", "--image-size", "32",
-              "--max-frames", "4", "--tokens-per-frame", "2", "--json", str(out)])
+  flag_values = flags.FlagValues()  # the command line, on flags of its own
+  bench.define_flags(flag_values)
+  bench.main(flag_values(["bench.data", "--seconds", "4", "--workers", "0", "--batches", "1",
+                          "--image-size", "32", "--max-frames", "4", "--tokens-per-frame", "2",
+                          "--json", str(out)]), flag_values)
   results = json.loads(out.read_text())
   assert results["video"] == "640x360 30 fps"
   assert results["decode"]["1_thread"]["frames"] == 4  # 4 s at 1 FPS

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ma2mba_jax.data import batching, pipeline, synthetic
+from ma2mba_jax.data import batching, manifest, pipeline
 from ma2mba_jax.data.batching import EMPTY, SKIPPED, PadBatchIterDataset
 from ma2mba_jax.data.errors import DataError
 from ma2mba_jax.data.pipeline import build_index, make_pipeline
@@ -29,7 +29,7 @@ def tokenizer(tiny_dataset):
 
 
 def _config(tiny_dataset, stage, **overrides):
-  config = {"stage": stage, "sources": synthetic.sources(tiny_dataset[0], stage),
+  config = {"stage": stage, "sources": manifest.sources(tiny_dataset[0], stage),
             "image_size": 32, "tokens_per_frame": K, "max_frames": 24, "max_tokens": 256,
             "batch_size": 2, "seed": 0}
   config.update(overrides)
@@ -178,7 +178,7 @@ def test_worker_processes_give_the_same_batches_and_restore(tiny_dataset, tokeni
 
 
 def test_shards_split_the_data(tiny_dataset, tokenizer):
-  sources = synthetic.sources(tiny_dataset[0], 1)["train"]  # 9 samples
+  sources = manifest.sources(tiny_dataset[0], 1)["train"]  # 9 samples
   config = _config(tiny_dataset, 1, sources={"train": sources, "eval": sources},
                    batch_size=2, num_epochs=1)
   def run(split, index, count, **kw):
@@ -301,7 +301,7 @@ def test_empty_annotation_list_warns_and_all_empty_is_an_error(tiny_dataset, tmp
                                                                caplog):
   empty = tmp_path / "empty.json"
   empty.write_text("[]")
-  real = synthetic.sources(tiny_dataset[0], 2)["train"]
+  real = manifest.sources(tiny_dataset[0], 2)["train"]
   sources = {"train": [*real, {"format": "scenewalk", "annotations": str(empty)}]}
   with caplog.at_level(logging.INFO):
     assert len(build_index(_config(tiny_dataset, 2, sources=sources))) == 2

@@ -10,7 +10,9 @@ import sys
 
 import numpy as np
 import pytest
+from absl import flags
 
+from ma2mba_jax.data import manifest as manifest_lib
 from ma2mba_jax.data import scenes, synthetic
 from ma2mba_jax.data.formats import read_source, read_videomme
 from ma2mba_jax.data.tokenizer import load_tokenizer
@@ -85,7 +87,7 @@ def test_manifest_and_formats(tiny_dataset):
   out, manifest = tiny_dataset
   for relative in manifest["files"]:
     assert os.path.isfile(os.path.join(out, relative)), relative
-  sources = {stage: synthetic.sources(out, stage) for stage in (1, 2, 3)}
+  sources = {stage: manifest_lib.sources(out, stage) for stage in (1, 2, 3)}
   counts = {(stage, split): [len(read_source(s["format"], s["annotations"], s["media_root"])
                                  .samples) for s in entries]
             for stage, by_split in sources.items() for split, entries in by_split.items()}
@@ -212,7 +214,10 @@ def test_deterministic_by_seed_and_cli(tmp_path, capsys):
     env = {**os.environ, "PYTHONHASHSEED": hash_seed, "MALLOC_PERTURB_": fill}
     subprocess.run([sys.executable, "-m", "ma2mba_jax.data.synthetic", "--out",
                     str(tmp_path / name), *counts], env=env, check=True, capture_output=True)
-  synthetic.main(["--out", str(tmp_path / "c"), *counts])
+  flag_values = flags.FlagValues()  # the CLI in this process, on flags of its own
+  synthetic.define_flags(flag_values)
+  synthetic.main(flag_values(["synthetic", "--out", str(tmp_path / "c"), *counts]),
+                 flag_values)
   assert "eval questions (4 options, chance 25%" in capsys.readouterr().out
   synthetic.generate(str(tmp_path / "d"), seed=1, frame_size=32, images=2, clips=1, walks=1,
                      qa_videos=1, qa_val_videos=1, eval_videos=1)
