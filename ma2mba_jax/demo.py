@@ -4,7 +4,10 @@
      in the Video-MME layout) with `ma2mba_jax.data.synthetic`;
   2. trains the tiny Video-Ma²mba through the paper's three stages, each starting from the
      previous stage's export (`python -m ma2mba_jax.main --config=configs/stageN.py:demo`);
-  3. evaluates the result on the synthetic multiple-choice set, with chance beside it.
+  3. evaluates the result on the synthetic multiple-choice set, with chance and the p-value
+     of guessing beside each score: by option likelihood, and by generation twice -- asked
+     the Video-MME prompt for a letter, and asked the question alone, the answer's words
+     matched to the options (see `evaluate`).
 
 Everything goes under --workdir; running it again resumes where it stopped. A stage whose
 settings or input changed since it was trained (e.g. `--steps=5,2,2` after `--steps=3,2,2`
@@ -106,9 +109,17 @@ def train_stages(workdir: str, data_dir: str) -> str:
 def evaluate(final_stage: str, data_dir: str) -> dict:
   """The synthetic multiple-choice set, by option likelihood and by generation.
 
-  Likelihood scores each option's text as the answer to the bare question (target 'text',
-  a cloze test: see infer/answering.py); `python -m ma2mba_jax.evaluate
-  --likelihood_target=letter` scores the option letters after the multiple-choice prompt.
+  likelihood     each option's text scored as the answer to the bare question (target
+                 'text', a cloze test: see infer/answering.py); `python -m
+                 ma2mba_jax.evaluate --likelihood_target=letter` scores the option letters
+                 after the multiple-choice prompt instead;
+  generate       greedy answer to the multiple-choice prompt with the Video-MME
+                 instruction, its option letter parsed (Video-MME's protocol);
+  generate_text  greedy answer to the question alone, right only if its words name the
+                 correct option's text and no other (the options are never shown).
+  The demo's minutes teach the tiny model to say what it saw (the last two stage-3 turn
+  kinds: open answers and captions) far better than to find that answer's letter among
+  shuffled options, so `generate` stays near chance while `generate_text` does not.
   """
   from ma2mba_jax import evaluate as evaluate_lib
   from ma2mba_jax.infer import answering, checkpoint
@@ -119,7 +130,7 @@ def evaluate(final_stage: str, data_dir: str) -> dict:
   print(f"[demo] evaluating {len(items)} multiple-choice questions on the synthetic set",
         flush=True)
   return evaluate_lib.evaluate_items(
-      "synthetic", data_dir, items, answerer=answerer, methods=answering.METHODS,
+      "synthetic", data_dir, items, answerer=answerer, methods=answering.MC_METHODS,
       json_path=os.path.join(final_stage, "eval_synthetic.json"))
 
 

@@ -18,7 +18,18 @@ Option likelihood, two targets:
           choice).
 A target is followed by `<|endoftext|>`. Options are ranked by the MEAN log-probability per
 target token (so option texts of different lengths compare fairly); the sums and token
-counts are kept too. Generation always asks the multiple-choice prompt.
+counts are kept too.
+
+Generation, two methods:
+  generate       greedy decoding after the multiple-choice prompt (options and the
+                 Video-MME instruction), the choice parsed from the text (evals.parse_choice:
+                 the option letter, failing that an option's whole text) -- Video-MME's own
+                 protocol;
+  generate_text  greedy decoding after the question alone, without the options; the answer
+                 must name exactly one option's text (`match_option_text`: the whole answer,
+                 or as words inside it, case, punctuation and articles ignored), else it
+                 counts as wrong. The model is never shown the options, so a guess can only
+                 lose against chance. The generation counterpart of target 'text'.
 """
 
 from __future__ import annotations
@@ -35,12 +46,13 @@ import tokenizers
 
 from ma2mba_jax.data.formats import format_multiple_choice
 from ma2mba_jax.data.tokenizer import vocab_size
-from ma2mba_jax.evals import MCItem, OpenItem, parse_choice
+from ma2mba_jax.evals import MCItem, OpenItem, normalize_answer, parse_choice
 from ma2mba_jax.infer.sample import Generation, Sampler, SamplingParams
 from ma2mba_jax.infer.stream import Conversation, Progress, Streamer, encode_text
 from ma2mba_jax.models.video_lm import VideoMa2mba
 
-METHODS = ("likelihood", "generate")
+METHODS = ("likelihood", "generate")  # evaluate.py's --method=both
+MC_METHODS = (*METHODS, "generate_text")  # every method answer_mc knows
 TARGETS = ("letter", "text")
 
 
@@ -58,6 +70,22 @@ def make_sampler(model: VideoMa2mba, streamer: Streamer, **kwargs) -> Sampler:
   return Sampler(model.llm, vocab_size=vocab_size(streamer.tokenizer),
                  stop_ids=(streamer.ids.endoftext,), banned_ids=(streamer.ids.frame,),
                  **kwargs)
+
+
+def match_option_text(text: str, item: MCItem) -> str | None:
+  """The letter of the one option whose text a free answer names: the answer equals it, or
+  contains it as whole words (case, punctuation and the articles a/an/the ignored); None
+  when it names none or more than one ("a blue diamond" names "blue" among colours)."""
+  said = normalize_answer(text)
+  if not said:
+    return None
+  texts = {letter: normalize_answer(item.option_text(letter)) for letter in item.letters}
+  equal = [letter for letter, option in texts.items() if option and option == said]
+  if equal:
+    return equal[0] if len(equal) == 1 else None
+  words = f" {said} "
+  named = [letter for letter, option in texts.items() if option and f" {option} " in words]
+  return named[0] if len(named) == 1 else None
 
 
 def stop_note(generation: Generation) -> str:
@@ -143,8 +171,8 @@ def progress_printer(label: str, stream=sys.stderr) -> Progress:
 class ModelAnswerer:
   """Answers benchmark questions with a VideoMa2mba (the `Answerer` evaluate.py calls).
 
-  methods for multiple choice: 'likelihood' (see the module docstring) and/or 'generate'
-  (greedy decoding, the first option letter in the text, evals.parse_choice).
+  methods for multiple choice (MC_METHODS): 'likelihood', 'generate' and 'generate_text'
+  (see the module docstring).
   """
 
   def __init__(self, streamer: Streamer, sampler: Sampler, *, fps: float = 1.0,
@@ -202,28 +230,35 @@ class ModelAnswerer:
 
   def answer_mc(self, video: str, items: Sequence[MCItem], methods: Sequence[str]
                 ) -> list[dict[str, Any]]:
-    """Per item: {"likelihood": {"choice", "scores"}} and/or {"generate": {"text",
-    "choice"}}, choices being letters (None when the generated text names no option)."""
+    """Per item: {"likelihood": {"choice", "scores"}}, {"generate": {"text", "choice"}}
+    and/or {"generate_text": {"text", "choice"}} (MC_METHODS), choices being letters (None
+    when the generated text names no option)."""
+    unknown = sorted(set(methods) - set(MC_METHODS))
+    if unknown:
+      raise ValueError(f"unknown multiple-choice methods {unknown}; known: {MC_METHODS}")
     video_conv = self._read(video)
-    out, mc_convs = [], []
+    out, mc_convs, bare_convs = [], [], []
     for item in items:
-      conv = None  # the multiple-choice prompt, when a method needs it
-      if "generate" in methods or self.target == "letter":
+      conv = bare = None  # the multiple-choice prompt / the question alone, when needed
+      if "generate" in methods or ("likelihood" in methods and self.target == "letter"):
         conv = self.streamer.ask(video_conv,
                                  format_multiple_choice(item.question, item.options))
+      if "generate_text" in methods or ("likelihood" in methods and self.target == "text"):
+        bare = self.streamer.ask(video_conv, item.question)
       mc_convs.append(conv)
+      bare_convs.append(bare)
       result: dict[str, Any] = {}
       if "likelihood" in methods:
-        scored_conv = (conv if self.target == "letter"
-                       else self.streamer.ask(video_conv, item.question))
-        scores = self.option_scores(scored_conv, item)
+        scores = self.option_scores(conv if self.target == "letter" else bare, item)
         result["likelihood"] = {"choice": max(scores, key=lambda k: scores[k]["mean"]),
                                 "scores": scores}
       out.append(result)
-    if "generate" in methods:
-      texts = self._generate_all(mc_convs, self.mc_sampling)
-      for item, result, text in zip(items, out, texts, strict=True):
-        result["generate"] = {"text": text, "choice": parse_choice(text, item)}
+    for method, convs, parse in (("generate", mc_convs, parse_choice),
+                                 ("generate_text", bare_convs, match_option_text)):
+      if method in methods:
+        texts = self._generate_all(convs, self.mc_sampling)
+        for item, result, text in zip(items, out, texts, strict=True):
+          result[method] = {"text": text, "choice": parse(text, item)}
     return out
 
   def answer_open(self, video: str, items: Sequence[OpenItem]) -> list[str]:
