@@ -5,7 +5,7 @@ test_template.py), budget fitting, and errors naming file, record and field."""
 import csv
 import json
 import logging
-import sys
+import pathlib
 
 import numpy as np
 import pytest
@@ -16,6 +16,7 @@ from ma2mba_jax.data.example import ExampleSpec, build_example
 from ma2mba_jax.data.formats import (WHOLE, Exchange, Sample, format_multiple_choice,
                                      read_source, read_videomme)
 from ma2mba_jax.data.scenes import write_png
+from tests.plugins import plugin_folder
 
 SYSTEM = [1, 5, 6, 7, 8, 9, 10, 0]
 N = -1
@@ -248,15 +249,11 @@ def parse(rec: Record, media_root: str) -> Sample:
 
 
 @pytest.fixture
-def format_dir(tmp_path, monkeypatch):
+def format_dir(tmp_path):
   """A folder placed on ma2mba_jax.data.formats' search path: a module written there is a
   format, as a new file in ma2mba_jax/data/formats/ would be."""
-  folder = tmp_path / "plugins"
-  folder.mkdir()
-  monkeypatch.setattr(formats, "__path__", [str(folder), *formats.__path__])
-  yield folder
-  for name in ("toycaps", "noparse"):
-    sys.modules.pop(f"ma2mba_jax.data.formats.{name}", None)
+  with plugin_folder(formats, tmp_path / "plugins") as folder:
+    yield pathlib.Path(folder)
 
 
 def test_a_new_format_is_one_file(format_dir, media, word_tokenizer, tmp_path):

@@ -5,7 +5,7 @@ the random tiny model."""
 import json
 import math
 import os
-import sys
+import pathlib
 
 import numpy as np
 import pytest
@@ -17,6 +17,7 @@ from ma2mba_jax.data.errors import DataError
 from ma2mba_jax.evals import MCItem, exact_match, parse_choice, token_f1
 from ma2mba_jax.infer import checkpoint
 from ma2mba_jax.infer.answering import ModelAnswerer
+from tests.plugins import plugin_folder
 
 OPTIONS = ["A. red", "B. blue", "C. green", "D. yellow"]
 
@@ -360,7 +361,6 @@ TOY_BENCHMARK = '''"""A toy benchmark written by the test: a JSON list of {"id",
 "choices": [str], "answer": index}; clips are relative to the file's folder."""
 
 import os
-import sys
 
 from ma2mba_jax.data.formats import Record, load_records
 from ma2mba_jax.evals import LETTERS, MCItem, check_video
@@ -385,15 +385,11 @@ def read_items(annotations, *, video_root="", answers=""):
 
 
 @pytest.fixture
-def plugin_dir(tmp_path, monkeypatch):
+def plugin_dir(tmp_path):
   """A folder placed on ma2mba_jax.evals' search path: a module written there is a
   benchmark, as a new file in ma2mba_jax/evals/ would be."""
-  folder = tmp_path / "plugins"
-  folder.mkdir()
-  monkeypatch.setattr(evals, "__path__", [str(folder), *evals.__path__])
-  yield folder
-  for name in ("toyqa", "broken"):
-    sys.modules.pop(f"ma2mba_jax.evals.{name}", None)
+  with plugin_folder(evals, tmp_path / "plugins") as folder:
+    yield pathlib.Path(folder)
 
 
 def test_a_new_benchmark_is_one_file(plugin_dir, streamer, sampler, video, tmp_path):
