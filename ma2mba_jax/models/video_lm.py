@@ -1,12 +1,10 @@
 """Video-Ma²mba: vision encoder -> 2D pooling -> MLP projector, interleaved with text, then
 the Mamba-2 LM.
 
-Batch contract (from ma2mba_jax/data/batching.py):
-  tokens        int32 [B, T]           token ids (the `<|frame|>` id at vision positions).
-  vision_index  int32 [B, T]           f*K + k at the k-th token of frame f (an index into the
-                                       row's vision tokens flattened to [F*K]); -1 on text.
-  frames        uint8 [B, F, S, S, 3]  (or float in [0, 1]); zeros after the last frame.
-  frame_mask    bool  [B, F]           True for real frames.
+Its inputs are the batch the data pipeline makes, whose contract (keys, dtypes, shapes,
+padding, packing) is written once, in docs/data_formats.md ("The batch contract"): this
+model reads tokens, vision_index, frames and frame_mask, and restarts its state where a
+packed row's segment_ids change (`reset`).
 
 Each frame becomes K = ceil(G / pool)^2 tokens (144 for CLIP-L-336 with 2 x 2 pooling). The
 input embedding at position t is the LM's token embedding where vision_index < 0, and vision
