@@ -140,7 +140,7 @@ def breakdown(spec: str, t: int, h: int, inputs) -> list[dict]:
   """Times each kernel of a kernel backend alone, on the inputs the backend would give it."""
   import importlib
   from ma2mba_jax.kernels.ssd import api
-  from ma2mba_jax.kernels.ssd.pallas import chunked
+  from ma2mba_jax.kernels.ssd import chunked
   impl, options = parse_impl(spec)
   kernels = importlib.import_module(f"ma2mba_jax.kernels.ssd.{impl}.kernels")
   opts = chunked.Options(chunk_len=_CHUNK.value, **options)

@@ -28,7 +28,9 @@ import numpy as np
 
 from ma2mba_jax.bench import common
 from ma2mba_jax.kernels.ssd import ssd
+from ma2mba_jax.kernels.ssd.cases import Case, make_inputs, random_cotangents
 from ma2mba_jax.kernels.ssd.oracle import ssd_oracle
+from ma2mba_jax.testing import rel_err
 
 _IMPLS = flags.DEFINE_list("impls", ["xla", "pallas", "triton"], "Backends to check.")
 _SEED = flags.DEFINE_integer("seed", None, "Random seed (default: from the clock).")
@@ -42,54 +44,16 @@ GRAD_TOL = {"float32": 3e-3, "bfloat16": 2e-2}
 _POISON_BITS = 0x7FC07FC0
 
 
-@dataclasses.dataclass(frozen=True)
-class Shape:
-  name: str
-  batch: int
-  seqlen: int
-  n_heads: int
-  head_dim: int
-  n_groups: int
-  d_state: int
-  chunk_len: int
-  dtype: str
-  initial_state: bool = False
-  D_per_channel: bool = False
-
-
-SHAPES = (
-    Shape("odd_T_bf16", 2, 1000, 8, 64, 1, 128, 256, "bfloat16"),
-    Shape("groups2_init_bf16", 1, 777, 8, 32, 2, 64, 64, "bfloat16", initial_state=True),
-    Shape("groups4_f32", 2, 333, 8, 16, 4, 32, 32, "float32", D_per_channel=True),
-    Shape("init_f32", 1, 1024, 4, 64, 1, 128, 256, "float32", initial_state=True),
-    Shape("short_T_bf16", 1, 45, 4, 32, 1, 16, 64, "bfloat16", initial_state=True),
-    Shape("2.7B_heads_bf16", 1, 1280, 80, 64, 1, 128, 256, "bfloat16", initial_state=True),
-)
-
-
-def make_inputs(shape: Shape, seed: int) -> dict[str, jax.Array]:
-  keys = jax.random.split(jax.random.key(seed), 9)
-  b, t, h, p, g, n = (shape.batch, shape.seqlen, shape.n_heads, shape.head_dim,
-                      shape.n_groups, shape.d_state)
-  dtype = jnp.dtype(shape.dtype)
-  inputs = dict(
-      x=jax.random.normal(keys[0], (b, t, h, p)).astype(dtype),
-      dt=jax.random.normal(keys[1], (b, t, h)) - 1.0,
-      A=-jnp.exp(jax.random.uniform(keys[2], (h,), minval=-1.0, maxval=1.0)),
-      B=jax.random.normal(keys[3], (b, t, g, n)).astype(dtype),
-      C=jax.random.normal(keys[4], (b, t, g, n)).astype(dtype),
-      D=jax.random.normal(keys[5], (h, p) if shape.D_per_channel else (h,)),
-      dt_bias=jax.random.uniform(keys[6], (h,), minval=-2.0, maxval=0.5),
-  )
-  if shape.initial_state:
-    inputs["initial_state"] = jax.random.normal(keys[7], (b, h, p, n))
-  return inputs
-
-
-def cotangents(shape: Shape, seed: int):
-  k1, k2 = jax.random.split(jax.random.key(seed + 1))
-  return (jax.random.normal(k1, (shape.batch, shape.seqlen, shape.n_heads, shape.head_dim)),
-          jax.random.normal(k2, (shape.batch, shape.n_heads, shape.head_dim, shape.d_state)))
+# name -> sizes (odd T, several groups, initial state, f32 and bf16, the 2.7B head shapes).
+SHAPES = {
+    "odd_T_bf16": Case(2, 1000, 8, 64, 1, 128, 256, "bfloat16"),
+    "groups2_init_bf16": Case(1, 777, 8, 32, 2, 64, 64, "bfloat16", with_initial_state=True),
+    "groups4_f32": Case(2, 333, 8, 16, 4, 32, 32, "float32", D_per_channel=True),
+    "init_f32": Case(1, 1024, 4, 64, 1, 128, 256, "float32", with_initial_state=True),
+    "short_T_bf16": Case(1, 45, 4, 32, 1, 16, 64, "bfloat16", with_initial_state=True),
+    "2.7B_heads_bf16": Case(1, 1280, 80, 64, 1, 128, 256, "bfloat16",
+                            with_initial_state=True),
+}
 
 
 def outputs_and_grads(fn, inputs, cot):
@@ -115,17 +79,9 @@ def poison_device_memory(gib: float) -> None:
   del blocks
 
 
-def rel_err(out, ref) -> float:
-  out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
-  ref = np.asarray(ref, np.float64)
-  if not np.all(np.isfinite(out)):
-    return float("nan")
-  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
-
-
-def check_shape(shape: Shape, seed: int, impls) -> list[dict]:
+def check_shape(name: str, shape: Case, seed: int, impls) -> list[dict]:
   inputs = make_inputs(shape, seed)
-  cot = cotangents(shape, seed)
+  cot = random_cotangents(shape, seed)
   with jax.enable_x64(True):
     inputs64 = {k: jnp.asarray(np.asarray(v, np.float64)) for k, v in inputs.items()}
     cot64 = tuple(jnp.asarray(np.asarray(c, np.float64)) for c in cot)
@@ -135,7 +91,7 @@ def check_shape(shape: Shape, seed: int, impls) -> list[dict]:
   for impl in impls:
     fn = functools.partial(ssd, chunk_len=shape.chunk_len, impl=impl)
     poison_device_memory(_POISON_GIB.value)
-    row = {"shape": shape.name, "impl": impl}
+    row = {"shape": name, "impl": impl}
     try:
       out = outputs_and_grads(fn, inputs, cot)
     except Exception as err:  # noqa: BLE001 - a backend that fails is a result
@@ -144,7 +100,7 @@ def check_shape(shape: Shape, seed: int, impls) -> list[dict]:
       print(row, flush=True)
       continue
     results[impl] = out
-    errs = {k: rel_err(v, oracle[k]) for k, v in out.items()}
+    errs = {k: rel_err(v, oracle[k], nan_if_not_finite=True) for k, v in out.items()}
     row["y"] = errs["y"]
     row["final_state"] = errs["final_state"]
     grad_errs = {k: v for k, v in errs.items() if k.startswith("d")}
@@ -153,7 +109,8 @@ def check_shape(shape: Shape, seed: int, impls) -> list[dict]:
     row["worst_grad"] = f"{worst}={grad_errs[worst]:.1e}"
     row["all_errs"] = errs
     if "xla" in results and impl != "xla":
-      row["y_vs_xla"] = rel_err(out["y"], np.asarray(results["xla"]["y"], np.float32))
+      row["y_vs_xla"] = rel_err(out["y"], np.asarray(results["xla"]["y"], np.float32),
+                                nan_if_not_finite=True)
     ok = (errs["y"] < TOL[shape.dtype] and errs["final_state"] < TOL[shape.dtype]
           and all(v < GRAD_TOL[shape.dtype] for v in grad_errs.values()))
     row["status"] = "ok" if ok else "FAIL"
@@ -166,12 +123,13 @@ def main(argv):
   del argv
   seed = _SEED.value if _SEED.value is not None else int(time.time()) % 100_000
   print(f"ssd_check seed={seed} device={jax.devices()[0].device_kind}", flush=True)
-  shapes = [s for s in SHAPES if _SHAPES.value is None or s.name in _SHAPES.value]
+  shapes = {n: s for n, s in SHAPES.items() if _SHAPES.value is None or n in _SHAPES.value}
   rows = []
-  for shape in shapes:
-    rows += check_shape(shape, seed, _IMPLS.value)
-  common.write_json(_JSON.value, {"env": common.environment(), "seed": seed, "rows": rows,
-                                  "shapes": [dataclasses.asdict(s) for s in shapes]})
+  for name, shape in shapes.items():
+    rows += check_shape(name, shape, seed, _IMPLS.value)
+  common.write_json(_JSON.value, {
+      "env": common.environment(), "seed": seed, "rows": rows,
+      "shapes": [{"name": n, **dataclasses.asdict(s)} for n, s in shapes.items()]})
   print()
   sci = lambda v: f"{v:.1e}" if isinstance(v, float) else v
   common.print_table([{k: sci(v) for k, v in r.items()} for r in rows],

@@ -26,6 +26,7 @@ from safetensors.numpy import save_file
 from ma2mba_jax.convert.io import decode_config, encode_config, restore_model, save_model
 from ma2mba_jax.convert.mamba2 import CheckpointError, load_mamba2, read_config
 from ma2mba_jax.models.presets import mamba2_config
+from ma2mba_jax.testing import rel_err
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -169,11 +170,6 @@ def reference_logits(tensors: dict[str, np.ndarray], layout: str, tokens: np.nda
 
 def sample_tokens(seed: int = 1, seqlen: int = 13) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, VOCAB, (2, seqlen)).astype(np.int32)
-
-
-def rel_err(out, ref) -> float:
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 # --------------------------------------------------------------------------- loading

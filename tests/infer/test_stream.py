@@ -11,7 +11,7 @@ from ma2mba_jax.data.template import ChatTurn, render, render_prompt
 from ma2mba_jax.data.video import decode_video
 from ma2mba_jax.infer.sample import (RepeatStop, SamplingParams, choose_token, repeats_earlier,
                                      top_p_filter)
-from ma2mba_jax.infer.stream import compiled_footprint
+from ma2mba_jax.xla_memory import compiled_footprint
 
 QUESTION = "What colour is the circle?"
 FOLLOWUP = "Which way does it move?"

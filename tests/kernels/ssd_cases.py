@@ -1,15 +1,23 @@
-"""Shared SSD test inputs and comparison helpers (used by every backend's tests)."""
+"""Shared SSD test inputs and comparison helpers (used by every backend's tests).
+
+The cases and their random inputs live in the package (`ma2mba_jax.kernels.ssd.cases`,
+shared with bench/ssd_check.py); they are imported here for the tests."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ma2mba_jax.kernels.ssd.cases import Case, make_inputs, random_cotangents
 from ma2mba_jax.kernels.ssd.oracle import ssd_oracle
+from ma2mba_jax.testing import rel_err
+
+__all__ = ["Case", "make_inputs", "random_cotangents", "rel_err", "TOLERANCES", "tolerance",
+           "oracle_outputs_and_grads", "outputs_and_grads", "check_against_oracle",
+           "assert_close"]
 
 # ‖out − ref‖ / ‖ref‖ allowed against the f64 oracle, per input dtype and per quantity.
 # bf16 inputs are rounded before the oracle sees them, so the error left is f32 accumulation
@@ -61,49 +69,6 @@ def tolerance(dtype: str, quantity: str) -> float:
                    f"quantity={quantity!r}") from None
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-  batch: int = 2
-  seqlen: int = 37
-  n_heads: int = 4
-  head_dim: int = 8
-  n_groups: int = 1
-  d_state: int = 16
-  chunk_len: int = 8
-  dtype: str = "float32"
-  with_D: bool = True
-  with_initial_state: bool = False
-  D_per_channel: bool = False
-
-
-def make_inputs(case: Case, seed: int):
-  """Fresh random inputs (never zeros) for `case`, in the case's dtype."""
-  keys = jax.random.split(jax.random.key(seed), 8)
-  b, t, h, p, g, n = (case.batch, case.seqlen, case.n_heads, case.head_dim, case.n_groups,
-                      case.d_state)
-  dtype = jnp.dtype(case.dtype)
-  inputs = dict(
-      x=jax.random.normal(keys[0], (b, t, h, p)).astype(dtype),
-      dt=jax.random.normal(keys[1], (b, t, h)) - 1.0,   # raw; softplus -> about 0.1..1.5
-      A=-jnp.exp(jax.random.uniform(keys[2], (h,), minval=-1.0, maxval=1.0)),
-      B=jax.random.normal(keys[3], (b, t, g, n)).astype(dtype),
-      C=jax.random.normal(keys[4], (b, t, g, n)).astype(dtype),
-      dt_bias=jax.random.uniform(keys[5], (h,), minval=-2.0, maxval=0.5),
-  )
-  if case.with_D:
-    inputs["D"] = jax.random.normal(keys[6], (h, p) if case.D_per_channel else (h,))
-  if case.with_initial_state:
-    inputs["initial_state"] = jax.random.normal(keys[7], (b, h, p, n))
-  return inputs
-
-
-def rel_err(out, ref) -> float:
-  out = np.asarray(out, np.float64)
-  ref = np.asarray(ref, np.float64)
-  assert np.all(np.isfinite(out)), "output has NaN or inf"
-  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
-
-
 def _loss_fn(fn, cotangents):
   """sum(y * gy) + sum(final_state * gs): a scalar whose gradient exercises both outputs."""
   def loss(inputs):
@@ -130,12 +95,6 @@ def outputs_and_grads(fn, inputs, cotangents):
   y, state = jax.jit(fn)(**inputs)
   grads = jax.jit(jax.grad(_loss_fn(fn, cotangents)))(inputs)
   return (y, state), grads
-
-
-def random_cotangents(case: Case, seed: int):
-  k1, k2 = jax.random.split(jax.random.key(seed + 1000))
-  return (jax.random.normal(k1, (case.batch, case.seqlen, case.n_heads, case.head_dim)),
-          jax.random.normal(k2, (case.batch, case.n_heads, case.head_dim, case.d_state)))
 
 
 def check_against_oracle(fn, case: Case, seed: int, **options) -> None:

@@ -33,6 +33,7 @@ from flax import nnx
 
 from ma2mba_jax.models.mamba2 import Mamba2Block, Mamba2LM, block_apply
 from ma2mba_jax.models.presets import mamba2_config
+from ma2mba_jax.testing import rel_err
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 TOL = 2e-6
@@ -44,12 +45,6 @@ CONFIGS = {
     "g2_dt": mamba2_config("tiny", ssd_impl="xla", n_groups=2, d_model=48, chunk_len=8,
                            dt_limit=(0.002, 0.05)),
 }
-
-
-def rel_err(out, ref) -> float:
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  assert np.all(np.isfinite(out)), "non-finite values"
-  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 def problem(config, seed: int):

@@ -10,7 +10,7 @@ states [B, C, H, P, N] and CB = C.B^T per chunk [B, C, G, Q, Q] in f32 or in x's
 Letters: l / s target / source step inside a chunk, i / j their block index, g group,
 hg heads per group (head h reads group h // hg).
 
-Kernels (chunked.py puts them together and derives the gradients):
+Kernels (../chunked.py puts them together and derives the gradients):
   chunk_state       inc_c = sum_s w_s u_s^T v_s for every chunk, in parallel.
   state_pass        carry_{c+1} = decay_c * carry_c + inc_c, sequential over chunks,
                     parallel over (B, H, state elements); the forward states and, run in
@@ -36,6 +36,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ma2mba_jax.kernels.ssd.common import check_block, dims, largest_divisor
+
 F32 = jnp.float32
 _CONTRACT_ROWS = (((0,), (0,)), ((), ()))   # a^T b
 _CONTRACT_COLS = (((1,), (1,)), ((), ()))   # a b^T
@@ -43,18 +45,6 @@ _CONTRACT_COLS = (((1,), (1,)), ((), ()))   # a b^T
 
 def _params(num_warps: int, num_stages: int):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
-def _check_block(name: str, block: int, full: int) -> int:
-  """A block size is an upper bound: the largest divisor of `full` not above it."""
-  if block < 1:
-    raise ValueError(f"ssd pallas: {name}={block} must be positive")
-  return largest_divisor(full, block)
-
-
-def largest_divisor(n: int, at_most: int) -> int:
-  """The largest divisor of n that is at most `at_most` (heads per program, inner steps)."""
-  return max(d for d in range(1, min(at_most, n) + 1) if n % d == 0)
 
 
 def _causal_decay(cs_l, cs_s, l0, s0):
@@ -88,12 +78,9 @@ def chunk_state(u, v, w, *, chunk_len: int, block_p: int = 64, num_warps: int = 
   u [B, T, H, P], v [B, T, G, N], w [B, H, T] f32. Returns inc [B, C, H, P, N] f32.
   Fully parallel over (P blocks, H, chunks, B).
   """
-  batch, seqlen, n_heads, head_dim = u.shape
-  n_groups, d_state = v.shape[2:]
-  q = chunk_len
-  n_chunks = seqlen // q
-  hg = n_heads // n_groups
-  bp = _check_block("block_p", block_p, head_dim)
+  batch, seqlen, n_heads, head_dim, n_groups, d_state, q, n_chunks, hg = dims(
+      u, v, chunk_len)
+  bp = check_block("pallas", "block_p", block_p, head_dim)
   grid = (head_dim // bp, n_heads, n_chunks, batch)
   return pl.pallas_call(
       functools.partial(_chunk_state_kernel, block_k=largest_divisor(q, 64)), grid=grid,
@@ -144,7 +131,7 @@ def state_pass(inc, decay, init, other=None, *, reverse: bool, out_dtype,
   """
   batch, n_chunks, n_heads, head_dim, d_state = inc.shape
   size = head_dim * d_state
-  bs = _check_block("block_s", block_s, size)
+  bs = check_block("pallas", "block_s", block_s, size)
   n_sb = size // bs
   flat = lambda a: a.reshape(a.shape[:-2] + (size,))
   grid = (n_sb, n_heads, batch)
@@ -212,7 +199,7 @@ def state_scan(u, v, w, decay, init, other=None, *, chunk_len: int, reverse: boo
   n_groups, d_state = v.shape[2:]
   n_chunks = seqlen // chunk_len
   hg = n_heads // n_groups
-  bp = _check_block("block_p", block_p, head_dim)
+  bp = check_block("pallas", "block_p", block_p, head_dim)
   n_pb = head_dim // bp
   grid = (n_pb, n_heads, batch)
   state_block = pl.BlockSpec((None, n_chunks, None, bp, d_state),
@@ -282,12 +269,9 @@ def chunk_scan_fwd(x, dt, cs, cb, c, states, d, *, chunk_len: int, block_l: int 
                    num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
   """y [B, T, H, P] in x.dtype from x, dt/cs [B, H, T], cb [B, C, G, Q, Q], C, the states
   entering each chunk [B, C, H, P, N] and D [H, P] (or None)."""
-  batch, seqlen, n_heads, head_dim = x.shape
-  n_groups, d_state = c.shape[2:]
-  q = chunk_len
-  n_chunks = seqlen // q
-  hg = n_heads // n_groups
-  bl = _check_block("block_l", block_l, q)
+  batch, seqlen, n_heads, head_dim, n_groups, d_state, q, n_chunks, hg = dims(
+      x, c, chunk_len)
+  bl = check_block("pallas", "block_l", block_l, q)
   n_lb = q // bl
   grid = (n_lb, n_heads, n_chunks, batch)
   in_specs = [
@@ -358,12 +342,9 @@ def chunk_scan_bwd_dx(dy, x, dt, cs, cb, b, dstates, d, *, chunk_len: int, block
 
   dstates [B, C, H, P, N]: gradient of the state leaving each chunk.
   """
-  batch, seqlen, n_heads, head_dim = x.shape
-  n_groups, d_state = b.shape[2:]
-  q = chunk_len
-  n_chunks = seqlen // q
-  hg = n_heads // n_groups
-  bl = _check_block("block_l", block_l, q)
+  batch, seqlen, n_heads, head_dim, n_groups, d_state, q, n_chunks, hg = dims(
+      x, b, chunk_len)
+  bl = check_block("pallas", "block_l", block_l, q)
   n_lb = q // bl
   grid = (n_lb, n_heads, n_chunks, batch)
   in_specs = [
@@ -448,7 +429,7 @@ def chunk_dcb(dy, x, dt, cs, cb, *, chunk_len: int, n_groups: int, block_l: int 
   n_chunks = seqlen // q
   hp = largest_divisor(n_heads // n_groups, heads)
   n_split = n_heads // n_groups // hp
-  bl = _check_block("block_l", block_l, q)
+  bl = check_block("pallas", "block_l", block_l, q)
   n_lb = q // bl
   grid = (n_lb, n_lb, n_heads // hp, n_chunks, batch)
   in_specs = [
@@ -510,7 +491,7 @@ def head_contract(u, w, s, v, *, chunk_len: int, block_r: int = 64, heads: int =
   n_chunks = seqlen // q
   hp = largest_divisor(n_heads // n_groups, heads)
   n_split = n_heads // n_groups // hp
-  br = _check_block("block_r", block_r, q)
+  br = check_block("pallas", "block_r", block_r, q)
   n_rb = q // br
   grid = (n_rb, n_heads // hp, n_chunks, batch)
   in_specs = [

@@ -2,7 +2,7 @@
 
 `kernels.py` holds the kernels (same contract as pallas/kernels.py, TPU layouts inside);
 the algorithm around them, its `jax.custom_vjp` backward and the `reset` segment masks are
-the shared glue of pallas/chunked.py.
+the shared glue of kernels/ssd/chunked.py.
 
 Options: `interpret` (None, the default: Mosaic when lowered for TPU, Pallas' TPU
 interpret mode when lowered for any other platform, chosen per lowering platform with
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import jax
 
-from ma2mba_jax.kernels.ssd.pallas import chunked
+from ma2mba_jax.kernels.ssd import chunked
 from ma2mba_jax.kernels.ssd.tpu import kernels
 
 
@@ -26,7 +26,7 @@ def ssd_tpu(x, dt, A, B, C, D, initial_state, *, chunk_len: int, interpret=None,
     raise NotImplementedError(f"ssd tpu: state_impl={options['state_impl']!r} has no TPU "
                               f"kernel; only 'split' is implemented")
   opts = chunked.Options(chunk_len=chunk_len, interpret=interpret, **options)
-  return chunked._ssd(kernels, opts, x, dt, A, B, C, D, initial_state, reset)
+  return chunked.run(kernels, opts, x, dt, A, B, C, D, initial_state, reset)
 
 
 __all__ = ["ssd_tpu", "kernels"]

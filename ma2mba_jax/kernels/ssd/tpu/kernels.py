@@ -1,7 +1,7 @@
 """The Pallas kernels of the chunked SSD with the Mosaic TPU lowering.
 
 The same six-kernel contract as `pallas/kernels.py` (names, arguments, results and their
-layouts), so that `pallas/chunked.py` (padding, cs, CB, segment masks, the custom_vjp and
+layouts), so that `kernels/ssd/chunked.py` (padding, cs, CB, segment masks, the custom_vjp and
 the reductions of the backward) drives them unchanged. Only the inside differs:
 
 - Layout. Each wrapper regroups its operands per (head, chunk) so that every block's last
@@ -46,6 +46,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from ma2mba_jax.kernels.ssd.common import dims
 
 F32 = jnp.float32
 _RHS_T = (((1,), (1,)), ((), ()))   # a b^T
@@ -144,11 +146,8 @@ def _chunk_state_kernel(ut_ref, v_ref, w_ref, inc_ref):
 def chunk_state(u, v, w, *, chunk_len: int, interpret=None, **_):
   """inc[b, c, h] = sum_s w_s u_s^T v_s: u [B, T, H, P], v [B, T, G, N], w [B, H, T] f32
   -> [B, C, H, P, N] f32. Grid (B, H, C), all parallel."""
-  batch, seqlen, n_heads, head_dim = u.shape
-  n_groups, d_state = v.shape[2:]
-  q = chunk_len
-  n_chunks = seqlen // q
-  hg = n_heads // n_groups
+  batch, seqlen, n_heads, head_dim, n_groups, d_state, q, n_chunks, hg = dims(
+      u, v, chunk_len)
   t5 = _tile(3)
   call = _call(
       _chunk_state_kernel, grid=(batch, n_heads, n_chunks),
@@ -258,11 +257,8 @@ def _chunk_scan_fwd_kernel(x_ref, dt_ref, cs_col_ref, cs_row_ref, cb_ref, c_ref,
 def chunk_scan_fwd(x, dt, cs, cb, c, states, d, *, chunk_len: int, interpret=None, **_):
   """y [B, T, H, P] in x.dtype from x, dt/cs [B, H, T], cb [B, C, G, Q, Q], C, the states
   entering each chunk [B, C, H, P, N] and D [H, P] (or None). Grid (B, H, C), parallel."""
-  batch, seqlen, n_heads, head_dim = x.shape
-  n_groups, d_state = c.shape[2:]
-  q = chunk_len
-  n_chunks = seqlen // q
-  hg = n_heads // n_groups
+  batch, seqlen, n_heads, head_dim, n_groups, d_state, q, n_chunks, hg = dims(
+      x, c, chunk_len)
   t5 = _tile(3)
   per_head = lambda b, h, k: (b, h, k, 0, 0)
   in_specs = [t5((q, head_dim), per_head), t5((1, q), per_head), t5((q, 1), per_head),
@@ -319,11 +315,8 @@ def chunk_scan_bwd_dx(dy, x, dt, cs, cb, b, dstates, d, *, chunk_len: int, inter
                       **_):
   """dx [B, T, H, P] (x.dtype) and the direct d(dt) [B, H, T] f32 (the part not through cs).
   dstates [B, C, H, P, N]: gradient of the state leaving each chunk. Grid (B, H, C)."""
-  batch, seqlen, n_heads, head_dim = x.shape
-  n_groups, d_state = b.shape[2:]
-  q = chunk_len
-  n_chunks = seqlen // q
-  hg = n_heads // n_groups
+  batch, seqlen, n_heads, head_dim, n_groups, d_state, q, n_chunks, hg = dims(
+      x, b, chunk_len)
   t5 = _tile(3)
   per_head = lambda bb, h, k: (bb, h, k, 0, 0)
   cs_last = cs.reshape(batch, n_heads, n_chunks, q)[..., -1:, None]      # [B, H, C, 1, 1]
@@ -427,11 +420,8 @@ def head_contract(u, w, s, v, *, chunk_len: int, interpret=None, **_):
   Grid (B, C, G, heads of the group), the head axis sequential (accumulating in the
   output tile). Returns acc [B, T, G, N] f32 and r [B, H, T] f32.
   """
-  batch, seqlen, n_heads, head_dim = u.shape
-  n_groups, d_state = v.shape[2:]
-  q = chunk_len
-  n_chunks = seqlen // q
-  hg = n_heads // n_groups
+  batch, seqlen, n_heads, head_dim, n_groups, d_state, q, n_chunks, hg = dims(
+      u, v, chunk_len)
   t5 = _tile(3)
   per_head = lambda b, k, g, j: (b, g * hg + j, k, 0, 0)
   per_group = lambda b, k, g, j: (b, g, k, 0, 0)

@@ -1,12 +1,12 @@
 """`impl="triton"`: the chunked SSD on Triton kernels called through jax-triton.
 
-Same algorithm and backward as the Pallas backend (`pallas/chunked.py`), with the same
+Same algorithm and backward as the Pallas backend (`kernels/ssd/chunked.py`), with the same
 kernels written directly in Triton (`kernels.py`). NVIDIA GPUs only: importing this
 package imports jax_triton, which needs a GPU, so the registry imports it only when it is
 picked.
 """
 
-from ma2mba_jax.kernels.ssd.pallas.chunked import Options, make_core
+from ma2mba_jax.kernels.ssd.chunked import Options, make_core
 
 try:
   from ma2mba_jax.kernels.ssd.triton import kernels

@@ -18,19 +18,9 @@ import jax_triton as jt
 import triton
 import triton.language as tl
 
+from ma2mba_jax.kernels.ssd.common import check_block, largest_divisor
+
 F32 = jnp.float32
-
-
-def _check_block(name: str, block: int, full: int) -> int:
-  """A block size is an upper bound: the largest divisor of `full` not above it."""
-  if block < 1:
-    raise ValueError(f"ssd triton: {name}={block} must be positive")
-  return largest_divisor(full, block)
-
-
-def largest_divisor(n: int, at_most: int) -> int:
-  """The largest divisor of n that is at most `at_most` (heads per program, inner steps)."""
-  return max(d for d in range(1, min(at_most, n) + 1) if n % d == 0)
 
 
 def _no_interpreter(interpret: bool) -> None:
@@ -83,7 +73,7 @@ def chunk_state(u, v, w, *, chunk_len: int, block_p: int = 64, num_warps: int = 
   batch, seqlen, n_heads, head_dim = u.shape
   n_groups, d_state = v.shape[2:]
   n_chunks = seqlen // chunk_len
-  bp = _check_block("block_p", block_p, head_dim)
+  bp = check_block("triton", "block_p", block_p, head_dim)
   return jt.triton_call(
       u, v, w, kernel=_chunk_state_kernel,
       out_shape=jax.ShapeDtypeStruct((batch, n_chunks, n_heads, head_dim, d_state), F32),
@@ -130,7 +120,7 @@ def state_pass(inc, decay, init, other=None, *, reverse: bool, out_dtype,
   _no_interpreter(interpret)
   batch, n_chunks, n_heads, head_dim, d_state = inc.shape
   size = head_dim * d_state
-  bs = _check_block("block_s", block_s, size)
+  bs = check_block("triton", "block_s", block_s, size)
   n_sb = size // bs
   carries, final, dots = jt.triton_call(
       inc, decay, init, init if other is None else other,
@@ -195,7 +185,7 @@ def state_scan(u, v, w, decay, init, other=None, *, chunk_len: int, reverse: boo
   batch, seqlen, n_heads, head_dim = u.shape
   n_groups, d_state = v.shape[2:]
   n_chunks = seqlen // chunk_len
-  bp = _check_block("block_p", block_p, head_dim)
+  bp = check_block("triton", "block_p", block_p, head_dim)
   n_pb = head_dim // bp
   carries, final, dots = jt.triton_call(
       u, v, w, decay, init, init if other is None else other,
@@ -256,7 +246,7 @@ def chunk_scan_fwd(x, dt, cs, cb, c, states, d, *, chunk_len: int, block_l: int 
   batch, seqlen, n_heads, head_dim = x.shape
   n_groups, d_state = c.shape[2:]
   n_chunks = seqlen // chunk_len
-  bl = _check_block("block_l", block_l, chunk_len)
+  bl = check_block("triton", "block_l", block_l, chunk_len)
   return jt.triton_call(
       x, dt, cs, cb, c, states, cs if d is None else d,
       kernel=_chunk_scan_fwd_kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -317,7 +307,7 @@ def chunk_scan_bwd_dx(dy, x, dt, cs, cb, b, dstates, d, *, chunk_len: int, block
   batch, seqlen, n_heads, head_dim = x.shape
   n_groups, d_state = b.shape[2:]
   n_chunks = seqlen // chunk_len
-  bl = _check_block("block_l", block_l, chunk_len)
+  bl = check_block("triton", "block_l", block_l, chunk_len)
   return jt.triton_call(
       dy, x, dt, cs, cb, b, dstates, cs if d is None else d,
       kernel=_chunk_scan_bwd_dx_kernel,
@@ -384,7 +374,7 @@ def chunk_dcb(dy, x, dt, cs, cb, *, chunk_len: int, n_groups: int, block_l: int 
   _no_interpreter(interpret)
   batch, seqlen, n_heads, head_dim = x.shape
   n_chunks = seqlen // chunk_len
-  bl = _check_block("block_l", block_l, chunk_len)
+  bl = check_block("triton", "block_l", block_l, chunk_len)
   n_lb = chunk_len // bl
   hp = largest_divisor(n_heads // n_groups, heads)
   n_split = n_heads // n_groups // hp
@@ -441,7 +431,7 @@ def head_contract(u, w, s, v, *, chunk_len: int, block_r: int = 64, heads: int =
   batch, seqlen, n_heads, head_dim = u.shape
   n_groups, d_state = v.shape[2:]
   n_chunks = seqlen // chunk_len
-  br = _check_block("block_r", block_r, chunk_len)
+  br = check_block("triton", "block_r", block_r, chunk_len)
   hp = largest_divisor(n_heads // n_groups, heads)
   n_split = n_heads // n_groups // hp
   acc, r = jt.triton_call(

@@ -1,8 +1,9 @@
 """The chunked SSD around six kernels, with its backward pass (`jax.custom_vjp`).
 
-Shared by the `pallas` and `triton` backends: each provides the same six kernels
-(`pallas/kernels.py`, `triton/kernels.py`) and `make_core` turns them into a backend core
-(contract in registry.py). The glue between kernels is jnp: padding, the within-chunk
+Shared by the `pallas`, `triton` and `tpu` backends: each provides the same six kernels
+(`pallas/kernels.py`, `triton/kernels.py`, `tpu/kernels.py`) and `make_core` (or `run`,
+for a backend that resolves its own options) turns them into a backend core (contract in
+registry.py). The glue between kernels is jnp: padding, the within-chunk
 cumulative sum of dt*A, CB = C.B^T per chunk (one batched matmul per group), and the
 reductions that turn per-step partial gradients into d(dt) and dA.
 
@@ -304,6 +305,12 @@ def _ssd_bwd(kernels, opts, residuals, cotangents):
 
 
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)
+
+
+def run(kernels, opts: Options, x, dt, A, B, C, D, initial_state, reset):
+  """(y [B, T, H, P], final state [B, H, P, N] f32) of the chunked SSD on `kernels` (a
+  module with the six kernels), differentiable through the custom_vjp above."""
+  return _ssd(kernels, opts, x, dt, A, B, C, D, initial_state, reset)
 
 
 def make_core(kernels, backend: str, *, default_interpret: bool | None = None):
