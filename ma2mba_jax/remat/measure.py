@@ -177,8 +177,8 @@ def candidates(model_cfg: Any, seqlen: int, *, l: Any = "auto", s: Any = "auto",
   The paper model's optimum (l0, s0) with every checkpoint on the device seeds a grid: l
   among divisors of L near l0 (and L), s among chunk multiples near s0 (x2, /2, x4); the same
   grid for every offload choice (the model's own optimum with offload degenerates to the
-  smallest block, the slowest). An explicit l or s (an int or a numeric string) is the only
-  value on its axis. cell_saves / offload: one name, a list, or 'auto' (AUTO_CELL_SAVES /
+  smallest block, the slowest), except that with offload l = L comes first. An explicit l
+  or s (an int or a numeric string) is the only value on its axis. cell_saves / offload: one name, a list, or 'auto' (AUTO_CELL_SAVES /
   AUTO_OFFLOAD). When the grid is larger than max_candidates, every (cell_saves, offload)
   pair keeps its points nearest the seed, in turn.
   """
@@ -197,10 +197,17 @@ def candidates(model_cfg: Any, seqlen: int, *, l: Any = "auto", s: Any = "auto",
   seed = plan_magc(n_layers, seqlen, constants, chunk_len=chunk)
   ls = [fixed_l] if fixed_l is not None else _layer_options(n_layers, seed.l)
   ss = [fixed_s] if fixed_s is not None else _block_options(seqlen, chunk, seed.s)
-  # Nearest the seed first: by the sum of the two positions in the option lists.
-  grid = [(l_, s_) for _, _, l_, s_ in
-          sorted((i + j, i, l_, s_) for i, l_ in enumerate(ls) for j, s_ in enumerate(ss))]
-  per_pair = [[Candidate(l_, s_, saves, off) for l_, s_ in grid]
+  # With offload, one layer group (l = L) first: the sequence checkpoints are on the host,
+  # and what stays on the device per extra group is its input h [B, T, D]; and XLA (jax
+  # 0.11.2) does not compile offload with several groups at all (BENCHMARKS.md, issue 15
+  # part 2), so l < L would spend the candidates on settings that fail.
+  ls_offload = ls if fixed_l is not None else [n_layers] + [x for x in ls if x != n_layers]
+
+  def grid(ls):  # nearest the seed first: by the sum of the two positions in the lists
+    return [(l_, s_) for _, _, l_, s_ in
+            sorted((i + j, i, l_, s_) for i, l_ in enumerate(ls) for j, s_ in enumerate(ss))]
+  per_pair = [[Candidate(l_, s_, saves, off)
+               for l_, s_ in grid(ls if off == "none" else ls_offload)]
               for off in offload_list for saves in saves_list]
   out: list[Candidate] = []
   for rank in range(max(map(len, per_pair))):  # round robin over the (saves, offload) pairs
