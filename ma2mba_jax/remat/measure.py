@@ -178,9 +178,10 @@ def candidates(model_cfg: Any, seqlen: int, *, l: Any = "auto", s: Any = "auto",
   among divisors of L near l0 (and L), s among chunk multiples near s0 (x2, /2, x4); the same
   grid for every offload choice (the model's own optimum with offload degenerates to the
   smallest block, the slowest), except that with offload l = L comes first. An explicit l
-  or s (an int or a numeric string) is the only value on its axis. cell_saves / offload: one name, a list, or 'auto' (AUTO_CELL_SAVES /
-  AUTO_OFFLOAD). When the grid is larger than max_candidates, every (cell_saves, offload)
-  pair keeps its points nearest the seed, in turn.
+  or s (an int or a numeric string) is the only value on its axis. cell_saves / offload:
+  one name, a list, or 'auto' (AUTO_CELL_SAVES / AUTO_OFFLOAD). When the grid is larger
+  than max_candidates, every (cell_saves, offload) pair keeps its points nearest the seed,
+  in turn.
   """
   n_layers, chunk = model_cfg.n_layers, model_cfg.chunk_len
   fixed_l, fixed_s = _explicit(l, "l"), _explicit(s, "s")
