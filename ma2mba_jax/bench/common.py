@@ -33,15 +33,27 @@ def device_memory_stats() -> dict[str, int]:
   return jax.local_devices()[0].memory_stats() or {}
 
 
-def compiled_temp_bytes(jitted: Callable, *args, **kwargs) -> int | None:
-  """XLA's compiled temp allocation for jitted(*args): available on every backend."""
-  analysis = jitted.lower(*args, **kwargs).compile().memory_analysis()
-  return None if analysis is None else int(analysis.temp_size_in_bytes)
-
-
 def is_oom(err: BaseException) -> bool:
   text = str(err)
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def time_steps(step: Callable[[], Any], repeats: int) -> list[float]:
+  """Wall seconds of each of `repeats` calls of step(), each waited for."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    block(step())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def oom_row(err: BaseException, row: dict[str, Any]) -> dict[str, Any]:
+  """`row` with error "OOM" when `err` is an out-of-memory error (a result, not a crash);
+  any other error is raised again."""
+  if not is_oom(err):
+    raise err
+  return {**row, "error": "OOM"}
 
 
 def run_child(cmd: Sequence[str], *, timeout: int, identity: dict[str, Any]) -> dict[str, Any]:

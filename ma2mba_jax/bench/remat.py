@@ -136,6 +136,14 @@ def run_one(policy: str, seqlen: int) -> dict:
     return total / count
 
   grad_fn = jax.jit(jax.grad(loss))
+  grads = None
+
+  def one_step():
+    nonlocal grads
+    grads = None             # the previous step's gradients are freed before the next
+    grads = compiled(params, tokens)
+    return grads
+
   base = common.device_memory_stats().get("bytes_in_use")
   try:
     compiled = grad_fn.lower(params, tokens).compile()
@@ -151,20 +159,9 @@ def run_one(policy: str, seqlen: int) -> dict:
         row["host_temp_GB"] = host_temp / 1e9
     if _COMPILE_ONLY.value:
       return row
-    start = time.perf_counter()
-    grads = jax.block_until_ready(compiled(params, tokens))
-    first = time.perf_counter() - start
-    times = [first]
-    for _ in range(_REPEATS.value):
-      del grads
-      start = time.perf_counter()
-      grads = jax.block_until_ready(compiled(params, tokens))
-      times.append(time.perf_counter() - start)
+    times = common.time_steps(one_step, 1 + _REPEATS.value)
   except Exception as err:  # noqa: BLE001 - an OOM is a result
-    if not common.is_oom(err):
-      raise
-    row["error"] = "OOM"
-    return row
+    return common.oom_row(err, row)
   # The median of the steps after the first (which may still pay for autotuning).
   timed = times[1:] or times
   step_s = statistics.median(timed)
