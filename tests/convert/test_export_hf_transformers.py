@@ -12,9 +12,9 @@ device image, see BENCHMARKS.md "HF export round trip"):
 The Video-Ma²mba export (LM, vision tower, tokenizer's chat template) is checked against
 transformers in test_export_hf.py::test_transformers_reads_the_export.
 
-Tolerance: 1e-4 of max |logit| (the issue's acceptance bound). Sweep of 20 seeds per case
-(`python -m tests.convert.hf_transformers_check --seeds 20`, torch 2.11 / transformers
-5.17 CPU, 2026-11-26): see TOLERANCE_SWEEP below.
+Verified on the device image (torch 2.11.0, transformers 5.17.0, jax 0.11.2, all on CPU),
+2026-11-26: these 5 tests and test_export_hf.py::test_transformers_reads_the_export pass;
+command and numbers in BENCHMARKS.md "HF export round trip with transformers".
 """
 
 import os
@@ -32,10 +32,11 @@ transformers = pytest.importorskip("transformers")
 from ma2mba_jax.convert.io import restore_model  # noqa: E402
 from tests.convert import hf_transformers_check as check  # noqa: E402
 
-# Worst max|ours - transformers| / max|transformers| over 20 seeds and the four lengths
-# (tests/convert/hf_transformers_check.py, device image CPU, 2026-11-26).
-TOLERANCE_SWEEP = "filled in from the device run"
-TOL = 1e-4
+# max|ours - transformers| / max|transformers|. Sweep (`python -m
+# tests.convert.hf_transformers_check --seeds 20`, device image CPU, 2026-11-26), worst over
+# 20 seeds x lengths 7/16/41/53: export tied 1.12e-6, untied 0.91e-6; import tied 1.08e-6,
+# untied 0.99e-6 (medians 0.72e-6 to 0.76e-6). 1e-5 keeps a 9x margin; the issue asks 1e-4.
+TOL = 1e-5
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
