@@ -1,5 +1,5 @@
 """Round trips with transformers (needs torch and transformers: skipped in CI, run on the
-device image, see BENCHMARKS.md "HF export round trip"):
+device image, see docs/pretrained.md "Hugging Face out"):
 
   - a random tiny Mamba2LM (f32), exported with `python -m ma2mba_jax.convert --export-hf`,
     gives the same logits in transformers' `Mamba2ForCausalLM` as in ours, at lengths
@@ -14,7 +14,7 @@ transformers in test_export_hf.py::test_transformers_reads_the_export.
 
 Verified on the device image (torch 2.11.0, transformers 5.17.0, jax 0.11.2, all on CPU),
 2026-11-26: these 5 tests and test_export_hf.py::test_transformers_reads_the_export pass;
-command and numbers in BENCHMARKS.md "HF export round trip with transformers".
+command and numbers in docs/pretrained.md ("Verified on the device image").
 """
 
 import os
