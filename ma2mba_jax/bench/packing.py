@@ -2,7 +2,8 @@
 to max_tokens, length buckets, and packing (issue 17).
 
     python -m ma2mba_jax.bench.packing [--model tiny] [--max_tokens 2048] [--examples 48]
-        [--batch 4] [--repeats 2] [--json packing.json]
+        [--batch 4] [--repeats 2] [--modes padded,buckets,packing] [--padded_batches 0]
+        [--bucket_multiple 256] [--bucket_ratio 2] [--json packing.json]
 
 The examples are text only (random tokens, every token a target), with lengths drawn like
 SceneWalk's videos (`synthetic.scenewalk_lengths`: lognormal, mean 8 minutes, at most an
@@ -12,12 +13,19 @@ run once) before the timing, so the compiles are counted, not timed. The step is
 training forward + backward (`train.step.loss_sums` under MA-GC, then its gradient); the
 optimizer update is left out (the same in every mode).
 
+Columns: real tok/s counts non-padding tokens only; "vs padded" divides it by the padded
+mode's real tok/s (today's default), "vs fixed" by the fixed-length rate, the padded mode's
+padded tok/s (what the step does when every row is a real max_tokens example).
+With --padded_batches K the padded modes time only their first K batches (every one of
+them has the same shape, so the same cost) and give the time of all of them as K's mean
+times their number; the other modes time every batch.
+
 Modes:
   padded          one example a row, every row max_tokens long (today's default)
   padded+resets   the same batches with the packed step (resets derived from segment_ids):
                   the cost of the resets when every row is one segment
   buckets         one example a row, each batch cut to the smallest bucket
-                  (`batching.bucket_ladder(max_tokens, multiple=--bucket_multiple)`)
+                  (`batching.bucket_ladder(max_tokens, --bucket_multiple, --bucket_ratio)`)
   packing         examples packed greedily into rows of max_tokens, resets at their starts
 """
 
@@ -85,7 +93,12 @@ def run(args) -> dict:
   remat_cfg = types.SimpleNamespace(policy="magc", l=args.layers_per_cell or config.n_layers,
                                     s=max(s, config.chunk_len), cell_saves="nothing",
                                     offload="none")
-  ladder = bucket_ladder(args.max_tokens, multiple=args.bucket_multiple)
+  ladder = bucket_ladder(args.max_tokens, multiple=args.bucket_multiple,
+                         ratio=args.bucket_ratio)
+  modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+  unknown = sorted(set(modes) - set(MODES))
+  if unknown:
+    raise SystemExit(f"--modes: unknown mode(s) {unknown}; known: {', '.join(MODES)}")
 
   def make_step(packed: bool):
     def loss(params, batch):
@@ -96,8 +109,11 @@ def run(args) -> dict:
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
   steps = {False: make_step(False), True: make_step(True)}
-  results = {}
-  for mode in MODES:
+  out = dict(device=str(jax.devices()[0]), model=args.model, max_tokens=args.max_tokens,
+             examples=args.examples, batch=args.batch, mean_length=float(np.mean(lengths)),
+             buckets=list(ladder), magc_l=remat_cfg.l, magc_s=remat_cfg.s,
+             padded_batches=args.padded_batches, results={})
+  for mode in modes:
     batches = _batches(examples, batch=args.batch, max_tokens=args.max_tokens,
                        pack=mode == "packing", buckets=ladder if mode == "buckets" else None)
     step = steps[mode in ("padded+resets", "packing")]
@@ -109,20 +125,48 @@ def run(args) -> dict:
     compile_s = time.perf_counter() - t0
     real = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
     padded = sum(int(b["segment_ids"].size) for b in batches)
+    timed = batches
+    if mode.startswith("padded") and args.padded_batches:
+      timed = batches[:args.padded_batches]  # one shape: the same cost whatever the content
     best = float("inf")
     for _ in range(args.repeats):
       t0 = time.perf_counter()
-      for b in batches:
-        out = step(params, b)
-      jax.block_until_ready(out)
+      for b in timed:
+        result = step(params, b)
+      jax.block_until_ready(result)
       best = min(best, time.perf_counter() - t0)
-    results[mode] = dict(batches=len(batches), shapes=len(shapes), real_tokens=real,
-                         padded_tokens=padded, padding_frac=1.0 - real / padded,
-                         compile_s=compile_s, time_s=best, real_tokens_per_s=real / best,
-                         padded_tokens_per_s=padded / best)
-  return dict(device=str(jax.devices()[0]), model=args.model, max_tokens=args.max_tokens,
-              examples=args.examples, batch=args.batch, mean_length=float(np.mean(lengths)),
-              buckets=list(ladder), magc_l=remat_cfg.l, magc_s=remat_cfg.s, results=results)
+    total_s = best * len(batches) / len(timed)
+    out["results"][mode] = dict(
+        batches=len(batches), timed_batches=len(timed), shapes=len(shapes), real_tokens=real,
+        padded_tokens=padded, padding_frac=1.0 - real / padded, compile_s=compile_s,
+        time_s=total_s, real_tokens_per_s=real / total_s, padded_tokens_per_s=padded / total_s)
+    if args.json:  # after every mode: a run cut short keeps what it measured
+      with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+  return out
+
+
+def format_table(out: dict) -> str:
+  """The printed table: one line a mode, ratios against the padded mode when it ran."""
+  lines = [f"{out['device']}, model {out['model']}, {out['examples']} examples (mean "
+           f"{out['mean_length']:.0f} tokens), batch {out['batch']}, max_tokens "
+           f"{out['max_tokens']}, buckets {out['buckets']}, MA-GC l={out['magc_l']} "
+           f"s={out['magc_s']}"]
+  lines.append(f"{'mode':<14} {'batches':>7} {'shapes':>6} {'real tok':>9} {'padded tok':>10} "
+               f"{'padding':>7} {'compile s':>9} {'time s':>7} {'real tok/s':>11} "
+               f"{'padded tok/s':>12} {'vs padded':>9} {'vs fixed':>8}")
+  padded = out["results"].get("padded")
+  for mode, r in out["results"].items():
+    vs_padded = vs_fixed = "-"
+    if padded:
+      vs_padded = f"{r['real_tokens_per_s'] / padded['real_tokens_per_s']:.2f}x"
+      vs_fixed = f"{r['real_tokens_per_s'] / padded['padded_tokens_per_s']:.2f}x"
+    lines.append(
+        f"{mode:<14} {r['batches']:>7} {r['shapes']:>6} {r['real_tokens']:>9} "
+        f"{r['padded_tokens']:>10} {100 * r['padding_frac']:>6.1f}% {r['compile_s']:>9.1f} "
+        f"{r['time_s']:>7.2f} {r['real_tokens_per_s']:>11,.0f} "
+        f"{r['padded_tokens_per_s']:>12,.0f} {vs_padded:>9} {vs_fixed:>8}")
+  return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -133,7 +177,13 @@ def main(argv=None) -> None:
   parser.add_argument("--examples", type=int, default=48)
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, of " +
+                      ", ".join(MODES))
+  parser.add_argument("--padded_batches", type=int, default=0,
+                      help="time only this many batches of the padded modes (0: all)")
   parser.add_argument("--bucket_multiple", type=int, default=256)
+  parser.add_argument("--bucket_ratio", type=float, default=2.0,
+                      help="ratio between bucket lengths (under 2: less padding, more shapes)")
   parser.add_argument("--time_block", type=int, default=512, help="MA-GC s")
   parser.add_argument("--layers_per_cell", type=int, default=0, help="MA-GC l (0: all)")
   parser.add_argument("--loss_block", type=int, default=1024)
@@ -141,23 +191,8 @@ def main(argv=None) -> None:
   parser.add_argument("--json", default="")
   args = parser.parse_args(argv)
   out = run(args)
-  print(f"{out['device']}, model {out['model']}, {out['examples']} examples (mean "
-        f"{out['mean_length']:.0f} tokens), batch {out['batch']}, max_tokens "
-        f"{out['max_tokens']}, buckets {out['buckets']}, MA-GC l={out['magc_l']} "
-        f"s={out['magc_s']}")
-  header = (f"{'mode':<14} {'batches':>7} {'shapes':>6} {'real tok':>9} {'padded tok':>10} "
-            f"{'padding':>7} {'time s':>7} {'real tok/s':>11} {'padded tok/s':>12} "
-            f"{'vs padded':>9}")
-  print(header)
-  base = out["results"]["padded"]["real_tokens_per_s"]
-  for mode, r in out["results"].items():
-    print(f"{mode:<14} {r['batches']:>7} {r['shapes']:>6} {r['real_tokens']:>9} "
-          f"{r['padded_tokens']:>10} {100 * r['padding_frac']:>6.1f}% {r['time_s']:>7.2f} "
-          f"{r['real_tokens_per_s']:>11,.0f} {r['padded_tokens_per_s']:>12,.0f} "
-          f"{r['real_tokens_per_s'] / base:>8.2f}x")
+  print(format_table(out))
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=2)
     print(f"wrote {args.json}")
 
 

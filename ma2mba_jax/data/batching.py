@@ -48,13 +48,21 @@ _COUNTERS = ("batches", "examples", "skipped", "truncated", "dropped_exchanges",
 _FIRST_BAD = 5
 
 
-def bucket_ladder(max_tokens: int, multiple: int = 256, ratio: int = 2) -> tuple[int, ...]:
-  """The default bucket lengths: multiple, multiple*ratio, ... (a geometric ladder of
-  multiples of `multiple`, e.g. the MA-GC time block), then max_tokens itself."""
-  ladder, length = [], multiple
-  while length < max_tokens:
-    ladder.append(length)
-    length *= ratio
+def bucket_ladder(max_tokens: int, multiple: int = 256, ratio: float = 2) -> tuple[int, ...]:
+  """The default bucket lengths: multiple, multiple*ratio, ... (a geometric ladder, each
+  rung rounded up to a multiple of `multiple`, e.g. the MA-GC time block), then max_tokens
+  itself. A ratio under 2 wastes less padding for more compiles (one per bucket used)."""
+  if multiple < 1 or not ratio > 1:
+    raise ValueError(f"bucket_ladder needs multiple >= 1 and ratio > 1, got multiple="
+                     f"{multiple}, ratio={ratio}")
+  ladder, rung = [], float(multiple)
+  while True:
+    length = -(-round(rung, 6) // multiple) * multiple   # rounded up to the multiple
+    if length >= max_tokens:
+      break
+    if not ladder or length > ladder[-1]:
+      ladder.append(int(length))
+    rung *= ratio
   return tuple(ladder) + (max_tokens,)
 
 

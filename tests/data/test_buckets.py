@@ -62,6 +62,16 @@ def test_ladder_and_settings():
   assert bucket_ladder(1000) == (256, 512, 1000)
   assert bucket_ladder(512) == (256, 512)
   assert bucket_ladder(96) == (96,)
+  # A finer ratio: rungs rounded up to the multiple, repeats dropped, max_tokens last.
+  assert bucket_ladder(32768, multiple=1024, ratio=2 ** 0.5) == (
+      1024, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 23552, 32768)
+  for max_tokens, multiple, ratio in [(32768, 1024, 1.3), (5000, 256, 1.5), (4096, 512, 3)]:
+    ladder = bucket_ladder(max_tokens, multiple=multiple, ratio=ratio)
+    assert ladder[-1] == max_tokens and list(ladder) == sorted(set(ladder))
+    assert all(n % multiple == 0 for n in ladder[:-1])
+    assert all(b <= -(-a * ratio // multiple) * multiple for a, b in zip(ladder, ladder[1:-1]))
+  with pytest.raises(ValueError, match="ratio"):
+    bucket_ladder(1024, ratio=1)
   base = {"stage": 1, "sources": {}, "max_frames": 4, "max_tokens": 1024, "batch_size": 2}
   assert data_settings(base)["bucket_lengths"] is None
   assert data_settings({**base, "bucket_lengths": "auto"})["bucket_lengths"] == (256, 512, 1024)
