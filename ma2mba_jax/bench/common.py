@@ -1,15 +1,21 @@
-"""Small helpers shared by the benchmark scripts: timing, memory, tables, JSON."""
+"""Small helpers shared by the benchmark scripts: timing, memory, OOM rows, child processes.
+Tables, JSON and the environment come from ma2mba_jax/reporting.py (evaluate.py uses them
+too), re-exported here for the scripts."""
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import time
 from typing import Any, Callable, Sequence
 
 import jax
+
+from ma2mba_jax.reporting import environment, print_table, write_json
+
+__all__ = ["block", "median_ms", "device_memory_stats", "is_oom", "time_steps", "oom_row",
+           "run_child", "environment", "print_table", "write_json"]
 
 
 def block(tree: Any) -> Any:
@@ -69,31 +75,3 @@ def run_child(cmd: Sequence[str], *, timeout: int, identity: dict[str, Any]) -> 
       return json.loads(line[len("RESULT "):])
   tail = (proc.stderr or proc.stdout)[-2000:]
   return {**identity, "error": "OOM" if is_oom(Exception(tail)) else f"failed: {tail[-300:]}"}
-
-
-def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-  def fmt(v):
-    if isinstance(v, float):
-      return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.1f}"
-    return "-" if v is None else str(v)
-  cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-  print(" | ".join(c.rjust(w) for c, w in zip(columns, widths)))
-  print("-+-".join("-" * w for w in widths))
-  for row in cells:
-    print(" | ".join(v.rjust(w) for v, w in zip(row, widths)))
-
-
-def write_json(path: str | None, payload: dict[str, Any]) -> None:
-  if not path:
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(payload, f, indent=2)
-  print(f"wrote {path}")
-
-
-def environment() -> dict[str, Any]:
-  dev = jax.devices()[0]
-  return {"jax": jax.__version__, "platform": dev.platform,
-          "device": getattr(dev, "device_kind", str(dev)), "date": time.strftime("%Y-%m-%d")}
