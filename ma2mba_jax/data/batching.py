@@ -6,19 +6,9 @@ are part of its checkpointed state; logged: the first ten, then at counts 16, 32
 and its state restores to the exact next batch. With skip_bad it gives up (DataError) when
 so many samples in a row are skipped that a whole pass over the data decoded nothing.
 
-Batch contract (B batch, T max_tokens, F max_frames, S image side, K tokens per frame):
-  tokens        int32 [B, T]           token ids; padding holds `pad_id`.
-  loss_mask     bool  [B, T]           True where the token is a target (see template.py);
-                                       False on padding.
-  vision_index  int32 [B, T]           index into the row's vision tokens [F*K] (frame f,
-                                       token k -> f*K + k), -1 on text and padding.
-  segment_ids   int32 [B, T]           1, 2, ... per example in the row (always 1 without
-                                       packing), 0 on padding.
-  frames        uint8 [B, F, S, S, 3]  the row's frames in order, zeros after the last.
-  frame_mask    bool  [B, F]           True for real frames.
-With packing, a row holds several examples one after another: their tokens and frames are
-concatenated and each example's vision_index is offset by the frames before it. The model
-must restart its recurrent state where segment_ids changes.
+The batches it makes (keys tokens, loss_mask, vision_index, segment_ids, frames,
+frame_mask: their dtypes, shapes, padding and packing) follow the contract written once, in
+docs/data_formats.md ("The batch contract"), packing included; data/batch.py types them.
 
 Length buckets (`bucket_lengths`, without packing): T is then the smallest bucket length
 that holds the batch's longest row, not max_tokens, so a batch of short examples costs a
