@@ -1,7 +1,9 @@
 """Device mesh and sharding rules, in one place.
 
-Mesh axes: `data` and `fsdp`; the batch is split over both. Three layouts, picked by
-`config.mesh` (see `layout_shardings`):
+Mesh axes: `data`, `fsdp` and `seq`; the batch's rows are split over `data` x `fsdp`, and
+each row's tokens over `seq` (sequence parallel: train/sequence.py; with seq=1 nothing
+changes). Three layouts of parameters and optimizer state, picked by `config.mesh` (see
+`layout_shardings`), each replicated over `seq`:
 
   data parallel   fsdp=1, zero1=False   parameters and optimizer state replicated
   ZeRO-1          zero1=True            parameters replicated over `data` (sharded over
@@ -24,25 +26,49 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
+# Splits each row's tokens (and its frames) over devices.
+SEQ_AXIS = "seq"
+MESH_AXES = BATCH_AXES + (SEQ_AXIS,)
+# Batch entries [B, T] split along T over `seq`, and the value that pads T to a multiple of
+# its size (padding is segment 0: no loss, after every real token; see shard_batch).
+TOKEN_KEYS = {"tokens": 0, "loss_mask": False, "vision_index": -1, "segment_ids": 0}
+# Batch entries [B, F, ...] split along F over `seq` when F divides evenly.
+FRAME_KEYS = ("frames", "frame_mask")
 # Arrays with fewer elements stay replicated: sharding them saves little and costs a
 # collective each.
 MIN_SHARD_SIZE = 2**14
 
 
 def make_mesh(mesh_cfg: Any, devices=None) -> Mesh:
+  """Mesh (data, fsdp, seq) over `devices` (default: all); one of data, fsdp may be -1 (the
+  devices left over). `seq` is innermost: a sequence's pieces sit on neighbouring devices."""
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices)
+  seq = int(mesh_cfg.get("seq", 1)) if hasattr(mesh_cfg, "get") else 1
+  if seq < 1 or n % seq:
+    raise ValueError(f"config.mesh.seq={seq} must be >= 1 and divide the {n} devices")
   fsdp = mesh_cfg.fsdp if mesh_cfg.fsdp != -1 else None
   data = mesh_cfg.data if mesh_cfg.data != -1 else None
   if fsdp is None and data is None:
     raise ValueError("config.mesh: at most one of data, fsdp may be -1")
   if fsdp is None:
-    fsdp = n // data
+    fsdp = n // (data * seq)
   if data is None:
-    data = n // fsdp
-  if data * fsdp != n:
-    raise ValueError(f"config.mesh: data={data} x fsdp={fsdp} must equal the {n} devices")
-  return Mesh(np.array(devices).reshape(data, fsdp), BATCH_AXES)
+    data = n // (fsdp * seq)
+  if data * fsdp * seq != n:
+    raise ValueError(f"config.mesh: data={data} x fsdp={fsdp} x seq={seq} must equal the {n} "
+                     f"devices")
+  return Mesh(np.array(devices).reshape(data, fsdp, seq), MESH_AXES)
+
+
+def seq_size(mesh: Mesh | None) -> int:
+  """Devices a sequence is split over (1 without a mesh or a `seq` axis)."""
+  return 1 if mesh is None else dict(mesh.shape).get(SEQ_AXIS, 1)
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways the batch's rows are split (data x fsdp)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def array_spec(shape: tuple[int, ...], mesh_shape: dict[str, int], axes: tuple[str, ...],
@@ -93,20 +119,47 @@ def opt_shardings(mesh: Mesh, abstract_opt: Any, zero1: bool = False) -> Any:
       lambda a: NamedSharding(mesh, _opt_spec(tuple(a.shape), shape, zero1)), abstract_opt)
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Leading (batch) axis split over data x fsdp."""
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int, split_axis1: bool = False) -> NamedSharding:
+  """Leading (batch) axis split over data x fsdp; with split_axis1 the next axis (tokens or
+  frames) over `seq`."""
+  rest = [None] * (ndim - 1)
+  if split_axis1 and seq_size(mesh) > 1:
+    rest[0] = SEQ_AXIS
+  return NamedSharding(mesh, P(BATCH_AXES, *rest))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def pad_tokens(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+  """The batch with its token axis padded to a multiple of `multiple` (as padding: segment
+  0, no loss, no vision; after every real token, so no real output changes)."""
+  seqlen = batch["tokens"].shape[1]
+  pad = -seqlen % multiple
+  if not pad:
+    return batch
+  out = dict(batch)
+  for key, value in TOKEN_KEYS.items():
+    if key in out:
+      widths = [(0, 0)] * out[key].ndim
+      widths[1] = (0, pad)
+      out[key] = np.pad(out[key], widths, constant_values=value)
+  return out
+
+
 def shard_batch(mesh: Mesh, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  """This process's batch rows -> global arrays split over the batch axes."""
+  """This process's batch rows -> global arrays split over the batch axes; with a `seq`
+  axis, tokens (padded to a multiple of it) split over `seq`, and frames too when their
+  number divides evenly (else each of a row's devices holds all its frames)."""
+  n_seq = seq_size(mesh)
+  if n_seq > 1:
+    batch = pad_tokens(batch, n_seq)
   out = {}
   for key, value in batch.items():
-    sharding = batch_sharding(mesh, value.ndim)
+    split = n_seq > 1 and (key in TOKEN_KEYS or (key in FRAME_KEYS and value.ndim > 1
+                                                 and value.shape[1] % n_seq == 0))
+    sharding = batch_sharding(mesh, value.ndim, split_axis1=split)
     out[key] = jax.make_array_from_process_local_data(sharding, value)
   return out
 
