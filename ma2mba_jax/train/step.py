@@ -3,7 +3,8 @@
 The global batch arrives as [A * m, ...] rows (A micro-batches of m rows, m split over the
 mesh's batch axes; with a `seq` axis each row's tokens split over it, train/sequence.py);
 gradients are accumulated over the A micro-batches in a scan, then the optimizer updates
-only the trainable parameter groups (frozen groups get no gradient). The loss is the token-level mean cross-entropy over the whole global batch.
+only the trainable parameter groups (frozen groups get no gradient). The loss is the
+token-level mean cross-entropy over the whole global batch.
 """
 
 from __future__ import annotations
