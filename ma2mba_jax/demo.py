@@ -117,9 +117,11 @@ def evaluate(final_stage: str, data_dir: str) -> dict:
                  instruction, its option letter parsed (Video-MME's protocol);
   generate_text  greedy answer to the question alone, right only if its words name the
                  correct option's text and no other (the options are never shown).
-  The demo's minutes teach the tiny model to say what it saw (the last two stage-3 turn
-  kinds: open answers and captions) far better than to find that answer's letter among
-  shuffled options, so `generate` stays near chance while `generate_text` does not.
+  The demo's minutes teach the tiny model to say what it saw far better than to find that
+  answer's letter among shuffled options: from a clean workdir (2026-11-26) generate_text
+  scored 46.9% (59.7% on the short videos), generate 19.8%, chance 25%. The letter is what
+  fails, not the parsing: trained to answer "diamond (C)" instead of "C", the same model
+  named the right text as often but its letter stayed at chance (22.9%).
   """
   from ma2mba_jax import evaluate as evaluate_lib
   from ma2mba_jax.infer import answering, checkpoint
