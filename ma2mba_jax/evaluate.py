@@ -50,8 +50,12 @@ _ANSWERS = flags.DEFINE_string("answers", "", "ActivityNet-QA answers file (defa
                                "questions file with _q.json -> _a.json).")
 _VIDEO_ROOT = flags.DEFINE_string("video_root", "", "Folder of the videos (default: per "
                                   "benchmark, see its module in ma2mba_jax/evals/).")
-_METHOD = flags.DEFINE_enum("method", "both", ["likelihood", "generate", "both"],
-                            "Multiple choice: answer by option likelihood, generation, or both.")
+_METHOD = flags.DEFINE_enum("method", "both",
+                            ["likelihood", "generate", "generate_text", "both", "all"],
+                            "Multiple choice: answer by option likelihood, generation (the "
+                            "letter after the multiple-choice prompt), generate_text (a free "
+                            "answer to the question alone, matched to the options' text), "
+                            "both (likelihood and generate) or all three.")
 _TARGET = flags.DEFINE_enum("likelihood_target", None, ["letter", "text"],
                             "What an option's likelihood scores: its letter after the "
                             "multiple-choice prompt, or its text as the answer to the bare "
@@ -280,7 +284,8 @@ def _evaluate_checkpoint() -> None:
       frames_per_step=model_flags.FRAMES_PER_STEP.value, target=likelihood_target(_BENCHMARK.value),
       mc_max_new_tokens=max_new or 8, open_max_new_tokens=max_new or 64,
       progress=lambda video: answering.progress_printer(f"reading {os.path.basename(video)}"))
-  methods = answering.METHODS if _METHOD.value == "both" else (_METHOD.value,)
+  methods = {"both": answering.METHODS, "all": answering.MC_METHODS}.get(
+      _METHOD.value, (_METHOD.value,))
   # What else decides the answers: a records file made with other values is not resumed.
   settings = {"checkpoint": os.path.abspath(model_flags.CHECKPOINT.value),
               "fps": model_flags.FPS.value, "max_frames": model_flags.MAX_FRAMES.value,
