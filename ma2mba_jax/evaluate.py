@@ -9,10 +9,10 @@
   python -m ma2mba_jax.evaluate --checkpoint=WORKDIR --benchmark=activitynetqa \
       --annotations=test_q.json --answers=test_a.json --video_root=videos/
 
-Layouts, answer parsing and scoring: ma2mba_jax/evals/ (one module per benchmark). Multiple choice is answered by
-option likelihood and/or by generation (infer/answering.py says how); open-ended questions by
-greedy generation, scored by exact match and token F1 (no LLM judge). Each video is read once
-for all its questions. The results table (accuracy with the chance level beside it and the
+Layouts, answer parsing and scoring: ma2mba_jax/evals/ (one module per benchmark; adding a
+file there adds a benchmark). Multiple choice is answered by option likelihood and/or by
+generation (infer/answering.py says how); open-ended questions by greedy generation, scored
+by exact match and token F1 (no LLM judge). Each video is read once for all its questions. The results table (accuracy with the chance level beside it and the
 one-sided p-value of doing that well by guessing, overall and by duration group) is printed
 last; --json writes it with every question's record.
 
@@ -281,7 +281,8 @@ def _evaluate_checkpoint() -> None:
   max_new = _MAX_NEW_TOKENS.value
   answerer = answering.ModelAnswerer.create(
       model, tokenizer, fps=model_flags.FPS.value, max_frames=model_flags.MAX_FRAMES.value,
-      frames_per_step=model_flags.FRAMES_PER_STEP.value, target=likelihood_target(_BENCHMARK.value),
+      frames_per_step=model_flags.FRAMES_PER_STEP.value,
+      target=likelihood_target(_BENCHMARK.value),
       mc_max_new_tokens=max_new or 8, open_max_new_tokens=max_new or 64,
       progress=lambda video: answering.progress_printer(f"reading {os.path.basename(video)}"))
   methods = {"both": answering.METHODS, "all": answering.MC_METHODS}.get(
