@@ -12,9 +12,10 @@
 Layouts, answer parsing and scoring: ma2mba_jax/evals/ (one module per benchmark; adding a
 file there adds a benchmark). Multiple choice is answered by option likelihood and/or by
 generation (infer/answering.py says how); open-ended questions by greedy generation, scored
-by exact match and token F1 (no LLM judge). Each video is read once for all its questions. The results table (accuracy with the chance level beside it and the
-one-sided p-value of doing that well by guessing, overall and by duration group) is printed
-last; --json writes it with every question's record.
+by exact match and token F1 (no LLM judge). Each video is read once for all its questions.
+The results table (accuracy with the chance level beside it and the one-sided p-value of
+doing that well by guessing, overall and by duration group) is printed last; --json writes
+it with every question's record.
 
 Each video's answers are appended to --records (default: beside --json, X.json ->
 X.records.jsonl; infer/answer_log.py) as soon as they are given. A run that stops keeps them;
