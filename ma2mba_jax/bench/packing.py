@@ -3,7 +3,8 @@ to max_tokens, length buckets, and packing (issue 17).
 
     python -m ma2mba_jax.bench.packing [--model tiny] [--max_tokens 2048] [--examples 48]
         [--batch 4] [--repeats 2] [--modes padded,buckets,packing] [--padded_batches 0]
-        [--bucket_multiple 256] [--bucket_ratio 2] [--json packing.json]
+        [--bucket_multiple 256] [--bucket_ratio 2] [--compute_dtype bfloat16]
+        [--json packing.json]
 
 The examples are text only (random tokens, every token a target), with lengths drawn like
 SceneWalk's videos (`synthetic.scenewalk_lengths`: lognormal, mean 8 minutes, at most an
@@ -82,7 +83,7 @@ def run(args) -> dict:
   from ma2mba_jax.models.presets import mamba2_config
   from ma2mba_jax.train.step import loss_sums
 
-  config = mamba2_config(args.model, ssd_impl=args.ssd_impl)
+  config = mamba2_config(args.model, ssd_impl=args.ssd_impl, compute_dtype=args.compute_dtype)
   model = _TextModel(Mamba2LM(config, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(model)
   lengths = synthetic.scenewalk_lengths(np.random.default_rng(args.seed), args.examples,
@@ -109,7 +110,8 @@ def run(args) -> dict:
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
   steps = {False: make_step(False), True: make_step(True)}
-  out = dict(device=str(jax.devices()[0]), model=args.model, max_tokens=args.max_tokens,
+  out = dict(device=str(jax.devices()[0]), model=args.model,
+             compute_dtype=args.compute_dtype, max_tokens=args.max_tokens,
              examples=args.examples, batch=args.batch, mean_length=float(np.mean(lengths)),
              buckets=list(ladder), magc_l=remat_cfg.l, magc_s=remat_cfg.s,
              padded_batches=args.padded_batches, results={})
@@ -148,7 +150,8 @@ def run(args) -> dict:
 
 def format_table(out: dict) -> str:
   """The printed table: one line a mode, ratios against the padded mode when it ran."""
-  lines = [f"{out['device']}, model {out['model']}, {out['examples']} examples (mean "
+  lines = [f"{out['device']}, model {out['model']} ({out['compute_dtype']} compute), "
+           f"{out['examples']} examples (mean "
            f"{out['mean_length']:.0f} tokens), batch {out['batch']}, max_tokens "
            f"{out['max_tokens']}, buckets {out['buckets']}, MA-GC l={out['magc_l']} "
            f"s={out['magc_s']}"]
@@ -173,6 +176,8 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", default="tiny")
   parser.add_argument("--ssd_impl", default="auto")
+  parser.add_argument("--compute_dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                      help="matmul / SSD input dtype (the training configs' default: bf16)")
   parser.add_argument("--max_tokens", type=int, default=2048)
   parser.add_argument("--examples", type=int, default=48)
   parser.add_argument("--batch", type=int, default=4)
