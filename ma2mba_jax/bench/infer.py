@@ -15,10 +15,20 @@ then Sampler.generate (--decode_tokens greedy tokens, no stop rule) once per
 Columns:
   frames/s, prefill tok/s   end to end over the whole video (encoding included), wall time
                             from the first frame queued to the states ready;
-  decode tok/s host        recurrent decoding, one jitted step and one host sync per token;
+  decode tok/s host        recurrent decoding, one jitted step and one host sync per token,
+                            the step unrolled over per-layer weights (models/decode.py);
+  decode tok/s host_scan   the same with `Mamba2LM.step` (a scan over the stacked layers):
+                            the host loop before issue 19's fix;
   decode tok/s device      the on-device loop (lax.while_loop: step, choice and stop checks
-                            on the device, the whole answer in one dispatch);
-  same tokens               whether the loops decoded the same greedy tokens;
+                            on the device, the whole answer in one dispatch), its LM step
+                            unrolled over per-layer weights (models/decode.py);
+  decode tok/s device_scan the same loop with `Mamba2LM.step` (a scan over the stacked
+                            layers) as its step: the device loop before issue 19's fix;
+  same tokens               whether the host and device loops of the same step decoded the
+                            same greedy tokens;
+  scan parts at             the first token where the scanned step's greedy answer differs
+                            from the unrolled step's ('-': nowhere; both compute the same
+                            function, but XLA fuses them differently on GPU);
   peak GB                   the device allocator's peak since the process started (weights,
                             two copies of the states, one step's activations); lengths run in
                             increasing order, so a flat column means a longer video never
@@ -33,7 +43,11 @@ weights' f32 init never inflates the device peak. There are no allocator stats o
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
+import os
+import re
 import time
 from collections.abc import Iterator
 
@@ -49,13 +63,20 @@ from ma2mba_jax.data.tokenizer import train_tokenizer, vocab_size
 from ma2mba_jax.infer.checkpoint import cast_matrices
 from ma2mba_jax.infer.sample import Sampler, SamplingParams
 from ma2mba_jax.infer.stream import Streamer
+from ma2mba_jax.models.decode import decode_step
 from ma2mba_jax.models.video_lm import VideoMa2mba
 from ma2mba_jax.models.video_presets import video_config
 
 _PRESET = flags.DEFINE_string("preset", "3.1b", "Video-Ma2mba preset (0.7b, 1.8b, 3.1b, tiny).")
 _LENGTHS = flags.DEFINE_list("lengths", None, "Video lengths in tokens (frames x K); default "
                              "16384,131072,524288,2097152 (tiny: 64,256,1024).")
-_FRAMES_PER_STEP = flags.DEFINE_integer("frames_per_step", 16, "Frames per prefill step (M).")
+_FRAMES_PER_STEP = flags.DEFINE_list("frames_per_step", ["16"], "Frames per prefill step (M); "
+                                      "several: a table row per (M, length).")
+_LAYER_LOOPS = flags.DEFINE_list("layer_loops", ["scan"], "How a frame step runs the LM's "
+                                 "layers (Streamer's layer_loop: scan, unrolled); several: a "
+                                 "table row per (loop, M, length).")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write the optimized HLO of the decode steps "
+                               "and the frame step here, with their kernel counts.")
 _DECODE_TOKENS = flags.DEFINE_integer("decode_tokens", 64, "Tokens decoded after the prefill.")
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "bfloat16", ["float32", "bfloat16"],
                                    "Matmul / SSD input dtype.")
@@ -63,7 +84,8 @@ _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "bfloat16", ["float32", "bfloat1
                                  "Dtype of the weight matrices (vectors stay f32).")
 _SSD_IMPL = flags.DEFINE_string("ssd_impl", "auto", "SSD backend: auto | xla | pallas | triton.")
 _DECODE_IMPLS = flags.DEFINE_list("decode_impls", ["host", "device"], "Decoding loops to "
-                                  "time (infer/sample.py), each from the same state.")
+                                  "time (infer/sample.py), each from the same state: host, "
+                                  "device, host_scan, device_scan.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls of each step part (median).")
 _JSON = flags.DEFINE_string("json", None, "Write the results here.")
 
@@ -117,8 +139,70 @@ def time_step_parts(model: VideoMa2mba, m: int, repeats: int) -> dict[str, float
           "LM layers tok/s": m * k / (layers_ms / 1e3), "LM layers ms/step": layers_ms}
 
 
-def run_length(streamer: Streamer, sampler: Sampler, tokens: int, decode_tokens: int,
-               decode_impls: list[str]) -> dict[str, float]:
+# Ops of an optimized HLO module that launch no kernel of their own.
+_NO_KERNEL = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while",
+              "conditional", "call", "after-all", "partition-id", "replica-id"}
+
+
+def kernel_counts(hlo_text: str) -> dict[str, int]:
+  """Ops that launch work per computation of an optimized HLO module (fusions, library
+  calls, unfused copies ...), fused computations and reducers left out: what one run of
+  each computation (e.g. a while body: one layer of a scan) launches."""
+  called = set(re.findall(r"(?:calls|to_apply)=(%[\w.\-]+)", hlo_text))
+  counts: dict[str, int] = {}
+  name = None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY )?(%[\w.\-]+) .*\{$", line)
+    if head:
+      name = None if head.group(1) in called else head.group(1)
+      continue
+    op = re.match(r"^\s+(?:ROOT )?%\S+ = .*? ([a-z][\w\-]*)\(", line)
+    if name and op and op.group(1) not in _NO_KERNEL:
+      counts[name] = counts.get(name, 0) + 1
+  return counts
+
+
+def dump_hlo(directory: str, name: str, jitted, *args) -> dict[str, int]:
+  """Writes jitted(*args)'s optimized HLO to directory/name.hlo; returns kernel_counts."""
+  os.makedirs(directory, exist_ok=True)
+  text = jitted.lower(*args).compile().as_text()
+  with open(os.path.join(directory, f"{name}.hlo"), "w") as f:
+    f.write(text)
+  counts = kernel_counts(text)
+  with open(os.path.join(directory, f"{name}.kernels.json"), "w") as f:
+    json.dump(counts, f, indent=1)
+  return counts
+
+
+def step_hlo(model: VideoMa2mba, streamer: Streamer, sampler: Sampler, directory: str,
+             decode: bool = True) -> dict[str, int]:
+  """Dumps the decode step (scanned and unrolled; if `decode`) and the frame step -> the
+  kernels each launches (all computations; the while body of a scan is one layer) and
+  those of its largest computation."""
+  llm = model.llm
+  graphdef, params = nnx.split(llm)
+  block_graphdef = llm.split_layers()[0]
+  cache = llm.init_states(1)
+  token = jnp.zeros((1,), jnp.int32)
+  scan = jax.jit(lambda p, t, c: nnx.merge(graphdef, p).step(t, c))
+  unrolled = jax.jit(lambda w, t, c: decode_step(llm.config, block_graphdef, w, t, c))
+  out = {}
+  steps = (("decode_step_scan", scan, params),
+           ("decode_step_unrolled", unrolled, sampler.device_weights()))
+  for name, fn, first in steps if decode else ():
+    counts = dump_hlo(directory, name, fn, first, token, cache)
+    out[f"{name} kernels"] = sum(counts.values())
+    out[f"{name} kernels max computation"] = max(counts.values())
+  frames = jnp.zeros((streamer.frames_per_step, model.config.image_size,
+                      model.config.image_size, 3), jnp.uint8)
+  counts = dump_hlo(directory, f"frames_step_{streamer.layer_loop}", streamer._frames_step,
+                    streamer._frame_params, cache, frames)
+  out[f"frames_step_{streamer.layer_loop} kernels"] = sum(counts.values())
+  return out
+
+
+def run_length(streamer: Streamer, samplers: dict[str, Sampler], tokens: int,
+               decode_tokens: int, decode_impls: list[str]) -> dict[str, float]:
   """One video of `tokens` tokens: prefill, question, decoding; timings and memory."""
   k, m = streamer.tokens_per_frame, streamer.frames_per_step
   frames = math.ceil(tokens / k)
@@ -129,19 +213,37 @@ def run_length(streamer: Streamer, sampler: Sampler, tokens: int, decode_tokens:
   live = common.device_memory_stats().get("bytes_in_use")
   conv = streamer.ask(conv, QUESTION)
   jax.block_until_ready(conv.logits)
-  decoded, sampled = {}, []
+  decoded, sampled = {}, {}
   for impl in decode_impls:
     start = time.perf_counter()
-    generation = sampler.generate(conv.states, conv.logits, SamplingParams(
-        max_new_tokens=decode_tokens, stop_on_repeat=False), decode_impl=impl)
+    generation = samplers[impl].generate(conv.states, conv.logits, SamplingParams(
+        max_new_tokens=decode_tokens, stop_on_repeat=False),
+                                         decode_impl=impl.split("_")[0])
     decoded[f"decode tok/s {impl}"] = len(generation.sampled) / (time.perf_counter() - start)
-    sampled.append(generation.sampled)
+    sampled[impl] = generation.sampled
+  by_step = {}
+  for impl, tokens in sampled.items():
+    by_step.setdefault(impl.endswith("_scan"), []).append(tokens)
+  same = all(t == group[0] for group in by_step.values() for t in group)
+  parts_at = "-"
+  if len(by_step) == 2:
+    unrolled, scan = by_step[False][0], by_step[True][0]
+    parts_at = next((i for i, (a, b) in enumerate(zip(unrolled, scan)) if a != b), "-")
   peak = common.device_memory_stats().get("peak_bytes_in_use")
-  return {"tokens": frames * k, "frames": frames, "prefill s": prefill_s,
+  return {"M": m, "tokens": frames * k, "frames": frames, "prefill s": prefill_s,
           "frames/s": frames / prefill_s, "prefill tok/s": frames * k / prefill_s,
-          **decoded, "same tokens": all(s == sampled[0] for s in sampled),
+          **decoded, "same tokens": same, "scan parts at": parts_at,
           "peak GB": None if peak is None else peak / _GB,
           "live GB": None if live is None else live / _GB}
+
+
+def write_results(rows: list[dict], parts: dict, impls: list[str]) -> None:
+  common.write_json(_JSON.value, {
+      "bench": "infer", "preset": _PRESET.value, "compute_dtype": _COMPUTE_DTYPE.value,
+      "param_dtype": _PARAM_DTYPE.value, "frames_per_step": _FRAMES_PER_STEP.value,
+      "layer_loops": _LAYER_LOOPS.value, "decode_tokens": _DECODE_TOKENS.value,
+      "decode_impls": impls, "step_parts": parts, "rows": rows,
+      "environment": common.environment()})
 
 
 def main(argv):
@@ -153,43 +255,58 @@ def main(argv):
   tokenizer = train_tokenizer([SYSTEM_PROMPT, QUESTION], vocab_size=300)
   model = build_model(_PRESET.value, _COMPUTE_DTYPE.value, _PARAM_DTYPE.value, _SSD_IMPL.value,
                       vocab_size(tokenizer))
-  m = _FRAMES_PER_STEP.value
-  streamer = Streamer(model, tokenizer, frames_per_step=m)
-  sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer))
-  logging.info("%s: %s parameters, K=%d tokens per frame, M=%d frames per step",
-               _PRESET.value, f"{model.llm.num_params():,}+vision", streamer.tokens_per_frame, m)
-
-  # Compile every step shape once (M frames, 1 frame, text, decoding) before timing.
   impls = _DECODE_IMPLS.value
-  run_length(streamer, sampler, (m + 1) * streamer.tokens_per_frame, _DECODE_TOKENS.value,
-             impls)
-  parts = time_step_parts(model, m, _REPEATS.value)
-  parts["step plan MB"] = max(streamer.step_footprints(m + 1).values()) / _MB
-  rows = []
-  for length in lengths:
-    try:
-      row = run_length(streamer, sampler, length, _DECODE_TOKENS.value, impls)
-    except Exception as e:  # report an OOM as a row, keep the table
-      if not common.is_oom(e):
-        raise
-      row = {"tokens": length, "frames": math.ceil(length / streamer.tokens_per_frame),
-             "prefill s": "OOM"}
-    logging.info("%s", row)
-    rows.append(row)
+  sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer))
+  scan_sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer), step_impl="scan")
+  samplers = {"host": sampler, "device": sampler, "host_scan": scan_sampler,
+              "device_scan": scan_sampler}
+  unknown = set(impls) - set(samplers)
+  if unknown:
+    raise app.UsageError(f"--decode_impls: unknown {sorted(unknown)}; expected some of "
+                         f"{sorted(samplers)}")
+  # The unrolled frame step reads the weights the Sampler already split per layer.
+  weights = sampler.device_weights() if "unrolled" in _LAYER_LOOPS.value else None
+  rows, parts = [], {}
+  sizes = [int(x) for x in _FRAMES_PER_STEP.value]
+  for loop, m in itertools.product(_LAYER_LOOPS.value, sizes):
+    streamer = Streamer(model, tokenizer, frames_per_step=m, layer_loop=loop,
+                        weights=weights)
+    logging.info("%s: %s parameters, K=%d tokens per frame, M=%d frames per step",
+                 _PRESET.value, f"{model.llm.num_params():,}+vision",
+                 streamer.tokens_per_frame, m)
+    # Compile every step shape once (M frames, 1 frame, text, decoding) before timing.
+    start = time.perf_counter()
+    run_length(streamer, samplers, (m + 1) * streamer.tokens_per_frame, _DECODE_TOKENS.value,
+               impls)
+    parts[f"{loop} M={m} warm-up s"] = time.perf_counter() - start
+    if not parts.get("encoder frames/s"):
+      parts.update(time_step_parts(model, m, _REPEATS.value))
+    if _HLO_DIR.value and m == sizes[0]:
+      parts.update(step_hlo(model, streamer, sampler, _HLO_DIR.value,
+                            decode="decode_step_scan kernels" not in parts))
+    parts[f"{loop} M={m} step plan MB"] = max(streamer.step_footprints(m + 1).values()) / _MB
+    for length in lengths:
+      try:
+        row = run_length(streamer, samplers, length, _DECODE_TOKENS.value, impls)
+        row = {"loop": loop, **row}
+      except Exception as e:  # report an OOM as a row, keep the table
+        if not common.is_oom(e):
+          raise
+        row = {"loop": loop, "M": m, "tokens": length,
+               "frames": math.ceil(length / streamer.tokens_per_frame), "prefill s": "OOM"}
+      logging.info("%s", row)
+      rows.append(row)
+      write_results(rows, parts, impls)  # so far, should a later row not finish
 
   print(f"\n{_PRESET.value}, {_COMPUTE_DTYPE.value} compute, {_PARAM_DTYPE.value} weights, "
-        f"M={m} frames/step, K={streamer.tokens_per_frame} tokens/frame, "
+        f"K={streamer.tokens_per_frame} tokens/frame, "
         f"{common.environment()['device']}")
   common.print_table([parts], list(parts))
   print()
-  columns = ["tokens", "frames", "prefill s", "frames/s", "prefill tok/s",
-             *[f"decode tok/s {impl}" for impl in impls], "same tokens", "peak GB", "live GB"]
-  common.write_json(_JSON.value, {
-      "bench": "infer", "preset": _PRESET.value, "compute_dtype": _COMPUTE_DTYPE.value,
-      "param_dtype": _PARAM_DTYPE.value, "frames_per_step": m,
-      "tokens_per_frame": streamer.tokens_per_frame, "decode_tokens": _DECODE_TOKENS.value,
-      "decode_impls": impls,
-      "step_parts": parts, "rows": rows, "environment": common.environment()})
+  columns = ["loop", "M", "tokens", "frames", "prefill s", "frames/s", "prefill tok/s",
+             *[f"decode tok/s {impl}" for impl in impls], "same tokens", "scan parts at",
+             "peak GB", "live GB"]
+  write_results(rows, parts, impls)
   common.print_table(rows, columns)
 
 

@@ -4,10 +4,14 @@ questions (evaluate.py), on top of the streaming prefill and the sampler.
 A video is read once per call: every question about it continues from the state after the
 frames (the paper's layout puts the frames before the first question, so the state there is
 shared, never recomputed), and every multiple-choice option is scored from a copy of the
-state after its question. With `batch` (the default) the answers of one video's questions
-are decoded together, one batch row per question (Sampler.generate_batch: the states after
-each question stacked on the batch axis, the batch padded to a power of two so few shapes
-compile); batch=False decodes them one at a time (the reference: the same answers).
+state after its question. With `batch` (the default) one video's questions are read
+together (Streamer.ask_many: the text past each question's whole chunks in one recurrent
+call over all questions), all their options are scored in a few calls
+(Streamer.token_logprobs_rows: the states after each question stacked on the batch axis)
+and their answers decoded together, one batch row per question (Sampler.generate_batch,
+the batch padded to a power of two so few shapes compile); batch=False asks, scores and
+decodes one question at a time (the reference: the same choices and answers), batch_text=
+False only decodes together (as before issue 19).
 
 Option likelihood, two targets:
   letter  (the default) the question is asked with its options and the Video-MME instruction,
@@ -42,6 +46,7 @@ from typing import Any, TextIO
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tokenizers
 
 from ma2mba_jax.data.formats import format_multiple_choice
@@ -178,7 +183,8 @@ class ModelAnswerer:
   def __init__(self, streamer: Streamer, sampler: Sampler, *, fps: float = 1.0,
                max_frames: int | None = None, target: str = "letter",
                mc_max_new_tokens: int = 8, open_max_new_tokens: int = 64,
-               progress: Callable[[str], Progress] | None = None, batch: bool = True):
+               progress: Callable[[str], Progress] | None = None, batch: bool = True,
+               batch_text: bool | None = None):
     if target not in TARGETS:
       raise ValueError(f"likelihood target must be one of {TARGETS}, got {target!r}")
     self.streamer, self.sampler = streamer, sampler
@@ -187,6 +193,9 @@ class ModelAnswerer:
     self.open_sampling = SamplingParams(max_new_tokens=open_max_new_tokens)
     self.progress = progress
     self.batch = batch
+    # Read and score one video's questions together (None: as `batch`); False with batch
+    # True is the evaluation before issue 19 (only the answers decoded together).
+    self.batch_text = batch if batch_text is None else batch_text
 
   @classmethod
   def create(cls, model: VideoMa2mba, tokenizer: tokenizers.Tokenizer, *,
@@ -216,17 +225,32 @@ class ModelAnswerer:
     generations = self.sampler.generate_batch(states, logits, sampling)[:len(convs)]
     return [self.streamer.tokenizer.decode(list(g.tokens)) for g in generations]
 
+  def _targets(self, item: MCItem) -> list[list[int]]:
+    """The token ids scored for each option of the item (see the module docstring)."""
+    return [encode_text(self.streamer.tokenizer,
+                        letter if self.target == "letter" else item.option_text(letter),
+                        self.streamer.ids) + [self.streamer.ids.endoftext]
+            for letter in item.letters]
+
+  @staticmethod
+  def _scores(item: MCItem, logprobs: Sequence[np.ndarray]) -> dict[str, dict[str, float]]:
+    scores = {}
+    for letter, row in zip(item.letters, logprobs, strict=True):
+      total = float(row.sum())
+      scores[letter] = {"sum": total, "n": len(row), "mean": total / len(row)}
+    return scores
+
   def option_scores(self, conv: Conversation, item: MCItem) -> dict[str, dict[str, float]]:
     """Per letter: {"sum": total log-prob, "n": target tokens, "mean": sum / n}."""
-    scores = {}
-    for letter in item.letters:
-      text = letter if self.target == "letter" else item.option_text(letter)
-      ids = encode_text(self.streamer.tokenizer, text, self.streamer.ids) + [
-          self.streamer.ids.endoftext]
-      logprobs = self.streamer.token_logprobs(conv, ids)
-      total = float(logprobs.sum())
-      scores[letter] = {"sum": total, "n": len(ids), "mean": total / len(ids)}
-    return scores
+    return self._scores(item, [self.streamer.token_logprobs(conv, ids)
+                               for ids in self._targets(item)])
+
+  def _ask_all(self, video_conv: Conversation, prompts: Sequence[str]
+               ) -> list[Conversation]:
+    """Each prompt asked after the video: together (self.batch) or one at a time."""
+    if self.batch_text and len(prompts) > 1:
+      return self.streamer.ask_many(video_conv, prompts)
+    return [self.streamer.ask(video_conv, prompt) for prompt in prompts]
 
   def answer_mc(self, video: str, items: Sequence[MCItem], methods: Sequence[str]
                 ) -> list[dict[str, Any]]:
@@ -237,22 +261,26 @@ class ModelAnswerer:
     if unknown:
       raise ValueError(f"unknown multiple-choice methods {unknown}; known: {MC_METHODS}")
     video_conv = self._read(video)
-    out, mc_convs, bare_convs = [], [], []
-    for item in items:
-      conv = bare = None  # the multiple-choice prompt / the question alone, when needed
-      if "generate" in methods or ("likelihood" in methods and self.target == "letter"):
-        conv = self.streamer.ask(video_conv,
-                                 format_multiple_choice(item.question, item.options))
-      if "generate_text" in methods or ("likelihood" in methods and self.target == "text"):
-        bare = self.streamer.ask(video_conv, item.question)
-      mc_convs.append(conv)
-      bare_convs.append(bare)
-      result: dict[str, Any] = {}
-      if "likelihood" in methods:
-        scores = self.option_scores(conv if self.target == "letter" else bare, item)
+    out: list[dict[str, Any]] = [{} for _ in items]
+    # The multiple-choice prompt / the question alone after the video, when needed.
+    mc_convs = bare_convs = [None] * len(items)
+    if "generate" in methods or ("likelihood" in methods and self.target == "letter"):
+      mc_convs = self._ask_all(video_conv, [format_multiple_choice(item.question, item.options)
+                                            for item in items])
+    if "generate_text" in methods or ("likelihood" in methods and self.target == "text"):
+      bare_convs = self._ask_all(video_conv, [item.question for item in items])
+    if "likelihood" in methods:
+      scored = mc_convs if self.target == "letter" else bare_convs
+      targets = [self._targets(item) for item in items]
+      if self.batch_text:
+        logprobs = self.streamer.token_logprobs_rows(scored, targets)
+      else:
+        logprobs = [[self.streamer.token_logprobs(conv, ids) for ids in rows]
+                    for conv, rows in zip(scored, targets, strict=True)]
+      for item, result, rows in zip(items, out, logprobs, strict=True):
+        scores = self._scores(item, rows)
         result["likelihood"] = {"choice": max(scores, key=lambda k: scores[k]["mean"]),
                                 "scores": scores}
-      out.append(result)
     for method, convs, parse in (("generate", mc_convs, parse_choice),
                                  ("generate_text", bare_convs, match_option_text)):
       if method in methods:
@@ -264,5 +292,5 @@ class ModelAnswerer:
   def answer_open(self, video: str, items: Sequence[OpenItem]) -> list[str]:
     """Greedy answers to open-ended questions about one video."""
     video_conv = self._read(video)
-    return self._generate_all([self.streamer.ask(video_conv, item.question) for item in items],
+    return self._generate_all(self._ask_all(video_conv, [item.question for item in items]),
                               self.open_sampling)

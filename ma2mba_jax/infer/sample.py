@@ -14,6 +14,12 @@ Two loops compute the same tokens (tests/infer/test_decode.py checks it):
     `on_tokens` callback) an answer is one dispatch.
   * decode_impl="host": the reference. One call of a jitted step per token, the host
     checking the stop rules (`RepeatStop`) between tokens.
+Both loops run the same LM step: `models/decode.py`'s (step_impl="unrolled", the default),
+the layer loop unrolled over weights split per layer and cast to the compute dtype once,
+when the Sampler first decodes (a copy of the LM's matrices kept on the device); or
+`Mamba2LM.step` (step_impl="scan": a scan over the stacked layers, no copy). The two steps
+compute the same function (bit for bit on CPU; on GPU XLA fuses them differently, so their
+last bits may differ and long greedy answers of a random model may part).
 
 Choosing a token from the logits [B, V] (the same function in both loops):
   * ids >= vocab_size (the embedding's padding rows) and `banned_ids` (e.g. `<|frame|>`,
@@ -45,19 +51,21 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ma2mba_jax.models.decode import decode_step, decode_weights
 from ma2mba_jax.models.mamba2 import LayerStates, Mamba2LM
 
 Array = jax.Array
 
 
 DECODE_IMPLS = ("device", "host")
+STEP_IMPLS = ("unrolled", "scan")  # the device loop's LM step (see the module docstring)
 STOP_REASONS = ("", "eos", "repeat", "length")  # the device loop's codes 0..3
 
 
@@ -338,14 +346,18 @@ class Sampler:
   stop_ids: ids that end the answer (`<|endoftext|>`); banned_ids: ids never chosen.
   decode_impl: 'device' (the on-device loop) or 'host' (one dispatch per token, the
   reference). block_tokens: tokens per dispatch of the device loop (None: the whole answer
-  in one, or 8 when tokens are streamed to an `on_tokens` callback).
+  in one, or 8 when tokens are streamed to an `on_tokens` callback). step_impl: the LM step
+  of both loops, 'unrolled' (per-layer weights, made at the first decode) or 'scan'
+  (`Mamba2LM.step`).
   """
 
   def __init__(self, llm: Mamba2LM, *, vocab_size: int, stop_ids: Sequence[int] = (),
                banned_ids: Sequence[int] = (), decode_impl: str = "device",
-               block_tokens: int | None = None):
+               block_tokens: int | None = None, step_impl: str = "unrolled"):
     if decode_impl not in DECODE_IMPLS:
       raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
+    if step_impl not in STEP_IMPLS:
+      raise ValueError(f"step_impl must be one of {STEP_IMPLS}, got {step_impl!r}")
     if block_tokens is not None and block_tokens < 1:
       raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
     self.decode_impl, self.block_tokens = decode_impl, block_tokens
@@ -354,16 +366,27 @@ class Sampler:
     self.padded_vocab = llm.config.padded_vocab_size
     graphdef, params = nnx.split(llm)
     self._params = params
+    self.step_impl = step_impl
+    config, block_graphdef = llm.config, llm.split_layers()[0]
+    # The unrolled step's weights: made by the first device decode, then kept.
+    self._make_weights = jax.jit(lambda params: decode_weights(nnx.merge(graphdef, params)))
+    self._weights: Any = None
 
     # ---- the host loop: one dispatch per token
     def first(logits, seen, key, knobs, allowed, mode):
       """The first answer token, from the prompt's last logits [B, V]."""
       return choose(logits, allowed, seen, key, knobs, mode)
 
-    def advance(params, cache, token, seen, key, knobs, allowed, mode):
+    def lm_step(weights, token, cache):
+      """token int32 [B] -> (logits [B, V], cache) with the step of `step_impl`; weights:
+      the DecodeWeights ('unrolled') or the LM's params ('scan')."""
+      if step_impl == "unrolled":
+        return decode_step(config, block_graphdef, weights, token, cache)
+      return nnx.merge(graphdef, weights).step(token, cache)
+
+    def advance(weights, cache, token, seen, key, knobs, allowed, mode):
       """token int32 [B] -> (next token int32 [B], cache): one step of the LM, one choice."""
-      model = nnx.merge(graphdef, params)
-      logits, cache = model.step(token, cache)                    # [B, V]
+      logits, cache = lm_step(weights, token, cache)              # [B, V]
       return choose(logits, allowed, seen, key, knobs, mode), cache
 
     self._first = jax.jit(first, static_argnames="mode")
@@ -381,15 +404,13 @@ class Sampler:
                           reason=jnp.zeros((b,), jnp.int32), length=jnp.zeros((b,), jnp.int32))
       return _record(state, token, stop_ids, mode)
 
-    def block(params, state, end, key, knobs, allowed, stop_ids, *, mode):
+    def block(weights, state, end, key, knobs, allowed, stop_ids, *, mode):
       """Decodes until every row stopped or `end` tokens were chosen."""
-      model = nnx.merge(graphdef, params)
-
       def cond(s):
         return (s.count < end) & ~jnp.all(s.done)
 
       def body(s):
-        logits, cache = model.step(s.token, s.cache)
+        logits, cache = lm_step(weights, s.token, s.cache)
         token = choose(logits, allowed, s.seen, jax.random.fold_in(key, s.count), knobs, mode)
         return _record(s._replace(cache=cache), token, stop_ids, mode)
 
@@ -436,6 +457,14 @@ class Sampler:
 
   # ------------------------------------------------------------------------- loops
 
+  def device_weights(self):
+    """What the LM step reads (both loops): DecodeWeights (made once) or the LM's params."""
+    if self.step_impl == "scan":
+      return self._params
+    if self._weights is None:
+      self._weights = self._make_weights(self._params)
+    return self._weights
+
   def _generate_device(self, states, logits, params: SamplingParams, on_tokens
                        ) -> list[Generation]:
     mode, knobs = mode_of(params), knobs_of(params)
@@ -456,8 +485,9 @@ class Sampler:
           shown = upto
       if done.all() or count >= max_new:
         break
-      state = self._block(self._params, state, jnp.int32(min(count + step, max_new)), key,
-                          knobs, self.allowed, stop_ids, mode=mode)
+      end = jnp.int32(min(count + step, max_new))
+      state = self._block(self.device_weights(), state, end, key, knobs, self.allowed,
+                          stop_ids, mode=mode)
     tokens, reason, length = jax.device_get((state.tokens, state.reason, state.length))
     return [finish(tokens[b, :length[b]], STOP_REASONS[reason[b]], params.repeat_ngram)
             for b in range(tokens.shape[0])]
@@ -487,7 +517,7 @@ class Sampler:
         break
       if mode.penalty:
         seen = self._mark(seen, jnp.reshape(token, (1,)))
-      token, cache = self._advance(self._params, cache, jnp.reshape(token, (1,)), seen,
-                                   jax.random.fold_in(base_key, len(sampled)), knobs,
+      token, cache = self._advance(self.device_weights(), cache, jnp.reshape(token, (1,)),
+                                   seen, jax.random.fold_in(base_key, len(sampled)), knobs,
                                    self.allowed, mode)
     return finish(sampled, reason, params.repeat_ngram)

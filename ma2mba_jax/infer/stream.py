@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -51,12 +50,18 @@ from ma2mba_jax.data.errors import DataError
 from ma2mba_jax.data.template import SYSTEM_PROMPT
 from ma2mba_jax.data.tokenizer import SpecialIds, special_ids, vocab_size
 from ma2mba_jax.infer.sample import vocab_mask
+from ma2mba_jax.models.decode import DecodeWeights, decode_weights
+from ma2mba_jax.models.decode import apply_layers as unrolled_layers
 from ma2mba_jax.models.mamba2 import LayerStates
 from ma2mba_jax.models.video_lm import VideoMa2mba
+from ma2mba_jax.xla_memory import compiled_footprint
 
 Array = jax.Array
 # progress(frames_read, total_frames), called after each micro-batch is queued.
 Progress = Callable[[int, int], None]
+
+# How a frame step runs the LM's layers (Streamer's layer_loop).
+LAYER_LOOPS = ("scan", "unrolled")
 
 # Conversation phases: what the next piece may be.
 IN_USER_TURN = "in_user_turn"      # frames given, the user's text comes next (ask)
@@ -113,14 +118,20 @@ class Streamer:
   model: a VideoMa2mba (e.g. `convert.io.restore_model(dir)`); tokenizer: its tokenizer
   (with the chat template's special tokens). frames_per_step: M, frames encoded and read
   per step (memory grows with M, never with F). text_chunk: tokens per chunked text call.
-  max_inflight: steps queued on the device before the host waits.
+  max_inflight: steps queued on the device before the host waits. layer_loop: how a frame
+  step runs the LM's layers: 'scan' (`Mamba2LM.apply_layers`, a scan over the stacked
+  layers) or 'unrolled' (`models/decode.py`: the loop unrolled over per-layer weights,
+  `weights` if given, e.g. the Sampler's `device_weights()`, else a copy made here).
   """
 
   def __init__(self, model: VideoMa2mba, tokenizer: tokenizers.Tokenizer, *,
-               frames_per_step: int = 16, text_chunk: int = 32, max_inflight: int = 2):
+               frames_per_step: int = 16, text_chunk: int = 32, max_inflight: int = 2,
+               layer_loop: str = "scan", weights: DecodeWeights | None = None):
     if frames_per_step < 1 or text_chunk < 1 or max_inflight < 1:
       raise ValueError(f"frames_per_step ({frames_per_step}), text_chunk ({text_chunk}) and "
                        f"max_inflight ({max_inflight}) must be >= 1")
+    if layer_loop not in LAYER_LOOPS:
+      raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
     self.tokenizer = tokenizer
     self.ids = special_ids(tokenizer)
     self.frames_per_step = frames_per_step
@@ -136,13 +147,29 @@ class Streamer:
     graphdef, params = nnx.split(model)
     llm_graphdef, llm_params = nnx.split(model.llm)
     self._params, self._llm_params = params, llm_params
+    self.layer_loop = layer_loop
+    block_graphdef = model.llm.split_layers()[0]
+    if layer_loop == "unrolled" and weights is None:
+      weights = jax.jit(lambda p: decode_weights(nnx.merge(llm_graphdef, p)))(llm_params)
+    # What the frame step takes as its parameters.
+    self._frame_params = params if layer_loop == "scan" else (params, weights)
+    # What a frame step reads that stays resident (left out of its footprint): the
+    # unrolled step reads the per-layer copy, not the stacked LM layers.
+    self._step_weights = (params if layer_loop == "scan"
+                          else (nnx.state((model.vision, model.projector)), weights.layers))
 
     def frames_step(params, states: LayerStates, frames: Array) -> LayerStates:
-      """frames uint8 [m, S, S, 3] -> the states after their m*K tokens (no head)."""
+      """frames uint8 [m, S, S, 3] -> the states after their m*K tokens (no head).
+      params: the model's, or (the model's, DecodeWeights) for the unrolled layer loop."""
+      if layer_loop == "unrolled":
+        params, weights = params
       video_lm = nnx.merge(graphdef, params)
       embeds = video_lm.encode_images(frames)                      # [m, K, D]
       embeds = embeds.reshape(1, -1, embeds.shape[-1])             # [1, m*K, D]
-      _, states = video_lm.llm.apply_layers(embeds, states)
+      if layer_loop == "unrolled":
+        _, states = unrolled_layers(block_graphdef, weights, embeds, states)
+      else:
+        _, states = video_lm.llm.apply_layers(embeds, states)
       return states
 
     def text_step(params, states: LayerStates, tokens: Array) -> tuple[LayerStates, Array]:
@@ -166,10 +193,71 @@ class Streamer:
       logprobs = jax.nn.log_softmax(logits, axis=-1)
       return jnp.take_along_axis(logprobs, targets[0][:, None], axis=-1)[:, 0]
 
+    def keep_live(live: Array, new: LayerStates, old: LayerStates) -> LayerStates:
+      """Row r of `new` where live[r] (bool [R]), else of `old` (states batch R)."""
+      return jax.tree.map(
+          lambda n, o: jnp.where(live.reshape((1, -1) + (1,) * (n.ndim - 2)), n, o), new, old)
+
+    def text_rows(params, states: LayerStates, logits: Array, tokens: Array,
+                  live: Array) -> tuple[LayerStates, Array]:
+      """`text_step` for R rows at once: states batch R, logits [R, V], tokens int32
+      [R, Q]; rows where live (bool [R]) is False keep their states and logits."""
+      llm = nnx.merge(llm_graphdef, params)
+      h, new_states = llm.apply_layers(llm.embed(tokens), states)
+      return (keep_live(live, new_states, states),
+              jnp.where(live[:, None], llm.head(h[:, -1]), logits))
+
+    def tokens_rows(params, states: LayerStates, logits: Array, tokens: Array,
+                    lengths: Array) -> tuple[LayerStates, Array]:
+      """R rows read token by token with the recurrent step, in one call: states batch R,
+      logits [R, V] (kept for a row that reads nothing), tokens int32 [R, T] (row r's
+      first lengths[r] are real) -> (states, logits [R, V] after each row's last token).
+      A row's state stops changing after its last real token."""
+      llm = nnx.merge(llm_graphdef, params)
+
+      def body(carry, t):
+        states, logits = carry
+        new_logits, new_states = llm.step(tokens[:, t], states)
+        live = t < lengths                                         # [R]
+        return (keep_live(live, new_states, states),
+                jnp.where(live[:, None], new_logits, logits)), None
+
+      (states, logits), _ = jax.lax.scan(body, (states, logits), jnp.arange(tokens.shape[1]))
+      return states, logits
+
+    def score_rows(params, states: LayerStates, first_logits: Array, index: Array,
+                   tokens: Array, targets: Array, allowed: Array) -> Array:
+      """`score_step` for R rows at once, row r from conversation index[r]: states (batch
+      C, the conversations') and first_logits [C, V] (their next-token logits, which score
+      each row's first target); tokens int32 [R, T] (a row's targets but the last),
+      targets [R, T+1] -> f32 [R, T+1]."""
+      llm = nnx.merge(llm_graphdef, params)
+      states = jax.tree.map(lambda x: jnp.take(x, index, axis=1), states)
+      h, _ = llm.apply_layers(llm.embed(tokens), states)
+      first = jnp.take(first_logits, index, axis=0)
+      logits = jnp.concatenate([first[:, None], llm.head(h)], axis=1)  # [R, T+1, V]
+      logprobs = jax.nn.log_softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+      return jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+
     self._frames_step = jax.jit(frames_step)
     self._text_step = jax.jit(text_step)
     self._token_step = jax.jit(token_step)
     self._score_step = jax.jit(score_step)
+    def split_rows(states: LayerStates, logits: Array, n: int):
+      """States (batch R) and logits [R, V] -> n tuples (states batch 1, logits [V])."""
+      return tuple((jax.tree.map(lambda x, r=r: x[:, r:r + 1], states), logits[r])
+                   for r in range(n))
+
+    def stack_rows(states: Sequence[LayerStates], logits: Sequence[Array]):
+      """Per-row states (batch 1) and logits [V] -> states batch R, logits [R, V]."""
+      return (jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *states),
+              jnp.stack(logits))
+
+    self._text_rows = jax.jit(text_rows)
+    self._tokens_rows = jax.jit(tokens_rows)
+    self._score_rows = jax.jit(score_rows)
+    self._split_rows = jax.jit(split_rows, static_argnums=2)
+    self._stack_rows = jax.jit(stack_rows)
 
   # ------------------------------------------------------------------------- low level
 
@@ -198,7 +286,7 @@ class Streamer:
     inflight: collections.deque = collections.deque()
     done = 0
     for step_frames in self._regroup(batches):
-      states = self._frames_step(self._params, states, step_frames)
+      states = self._frames_step(self._frame_params, states, step_frames)
       done += step_frames.shape[0]
       inflight.append(states)
       if len(inflight) > self.max_inflight:  # keep the host at most a few steps ahead
@@ -246,6 +334,93 @@ class Streamer:
     picked = self._score_step(self._llm_params, conv.states, inputs, targets, self.allowed)
     return np.concatenate([[float(first)], np.asarray(picked)[:rest]]).astype(np.float32)
 
+  # ------------------------------------------------------------------------- many rows
+
+  def feed_text_rows(self, states: Sequence[LayerStates], logits: Sequence[Array | None],
+                     rows: Sequence[Sequence[int]]) -> list[tuple[LayerStates, Array]]:
+    """`feed_text` for several rows, each from its own states (batch 1) and next-token
+    logits (None: none yet), with few dispatches: the rows' states stacked on the batch
+    axis (padded to a power of two), then the c-th whole chunk of `text_chunk` tokens of
+    every row that has one in one call per c, then the rest of every row (shorter than a
+    chunk, padded to a power of two >= 8) in one call of the recurrent step over the
+    rows. Each row goes through the operations feed_text would run; rows that are done
+    keep their states. -> per row (states batch 1, logits [V])."""
+    q = self.text_chunk
+    rows = [np.asarray(ids, np.int32) for ids in rows]
+    if len(states) != len(rows) or len(logits) != len(rows):
+      raise ValueError(f"{len(rows)} rows but {len(states)} states and {len(logits)} logits")
+    if not rows or any(ids.size == 0 for ids in rows):
+      raise ValueError("feed_text_rows needs at least one row and one token per row")
+    n = len(rows)
+    padded_rows = 1 << (n - 1).bit_length()
+    zeros = np.zeros((self.llm_config.padded_vocab_size,), np.float32)
+    logits = [zeros if row_logits is None else row_logits for row_logits in logits]
+    pad = padded_rows - n
+    stacked, stacked_logits = self._stack_rows(list(states) + list(states[:1]) * pad,
+                                               logits + logits[:1] * pad)
+    chunks = [ids.size // q for ids in rows]
+    for c in range(max(chunks)):
+      tokens = np.zeros((padded_rows, q), np.int32)
+      live = np.zeros((padded_rows,), bool)
+      for r, ids in enumerate(rows):
+        if chunks[r] > c:
+          tokens[r], live[r] = ids[c * q:(c + 1) * q], True
+      stacked, stacked_logits = self._text_rows(self._llm_params, stacked, stacked_logits,
+                                                tokens, live)
+    rests = [ids[k * q:] for ids, k in zip(rows, chunks)]
+    longest = max(rest.size for rest in rests)
+    if longest:
+      length = max(8, 1 << (longest - 1).bit_length())
+      tokens = np.zeros((padded_rows, length), np.int32)
+      lengths = np.zeros((padded_rows,), np.int32)
+      for r, rest in enumerate(rests):
+        tokens[r, :rest.size], lengths[r] = rest, rest.size
+      stacked, stacked_logits = self._tokens_rows(self._llm_params, stacked, stacked_logits,
+                                                  tokens, lengths)
+    return list(self._split_rows(stacked, stacked_logits, n))
+
+  def token_logprobs_rows(self, convs: Sequence[Conversation],
+                          continuations: Sequence[Sequence[Sequence[int]]]
+                          ) -> list[list[np.ndarray]]:
+    """`token_logprobs` of continuations[i][j] after convs[i], for every i and j, in a few
+    batched calls: rows are grouped by the padded length token_logprobs would use (so each
+    row computes what token_logprobs computes), the conversations' states stacked on the
+    batch axis. -> out[i][j]: f32 [len(continuations[i][j])]."""
+    if len(convs) != len(continuations):
+      raise ValueError(f"{len(convs)} conversations but {len(continuations)} lists of "
+                       "continuations")
+    for conv in convs:
+      if conv.logits is None:
+        raise ValueError("a conversation ends in frames; ask a question first")
+    out = [[np.zeros((0,), np.float32)] * len(c) for c in continuations]
+    groups: dict[int, list[tuple[int, int, np.ndarray]]] = {}
+    for i, options in enumerate(continuations):
+      for j, ids in enumerate(options):
+        ids = np.asarray(ids, np.int32)
+        if ids.size:
+          rest = ids.size - 1
+          length = max(8, 1 << (rest - 1).bit_length()) if rest else 8
+          groups.setdefault(length, []).append((i, j, ids))
+    if not groups:
+      return out
+    states, all_logits = self._stack_rows([c.states for c in convs],
+                                          [c.logits for c in convs])  # batch C, [C, V]
+    for length, members in sorted(groups.items()):
+      n = len(members)
+      padded_rows = 1 << (n - 1).bit_length()
+      index = np.zeros((padded_rows,), np.int32)
+      inputs = np.zeros((padded_rows, length), np.int32)
+      targets = np.zeros((padded_rows, length + 1), np.int32)
+      for r, (i, _, ids) in enumerate(members):
+        index[r] = i
+        inputs[r, :ids.size - 1] = ids[:-1]
+        targets[r, :ids.size] = ids
+      picked = np.asarray(self._score_rows(self._llm_params, states, all_logits, index,
+                                           inputs, targets, self.allowed))
+      for r, (i, j, ids) in enumerate(members):
+        out[i][j] = picked[r, :ids.size].astype(np.float32)
+    return out
+
   # ------------------------------------------------------------------------- the chat
 
   def read_frames(self, batches: Iterable[np.ndarray], total: int, *,
@@ -289,6 +464,20 @@ class Streamer:
     states, logits = self.feed_text(conv.states, ids)
     return Conversation(states, logits, conv.pieces + (Piece(ids=tuple(ids)),), ANSWERING)
 
+  def ask_many(self, conv: Conversation, questions: Sequence[str]) -> list[Conversation]:
+    """`ask` of each question from the same conversation (e.g. every question about one
+    video after its frames), the questions read together (`feed_text_rows`)."""
+    if conv.phase == ANSWERING:
+      raise ValueError("the conversation awaits an answer: add_answer() before asking again")
+    rows = []
+    for question in questions:
+      ids = encode_text(self.tokenizer, question, self.ids) + [self.ids.endoftext,
+                                                           self.ids.assistant]
+      rows.append([self.ids.user] + ids if conv.phase == BETWEEN_TURNS else ids)
+    read = self.feed_text_rows([conv.states] * len(rows), [conv.logits] * len(rows), rows)
+    return [Conversation(states, logits, conv.pieces + (Piece(ids=tuple(ids)),), ANSWERING)
+            for (states, logits), ids in zip(read, rows, strict=True)]
+
   def add_answer(self, conv: Conversation, answer_ids: Sequence[int]) -> Conversation:
     """Reads the assistant's answer and its `<|endoftext|>` from the state after the
     question (the answer as kept: a trimmed repeat is not read), closing the turn."""
@@ -315,15 +504,6 @@ class Streamer:
     for size in sizes:
       frames = jax.ShapeDtypeStruct((size, s, s, 3), jnp.uint8)
       out[f"frames_step[{size}]"] = compiled_footprint(
-          self._frames_step, self._params, states, frames, exclude=self._params)
+          self._frames_step, self._frame_params, states, frames, exclude=self._step_weights)
     return out
 
-
-def compiled_footprint(jitted, *args, exclude=None) -> int:
-  """temp + output + argument bytes of XLA's plan for jitted(*args), minus the bytes of the
-  pytree `exclude` (e.g. the parameters, resident anyway)."""
-  analysis = jitted.lower(*args).compile().memory_analysis()
-  excluded = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
-                 for a in jax.tree.leaves(exclude)) if exclude is not None else 0
-  return int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes
-             + analysis.argument_size_in_bytes - excluded)

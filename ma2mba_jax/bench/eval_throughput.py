@@ -1,0 +1,102 @@
+"""Evaluation throughput: questions answered per second on the synthetic Video-MME-layout set
+(data/synthetic.py), a random model, each way of batching one video's questions, and
+whether they give the same answers and scores.
+
+  python -m ma2mba_jax.bench.eval_throughput --synthetic_dir=/tmp/synth_eval     # tiny, CPU
+
+Ways (infer/answering.py's ModelAnswerer):
+  per_question   every question asked, scored and answered on its own (batch=False);
+  decode_batch   the answers of a video's questions decoded as one batch, the questions
+                 read and scored one by one (batch_text=False: evaluation before issue 19);
+  all_batched    the questions also read together (Streamer.ask_many) and every option of
+                 every question scored in a few calls (Streamer.token_logprobs_rows).
+Each way runs the whole set 1 + --timed_runs times (the first compiles) with the methods
+likelihood and generate; the fastest timed run counts (the CPU is shared). Columns:
+questions/s, x (speed-up over decode_batch), same choices (likelihood and generate choices
+and generated texts equal decode_batch's), max |d log p| (largest difference of an option's
+summed log-probability from decode_batch's).
+Flag names differ from evaluate's (imported here).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+from absl import app, flags
+from flax import nnx
+
+from ma2mba_jax import evaluate
+from ma2mba_jax.bench import common
+from ma2mba_jax.data import synthetic
+from ma2mba_jax.data.tokenizer import load_tokenizer, vocab_size
+from ma2mba_jax.infer.answering import ModelAnswerer
+from ma2mba_jax.models.video_lm import VideoMa2mba
+from ma2mba_jax.models.video_presets import video_config
+
+_PRESET = flags.DEFINE_string("model_preset", "tiny", "Video-Ma2mba preset.")
+_DATA = flags.DEFINE_string("synthetic_dir", None, "Synthetic dataset folder (written when "
+                            "missing).", required=True)
+_EVAL_VIDEOS = flags.DEFINE_integer("eval_videos", 2, "Eval videos per duration class when "
+                                    "the set is written (4 questions each).")
+_TARGET = flags.DEFINE_enum("bench_target", "text", ["text", "letter"], "Likelihood target.")
+_MAX_NEW = flags.DEFINE_integer("answer_tokens", 8, "Longest generated answer.")
+_FRAMES_PER_STEP = flags.DEFINE_integer("step_frames", 8, "Frames per prefill step.")
+_COMPUTE_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                                   "Matmul / SSD input dtype.")
+_TIMED = flags.DEFINE_integer("timed_runs", 3, "Timed runs of the whole set per way.")
+_JSON = flags.DEFINE_string("json_out", None, "Write the results here.")
+
+WAYS = {"per_question": dict(batch=False), "decode_batch": dict(batch=True, batch_text=False),
+        "all_batched": dict(batch=True, batch_text=True)}
+METHODS = ("likelihood", "generate")
+
+
+def main(argv):
+  del argv
+  data = _DATA.value
+  if not os.path.isfile(os.path.join(data, "manifest.json")):
+    synthetic.generate(data, seed=0, size="tiny", eval_videos=_EVAL_VIDEOS.value)
+  tokenizer = load_tokenizer(os.path.join(data, "tokenizer.json"), add_missing=True)
+  config = video_config(_PRESET.value, llm_vocab_size=vocab_size(tokenizer),
+                        compute_dtype=_COMPUTE_DTYPE.value)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: VideoMa2mba(config, rngs=nnx.Rngs(0))))
+  model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(VideoMa2mba(config,
+                                                                    rngs=nnx.Rngs(0))))())
+  items = evaluate.load_items("synthetic", data)
+  rows, records = [], {}
+  for way, kwargs in WAYS.items():
+    answerer = ModelAnswerer.create(model, tokenizer, frames_per_step=_FRAMES_PER_STEP.value,
+                                    target=_TARGET.value, mc_max_new_tokens=_MAX_NEW.value,
+                                    **kwargs)
+    seconds = []
+    for _ in range(1 + _TIMED.value):
+      start = time.perf_counter()
+      report = evaluate.evaluate_items("synthetic", data, items, answerer=answerer,
+                                       methods=METHODS)
+      seconds.append(time.perf_counter() - start)
+    records[way] = report["records"]
+    rows.append({"way": way, "questions": len(items), "first run s": seconds[0],
+                 "timed run s": min(seconds[1:]),
+                 "questions/s": len(items) / min(seconds[1:])})
+  base = records["decode_batch"]
+  base_rate = next(r["questions/s"] for r in rows if r["way"] == "decode_batch")
+  for row in rows:
+    mine = records[row["way"]]
+    row["x"] = row["questions/s"] / base_rate
+    row["same choices"] = all(
+        a["likelihood"]["choice"] == b["likelihood"]["choice"] and a["generate"] == b["generate"]
+        for a, b in zip(mine, base, strict=True))
+    row["max |d log p|"] = max(
+        abs(a["likelihood"]["scores"][k]["sum"] - b["likelihood"]["scores"][k]["sum"])
+        for a, b in zip(mine, base, strict=True) for k in b["likelihood"]["scores"])
+  print(f"\n{_PRESET.value}, {len(items)} questions, target {_TARGET.value}, "
+        f"{common.environment()['device']}")
+  common.print_table(rows, list(rows[0]))
+  common.write_json(_JSON.value, {"bench": "eval_throughput", "preset": _PRESET.value,
+                                  "rows": rows, "environment": common.environment()})
+
+
+if __name__ == "__main__":
+  app.run(main)
