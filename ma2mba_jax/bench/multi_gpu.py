@@ -8,7 +8,13 @@
 2. data-parallel tokens/s per GPU of the 3.1B train step (bench/train.py) on 1 GPU
    (CUDA_VISIBLE_DEVICES=0) and on all of them, with ZeRO-1 and plain data parallel;
 3. if the budget still allows, the 3.1B step at `--long_tokens` per sample, FSDP over the
-   GPUs, with the highest peak memory of any card.
+   GPUs, with the highest peak memory of any card;
+4. (`--parts=seq`) the longest sample (of `--seq_lengths`, tried in order until one fails)
+   on one GPU (MA-GC `--one_gpu_remat`) and split over all GPUs by the `seq` mesh axis
+   (MA-GC with one time block per piece: l=`--seq_l`, s = T / GPUs, cell_saves=layers).
+
+`--trainer_mesh=data,fsdp,zero1,seq` runs part 1 in that layout instead of FSDP over the
+GPUs (e.g. 2,1,1,2 on 4 GPUs: ZeRO-1 over 2 rows, each sample in 2 pieces).
 
 Each part runs in its own process (this one never touches a GPU), within what is left of
 `--budget_s`; a part out of time or memory is a row with an error. Prints a table, writes
@@ -44,7 +50,22 @@ _TRAINER_EXTRA = flags.DEFINE_list("trainer_extra", [], "More --config.x=y for t
 _JSON = flags.DEFINE_string("json", None, "Write results here.")
 _WORK = flags.DEFINE_string("work", None, "Scratch folder (default: a temporary one).")
 _PARTS = flags.DEFINE_list("parts", ["trainer", "dp", "long"], "Which parts to run.")
-_DP_MESHES = flags.DEFINE_list("dp_meshes", ["zero1", "dp"], "Multi-GPU speed rows: zero1, dp.")
+_DP_MESHES = flags.DEFINE_list("dp_meshes", ["zero1", "dp"],
+                               "Multi-GPU speed rows: zero1, dp, seq (one sample over all).")
+_TRAINER_MESH = flags.DEFINE_string("trainer_mesh", "", "data,fsdp,zero1,seq of part 1 "
+                                    "(default: FSDP over the GPUs).")
+_SEQ_LENGTHS = flags.DEFINE_list("seq_lengths", ["262144", "524288", "1048576", "2097152"],
+                                 "Part 4: tokens per sample, tried in order until one fails.")
+_SEQ_MESHES = flags.DEFINE_list("seq_meshes", ["one", "seq"], "Part 4: one (one GPU), seq (all "
+                                "GPUs on one sample); each may be run in its own call.")
+_SEQ_L = flags.DEFINE_integer("seq_l", 8, "Part 4: MA-GC layers per group with the seq axis.")
+_ONE_GPU_REMAT = flags.DEFINE_list("one_gpu_remat", ["--l=64", "--s=16384",
+                                                     "--cell_saves=layers",
+                                                     "--offload=sequence"],
+                                   "Part 4: bench.train remat flags of the one-GPU rows.")
+_BENCH_EXTRA = flags.DEFINE_list("bench_extra", [], "More flags for every bench.train row, e.g. "
+                                 "--text_every=0 (text only: the 2.7B LM backbone's step).")
+_SEQ_ROW_S = flags.DEFINE_integer("seq_row_s", 420, "Part 4: seconds per length at most.")
 
 _STEP_LINE = re.compile(r"\[stage \d\] step (\d+)/\d+ \| loss ([0-9.naninf]+)")
 _STEP_TIME = re.compile(r"\[stage \d\] step \d+/\d+ .*?\| ([0-9.]+) s/step")
@@ -94,10 +115,18 @@ def trainer_row(work: str, clock: Clock, limit: int) -> dict:
   if rc != 0:
     return {"part": "trainer", "error": f"synthetic data: {rc}: {out[-300:]}"}
   n = _GPUS.value
+  if _TRAINER_MESH.value:
+    m_data, m_fsdp, m_zero1, m_seq = map(int, _TRAINER_MESH.value.split(","))
+    mesh_flags = [f"--config.mesh.data={m_data}", f"--config.mesh.fsdp={m_fsdp}",
+                  f"--config.mesh.zero1={bool(m_zero1)}", f"--config.mesh.seq={m_seq}"]
+    rows = m_data * m_fsdp
+    mesh_name = f"data={m_data},fsdp={m_fsdp},zero1={m_zero1},seq={m_seq}"
+  else:
+    mesh_flags, rows, mesh_name = [f"--config.mesh.fsdp={n}"], n, f"fsdp={n}"
   cmd = [sys.executable, "-m", "ma2mba_jax.main", "--config=configs/stage2.py",
          f"--workdir={os.path.join(work, 'run')}", f"--config.data.synthetic_dir={data}",
-         f"--config.model.preset={_PRESET.value}", f"--config.mesh.fsdp={n}",
-         "--config.train.steps=3", f"--config.optim.global_batch={n}",
+         f"--config.model.preset={_PRESET.value}", *mesh_flags,
+         "--config.train.steps=3", f"--config.optim.global_batch={rows}",
          "--config.data.num_workers=4", "--config.remat.l=64", "--config.remat.s=16384",
          "--config.remat.cell_saves=layers", "--config.remat.offload=sequence",
          f"--config.data.max_tokens={_TRAINER_TOKENS.value}",
@@ -106,7 +135,7 @@ def trainer_row(work: str, clock: Clock, limit: int) -> dict:
   rc, out, wall = _run(cmd, min(limit, clock.left()), _env())
   steps = [(int(s), float(loss)) for s, loss in _STEP_LINE.findall(out)]
   times = [float(t) for t in _STEP_TIME.findall(out)]
-  row = {"part": "trainer", "mesh": f"fsdp={n}", "devices": n, "T": _TRAINER_TOKENS.value,
+  row = {"part": "trainer", "mesh": mesh_name, "devices": n, "T": _TRAINER_TOKENS.value,
          "frames": _TRAINER_FRAMES.value, "steps_done": len(steps), "wall_s": wall,
          "command": " ".join(cmd[1:])}
   if steps:
@@ -131,18 +160,42 @@ def bench_row(mesh: str, tokens: int, clock: Clock, limit: int, extra: list[str]
   path = os.path.join(tempfile.mkdtemp(), "row.json")
   cmd = [sys.executable, "-m", "ma2mba_jax.bench.train", f"--preset={_PRESET.value}",
          f"--lengths={tokens}", f"--mesh={mesh}", "--steps=3", f"--json={path}",
-         f"--timeout={max(1, min(limit, clock.left()) - 5)}", *extra]
+         f"--timeout={max(1, min(limit, clock.left()) - 5)}", *extra, *_BENCH_EXTRA.value]
   env = _env(**({"CUDA_VISIBLE_DEVICES": visible} if visible is not None else {}))
   rc, out, wall = _run(cmd, min(limit, clock.left()), env)
   row = {"part": "train_step", "mesh": mesh, "T": tokens, "wall_s": wall,
          "command": ("CUDA_VISIBLE_DEVICES=" + visible + " " if visible else "") +
-                    " ".join(cmd[1:-2])}
+                    " ".join(c for c in cmd[1:]
+                             if not c.startswith(("--json=", "--timeout=")))}
   if os.path.isfile(path):
     with open(path) as f:
       row.update(json.load(f)["rows"][0])
   elif rc != 0:
     row["error"] = f"rc {rc}: " + out[-300:].replace("\n", " | ")
   return row
+
+
+def longest_row(mesh: str, visible: str | None, clock: Clock) -> dict:
+  """The longest of --seq_lengths whose train step runs with this mesh (tried in order,
+  stopping at the first failure); the row of that length, with `longest_T`."""
+  n_seq = int(mesh.split(",")[3])
+  best = {"part": "longest", "mesh": mesh, "longest_T": 0}
+  for tokens in map(int, _SEQ_LENGTHS.value):
+    if clock.left() < 60:
+      best.setdefault("error", f"stopped: {clock.left()}s left before T={tokens}")
+      break
+    if n_seq > 1:
+      remat = ["--policy=magc", f"--l={_SEQ_L.value}", f"--s={-(-tokens // n_seq)}",
+               "--cell_saves=layers"]
+    else:
+      remat = list(_ONE_GPU_REMAT.value)
+    row = bench_row(mesh, tokens, clock, _SEQ_ROW_S.value, remat, visible)
+    print(row, flush=True)
+    if row.get("error") or "step_s" not in row:
+      best["failed_at"] = f"T={tokens}: {str(row.get('error', 'no step time'))[:120]}"
+      break
+    best.update({k: v for k, v in row.items() if k != "part"}, longest_T=tokens)
+  return best
 
 
 def main(argv):
@@ -154,7 +207,8 @@ def main(argv):
   if "trainer" in _PARTS.value:
     rows.append(trainer_row(work, clock, limit=int(_BUDGET.value * 0.40)))
     print(rows[-1], flush=True)
-  meshes = [{"zero1": f"{n},1,1", "dp": f"{n},1,0"}[m] for m in _DP_MESHES.value]
+  meshes = [{"zero1": f"{n},1,1", "dp": f"{n},1,0", "seq": f"1,1,0,{n}"}[m]
+            for m in _DP_MESHES.value]
   one = {}
   if "dp" in _PARTS.value:
     one = bench_row("1,1,0", _TOKENS.value, clock, 140, [], visible="0")
@@ -178,9 +232,14 @@ def main(argv):
   elif _LONG.value:
     rows.append({"part": "train_step", "mesh": f"1,{n},0", "T": _LONG.value,
                  "error": f"not run: {clock.left()}s left"})
+  if "seq" in _PARTS.value:
+    choices = {"one": ("1,1,0,1", "0"), "seq": (f"1,1,0,{n}", None)}
+    for mesh, visible in (choices[m] for m in _SEQ_MESHES.value):
+      rows.append(longest_row(mesh, visible, clock))
+      print(rows[-1], flush=True)
   print()
   print("GPUs:", "; ".join(gpu_names()))
-  columns = ["part", "mesh", "T", "frames", "steps_done", "step_s", "tokens_per_s",
+  columns = ["part", "mesh", "T", "longest_T", "frames", "steps_done", "step_s", "tokens_per_s",
              "tokens_per_s_per_device", "vs_1_gpu", "peak_GB", "params_GB_per_device",
              "opt_GB_per_device", "loss", "wall_s", "error"]
   widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}

@@ -9,17 +9,19 @@ length runs in a fresh process (the allocator's peak cannot be reset); OOM is a 
 Reports step time, tokens/s and peak device memory (everything: weights, gradients,
 optimizer state and activations).
 
-Several GPUs: `--mesh=data,fsdp,zero1` (train/sharding.py's layouts) runs one sequence per
-device (data x fsdp rows) and reports tokens/s per device and the highest peak of any device:
+Several GPUs: `--mesh=data,fsdp,zero1[,seq]` (train/sharding.py's layouts) runs one
+sequence per data x fsdp row, each split over `seq` devices, and reports tokens/s per device
+and the highest peak of any device:
 
   python -m ma2mba_jax.bench.train --preset=3.1b --lengths=16384 --mesh=2,1,1   # ZeRO-1
+  python -m ma2mba_jax.bench.train --preset=3.1b --lengths=1048576 --mesh=1,1,0,4 \
+      --l=8 --s=262144 --cell_saves=layers       # one sequence over 4 GPUs (MA-GC: s = T/4)
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 import types
 
 from absl import app, flags
@@ -32,18 +34,29 @@ _L = flags.DEFINE_string("l", "auto", "MA-GC layers per group (or auto).")
 _S = flags.DEFINE_string("s", "auto", "MA-GC tokens per time block (or auto).")
 _OFFLOAD = flags.DEFINE_enum("offload", "none", ["none", "sequence", "all"],
                              "Checkpoints kept in host memory (remat/cells.py).")
-_TEXT_EVERY = flags.DEFINE_integer("text_every", 4, "A 32-token caption after every N frames.")
+_TEXT_EVERY = flags.DEFINE_integer("text_every", 4, "A 32-token caption after every N frames "
+                                   "(0: text only, the LM backbone's step).")
 _JSON = flags.DEFINE_string("json", None, "Write results here.")
 _CHILD = flags.DEFINE_integer("child", 0, "Internal: run one length and print JSON.")
 _TIMEOUT = flags.DEFINE_integer("timeout", 600, "Seconds per length.")
-_MESH = flags.DEFINE_string("mesh", "1,1,0", "data,fsdp,zero1: one row per device.")
+_MESH = flags.DEFINE_string("mesh", "1,1,0", "data,fsdp,zero1[,seq]: one row per data x fsdp "
+                            "device group, its tokens split over seq devices.")
 _STEPS = flags.DEFINE_integer("steps", 2, "Timed steps after the compile; the last is reported.")
 
 
 def synthetic_batch(seqlen: int, k: int, image_size: int, vocab: int, text_every: int):
-  """One row: blocks of `text_every` frames (K tokens each) and a 32-token caption."""
+  """One row: blocks of `text_every` frames (K tokens each) and a 32-token caption;
+  text_every=0: text only, every token a target (the LM backbone's step: one masked frame,
+  which the encoder skips)."""
   import numpy as np
   rng = np.random.default_rng(0)
+  if text_every == 0:
+    return dict(tokens=rng.integers(10, vocab, (1, seqlen)).astype(np.int32),
+                loss_mask=np.ones((1, seqlen), bool),
+                vision_index=np.full((1, seqlen), -1, np.int32),
+                segment_ids=np.ones((1, seqlen), np.int32),
+                frames=np.zeros((1, 1, image_size, image_size, 3), np.uint8),
+                frame_mask=np.zeros((1, 1), bool)), 0
   block = text_every * k + 32
   n_frames = (seqlen // block) * text_every
   tokens = rng.integers(10, vocab, (1, seqlen)).astype(np.int32)
@@ -78,14 +91,14 @@ def run_one(seqlen: int) -> dict:
   remat = types.SimpleNamespace(policy=_POLICY.value, l=_L.value, s=_S.value,
                                 cell_saves=_CELL_SAVES.value, save_names=(),
                                 offload=_OFFLOAD.value)
-  data, fsdp, zero1 = map(int, _MESH.value.split(","))
-  n_dev = data * fsdp
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": data, "fsdp": fsdp}),
+  data, fsdp, zero1, seq = (list(map(int, _MESH.value.split(","))) + [1])[:4]
+  n_dev, n_rows = data * fsdp * seq, data * fsdp
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "seq": seq}),
                             jax.devices()[:n_dev])
   row = {"preset": _PRESET.value, "T": seqlen, "policy": _POLICY.value,
          "offload": _OFFLOAD.value, "mesh": _MESH.value, "devices": n_dev}
   if remat.policy == "magc":
-    remat.l, remat.s, _ = magc.resolve(remat, cfg.llm_config, seqlen)
+    remat.l, remat.s, _ = magc.resolve(remat, cfg.llm_config, -(-seqlen // seq))
     row.update(l=remat.l, s=remat.s)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: VideoMa2mba(cfg, rngs=nnx.Rngs(0))),
                                  nnx.Param)
@@ -107,26 +120,25 @@ def run_one(seqlen: int) -> dict:
       rng=jax.random.key(0)), state_shardings)
   batch, n_frames = synthetic_batch(seqlen, cfg.tokens_per_frame, cfg.image_size,
                                     cfg.llm_config.vocab_size, _TEXT_EVERY.value)
-  batch = sharding.shard_batch(mesh, {k: np.repeat(v, n_dev, axis=0) for k, v in batch.items()})
+  batch = sharding.shard_batch(mesh, {k: np.repeat(v, n_rows, axis=0) for k, v in batch.items()})
   row["frames"] = n_frames
   step = jax.jit(make_train_step(graphdef, optimizer, remat, n_micro=1, mesh=mesh),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  metrics = None
+
+  def one_step():
+    nonlocal state, metrics
+    state, metrics = compiled(state, batch)
+    return metrics
+
   try:
     compiled = step.lower(state, batch).compile()
-    times = []
-    for _ in range(_STEPS.value):
-      start = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
+    times = common.time_steps(one_step, _STEPS.value)
   except Exception as err:  # noqa: BLE001 - an OOM is a result
-    if not common.is_oom(err):
-      raise
-    row["error"] = "OOM"
-    return row
+    return common.oom_row(err, row)
   row["step_s"] = times[-1]
-  row["tokens_per_s"] = n_dev * seqlen / times[-1]
-  row["tokens_per_s_per_device"] = seqlen / times[-1]
+  row["tokens_per_s"] = n_rows * seqlen / times[-1]
+  row["tokens_per_s_per_device"] = n_rows * seqlen / times[-1] / n_dev
   row["loss"] = float(metrics["loss"])
   peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in mesh.devices.flat]
   if all(p is not None for p in peaks):
