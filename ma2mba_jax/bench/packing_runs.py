@@ -63,6 +63,8 @@ def summary(run: dict, target_loss: float) -> dict:
   """What `compare` prints for a run: final figures and when it reached `target_loss`."""
   last_train, last_eval = run["train"][-1], run["evals"][-1]
   reached = next((r for r in run["evals"] if r["val_loss"] <= target_loss), None)
+  if reached is not None:  # the training record of that step (before evaluating, saving)
+    reached = next((r for r in run["train"] if r["step"] == reached["step"]), reached)
   first = run["train"][0]
   return dict(
       packing=bool(run["config"]["data"]["packing"]),
