@@ -100,6 +100,13 @@ def get_base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.optim.global_batch = 32
   # Examples per device per forward/backward; global_batch / (devices * this) = grad accum.
   c.optim.micro_batch = 1
+  # Adam moments' storage dtype: float32 | bfloat16 (half the bytes; the update is computed
+  # in float32). bfloat16 needs 1 - b1 and 1 - b2 >= 2^-8 (train/optim.py).
+  c.optim.moments_dtype = "float32"
+  # Where the optimizer state lives between steps: device | host (pinned host memory, moved
+  # to the device for the update) | auto (with the measuring MA-GC planner: host when the
+  # fastest setting that fits needs the room; else device. train/trainer.py resolved_memory).
+  c.optim.state_memory = "auto"
 
   c.remat = ml_collections.ConfigDict()
   # none | layer | sqrt | magc (multi-axis: l layers x s tokens).
@@ -151,6 +158,9 @@ def get_base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   # -1 takes all devices left over.
   c.mesh.data = -1
   c.mesh.fsdp = 1
+  # Sequence parallel: each sample's tokens split over this many devices (train/sequence.py;
+  # MA-GC then needs remat.s >= max_tokens / seq).
+  c.mesh.seq = 1
   # ZeRO-1 (the paper's layout): optimizer state also sharded over `data`, params replicated.
   c.mesh.zero1 = False
 

@@ -13,6 +13,7 @@ from ma2mba_jax.models.video_presets import VIDEO_PRESETS
 from ma2mba_jax.remat.cells import CELL_SAVES, OFFLOAD_CHOICES
 from ma2mba_jax.remat.measure import PLANNERS
 from ma2mba_jax.remat.policies import POLICIES
+from ma2mba_jax.train import optim
 from ma2mba_jax.train.errors import ConfigError
 
 
@@ -58,6 +59,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in ("lr_llm", "lr_vision", "lr_projector", "weight_decay"):
     if c.optim[name] < 0:
       raise ConfigError(f"config.optim.{name}={c.optim[name]} must be >= 0")
+  try:
+    optim.check_memory_options(c.optim)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if not 0 <= c.optim.warmup_frac < 1:
     raise ConfigError(f"config.optim.warmup_frac={c.optim.warmup_frac} must be in [0, 1)")
   if c.train.steps < 1:
@@ -67,6 +72,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for name in ("data", "fsdp"):
     if c.mesh[name] != -1 and c.mesh[name] < 1:
       raise ConfigError(f"config.mesh.{name}={c.mesh[name]} must be >= 1 (or -1: the rest)")
+  _at_least("mesh.seq", c.mesh.get("seq", 1), 1)
   _one_of("mesh.zero1", c.mesh.get("zero1", False), (False, True))
   _at_least("ckpt.every_steps", c.ckpt.every_steps, 1)
   # 0 would delete every checkpoint right after saving it: a rerun would start from step 0.

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 import types
 from typing import Any
 
@@ -125,9 +126,12 @@ def data_settings(config: ml_collections.ConfigDict, model_cfg: Any) -> dict[str
 
 
 def _training_state_bytes(config: ml_collections.ConfigDict, model_cfg: Any,
-                          mesh: jax.sharding.Mesh) -> dict[str, float]:
+                          mesh: jax.sharding.Mesh, state_memory: str = "device"
+                          ) -> dict[str, float]:
   """Bytes per device of weights, gradients and optimizer state (the fixed part of the MA-GC
-  activation budget), from shapes only, after this mesh's sharding (FSDP, ZeRO-1)."""
+  activation budget), from shapes only, after this mesh's sharding (FSDP, ZeRO-1), with the
+  moments in optim.moments_dtype. With state_memory='host' the optimizer state is on the
+  device only during the update, after the activations are freed: it takes none of it."""
   abstract = nnx.eval_shape(lambda: VideoMa2mba(model_cfg, rngs=nnx.Rngs(0)))
   params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   trainable, _ = _split_groups(params, optim.trainable_groups(config.optim))
@@ -135,15 +139,18 @@ def _training_state_bytes(config: ml_collections.ConfigDict, model_cfg: Any,
   opt_state = jax.eval_shape(optimizer.init, trainable)
   fsdp = mesh.shape["fsdp"]
   opt_split = fsdp * (mesh.shape["data"] if config.mesh.zero1 else 1)
-  n_micro = config.optim.global_batch // (config.optim.micro_batch * mesh.devices.size)
+  n_micro = config.optim.global_batch // (config.optim.micro_batch
+                                          * sharding.batch_shards(mesh))
   grad_copies = 2 if n_micro > 1 else 1  # the step's accumulator beside one micro-batch's
+  on_device = state_memory != "host"
   return dict(weight_bytes=measure.tree_bytes(params) / fsdp,
               grad_bytes=grad_copies * measure.tree_bytes(trainable) / fsdp,
-              opt_state_bytes=measure.tree_bytes(opt_state) / opt_split)
+              opt_state_bytes=on_device * measure.tree_bytes(opt_state) / opt_split)
 
 
 def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any,
-                   mesh: jax.sharding.Mesh | None = None) -> types.SimpleNamespace:
+                   mesh: jax.sharding.Mesh | None = None, state_memory: str | None = None,
+                   cache: measure.CompileCache | None = None) -> types.SimpleNamespace:
   """config.remat with MA-GC's l/s (and, with planner=measure, cell_saves/offload 'auto')
   turned into concrete values for this length.
 
@@ -151,9 +158,17 @@ def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any,
   fits the device after weights, gradients and optimizer state (remat/measure.py); with no
   device memory known (CPU) and no remat.budget_gb it takes the paper model's choice.
   planner=model minimises the paper's memory model (remat/planner.py).
+  state_memory: where the optimizer state lives ('device' or 'host'; default
+  config.optim.state_memory, 'auto' counted as 'device'); cache: compiled measurements to
+  reuse (resolved_memory plans twice).
   """
+  if state_memory is None:
+    state_memory = config.optim.get("state_memory", "device")
   remat_cfg = types.SimpleNamespace(**config.remat.to_dict())
-  measured = remat_cfg.policy == "magc" and getattr(remat_cfg, "planner", "measure") == "measure"
+  n_seq = check_sequence_remat(config, model_cfg)
+  # With a seq axis MA-GC runs one time block per piece: l comes from the memory model.
+  measured = (remat_cfg.policy == "magc" and n_seq == 1
+              and getattr(remat_cfg, "planner", "measure") == "measure")
   if not measured:  # 'auto' is the measuring planner's to resolve; otherwise the defaults
     remat_cfg.cell_saves = "nothing" if remat_cfg.cell_saves == "auto" else remat_cfg.cell_saves
     remat_cfg.offload = "none" if getattr(remat_cfg, "offload", "none") == "auto" else (
@@ -162,10 +177,12 @@ def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any,
     return remat_cfg
   if measured:
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-    budget = measure.training_budget_bytes(**_training_state_bytes(config, model_cfg, mesh),
-                                           budget_gb=remat_cfg.budget_gb)
+    budget = measure.training_budget_bytes(
+        **_training_state_bytes(config, model_cfg, mesh, state_memory),
+        budget_gb=remat_cfg.budget_gb)
     result = measure.plan(model_cfg.llm_config, config.data.max_tokens, remat_cfg,
-                          budget_bytes=budget, batch=config.optim.micro_batch, show=False)
+                          budget_bytes=budget, batch=config.optim.micro_batch, show=False,
+                          cache=cache)
     c = result.choice
     remat_cfg.l, remat_cfg.s = c.l, c.s
     remat_cfg.cell_saves, remat_cfg.offload = c.cell_saves, c.offload
@@ -174,12 +191,79 @@ def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any,
     return remat_cfg
   budget = None if remat_cfg.budget_gb is None else remat_cfg.budget_gb * 1e9
   itemsize = jnp.dtype(config.model.compute_dtype).itemsize
-  l, s, predicted = magc.resolve(remat_cfg, model_cfg.llm_config, config.data.max_tokens,
+  l, s, predicted = magc.resolve(remat_cfg, model_cfg.llm_config,
+                                 -(-config.data.max_tokens // n_seq),
                                  bytes_per_element=itemsize, budget_bytes=budget)
   remat_cfg.l, remat_cfg.s = l, s
   logging.info("MA-GC: l=%d layers x s=%d tokens per cell; memory model predicts %.2f GB "
                "of activations per sequence", l, s, predicted / 1e9)
   return remat_cfg
+
+
+def check_sequence_remat(config: ml_collections.ConfigDict, model_cfg: Any) -> int:
+  """config.mesh.seq (1: no sequence axis), after checking that the remat settings can run
+  on its pieces: MA-GC's time blocks may not split a piece (train/sequence.py)."""
+  n_seq = config.mesh.get("seq", 1)
+  if n_seq == 1:
+    return 1
+  piece = -(-config.data.max_tokens // n_seq)
+  if piece < model_cfg.llm_config.d_conv - 1:
+    raise ConfigError(f"config.mesh.seq={n_seq}: pieces of {piece} tokens (config.data."
+                      f"max_tokens={config.data.max_tokens}) are shorter than the conv's "
+                      f"{model_cfg.llm_config.d_conv - 1}-token halo")
+  s = config.remat.s
+  if config.remat.policy == "magc" and (s == "auto" or int(s) < piece):
+    chunk = model_cfg.llm_config.chunk_len
+    raise ConfigError(
+        f"config.remat.policy='magc' with config.remat.s={s!r} cannot split the "
+        f"config.mesh.seq={n_seq} pieces of {piece} tokens into time blocks yet: set "
+        f"config.remat.s={-(-piece // chunk) * chunk} (one block per piece) or "
+        f"config.remat.policy=layer")
+  return n_seq
+
+
+# The measuring planner's compiles, kept for this process (a second plan for the same
+# shapes, e.g. with the optimizer state in host memory, compiles nothing again).
+PLAN_CACHE = measure.CompileCache()
+
+
+def resolved_memory(config: ml_collections.ConfigDict, model_cfg: Any,
+                    mesh: jax.sharding.Mesh | None = None
+                    ) -> tuple[types.SimpleNamespace, str]:
+  """(resolved remat settings, where the optimizer state lives: 'device' or 'host').
+
+  optim.state_memory='auto' with the measuring MA-GC planner: the fastest MA-GC setting that
+  fits beside weights and gradients with the optimizer state in host memory (the most room
+  for activations); the state then stays on the device if that setting also fits with it
+  there, else it goes to the host. The state's trip over PCIe (twice its bytes a step) costs
+  less than a slower remat setting would. Without a measured plan (other policies,
+  planner=model, an explicit remat.budget_gb, no known device memory) 'auto' is 'device'.
+  """
+  state_memory = config.optim.get("state_memory", "device")
+  if state_memory != "auto":
+    return resolved_remat(config, model_cfg, mesh, state_memory), state_memory
+  measured = (config.remat.policy == "magc" and config.remat.get("planner", "measure")
+              == "measure" and config.remat.budget_gb is None
+              and config.mesh.get("seq", 1) == 1
+              and measure.device_memory_bytes() is not None)
+  if not measured:
+    return resolved_remat(config, model_cfg, mesh, "device"), "device"
+  remat_cfg = resolved_remat(config, model_cfg, mesh, "host", PLAN_CACHE)
+  mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+  chosen = measure.Candidate(remat_cfg.l, remat_cfg.s, remat_cfg.cell_saves, remat_cfg.offload)
+  (needed,) = measure.measure(model_cfg.llm_config, config.optim.micro_batch,
+                              config.data.max_tokens, [chosen],
+                              save_names=tuple(remat_cfg.save_names), cache=PLAN_CACHE)
+  try:
+    budget = measure.training_budget_bytes(
+        **_training_state_bytes(config, model_cfg, mesh, "device"))
+  except measure.NoPlanFitsError:   # the state alone leaves nothing for activations
+    budget = 0.0
+  where = "device" if needed.device_bytes <= budget else "host"
+  logging.info("optim.state_memory=auto: %s (the chosen MA-GC setting needs %.2f GB; with "
+               "the optimizer state on the device %.2f GB are left)", where,
+               needed.device_bytes / measure.GB, budget / measure.GB)
+  return remat_cfg, where
 
 
 # --------------------------------------------------------------------------- inputs
@@ -193,6 +277,7 @@ class RunInputs:
   model_cfg: Any
   remat_cfg: types.SimpleNamespace
   mesh: jax.sharding.Mesh
+  opt_state_memory: str        # 'device' or 'host' (optim.state_memory, 'auto' resolved)
   n_micro: int                 # micro-batches per optimizer step (gradient accumulation)
   groups: tuple[str, ...]      # trainable parameter groups
   train_data: Any              # Grain IterDataset of the train split (index built)
@@ -216,7 +301,7 @@ def val_pipeline(config, model_cfg, tokenizer, mesh):
   if VAL_SPLIT not in settings["sources"]:
     logging.info("no '%s' split in the data sources: no validation loss", VAL_SPLIT)
     return None
-  settings["batch_size"] = max(1, config.optim.micro_batch * mesh.devices.size
+  settings["batch_size"] = max(1, config.optim.micro_batch * sharding.batch_shards(mesh)
                                // jax.process_count())
   return _pipeline(settings, tokenizer, VAL_SPLIT)
 
@@ -234,10 +319,11 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str) -> RunInputs:
                              add_missing=config.data.add_special_tokens)
   model_cfg = build_model_config(config, vocab_size(tokenizer))
   mesh = sharding.make_mesh(config.mesh)
-  rows_per_micro = config.optim.micro_batch * mesh.devices.size
+  # Rows split over data x fsdp; a `seq` axis splits each row's tokens instead.
+  rows_per_micro = config.optim.micro_batch * sharding.batch_shards(mesh)
   if config.optim.global_batch % rows_per_micro:
     raise ConfigError(f"config.optim.global_batch={config.optim.global_batch} must be a "
-                      f"multiple of micro_batch x devices = {rows_per_micro}")
+                      f"multiple of micro_batch x data x fsdp = {rows_per_micro}")
   if checkpoint.latest_saved_step(workdir) is None:  # read only when starting afresh
     workdir_lib.check_init_from(config.init_from)
     for group, path in pretrained.pretrained_dirs(config).items():
@@ -246,9 +332,9 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str) -> RunInputs:
   train_data = _pipeline(data_settings(config, model_cfg), tokenizer, "train")
   val_data = (val_pipeline(config, model_cfg, tokenizer, mesh)
               if config.eval.batches > 0 else None)
-  remat_cfg = resolved_remat(config, model_cfg, mesh)
+  remat_cfg, opt_state_memory = resolved_memory(config, model_cfg, mesh)
   return RunInputs(config=config, tokenizer=tokenizer, model_cfg=model_cfg,
-                   remat_cfg=remat_cfg, mesh=mesh,
+                   remat_cfg=remat_cfg, mesh=mesh, opt_state_memory=opt_state_memory,
                    n_micro=config.optim.global_batch // rows_per_micro, groups=groups,
                    train_data=train_data, val_data=val_data)
 
@@ -291,6 +377,10 @@ def model_layout(run: RunInputs) -> ModelLayout:
   optimizer = optim.make_optimizer(config.optim, config.train.steps, abstract_trainable)
   abstract_opt = jax.eval_shape(optimizer.init, abstract_trainable)
   opt_shardings = sharding.opt_shardings(mesh, abstract_opt, zero1=config.mesh.zero1)
+  # optim.state_memory: the state's arrays in pinned host memory, moved for the update.
+  optimizer = optim.with_state_memory(optimizer, opt_shardings, run.opt_state_memory)
+  if run.opt_state_memory == "host":
+    opt_shardings = optim.host_shardings(opt_shardings)
   n_trainable = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_trainable))
   n_total = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_params))
   logging.info("model %s: %s parameters, %s trainable (%s)", run.model_cfg.name,
@@ -410,8 +500,9 @@ class _LossWatch:
 
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  # Host-memory leaves (optim.state_memory='host') are brought over to be read.
+  leaves = [jnp.all(jnp.isfinite(jax.device_put(x, jax.memory.Space.Device)))
+            for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
@@ -450,9 +541,35 @@ def _non_finite_message(config, bad: _NotFinite, ckpt: checkpoint.Checkpointer,
 # --------------------------------------------------------------------------- the loop
 
 
+class _RunClock:
+  """What every logged record carries beside its step (issue 17's packed/unpacked
+  comparisons): wall_s, seconds since this process started the stage (input checks and
+  compiles included); eval_s, the part of it spent in validation; examples, training
+  examples placed in batches so far (several a row with packing; restored on resume)."""
+
+  def __init__(self, data_iter: Any, started: float):
+    self.started = started
+    self.eval_s = 0.0
+    self._data_iter = data_iter
+
+  def scalars(self) -> dict[str, float]:
+    out = {"wall_s": time.perf_counter() - self.started, "eval_s": self.eval_s}
+    stats = getattr(self._data_iter, "stats", None)
+    if stats is not None:
+      out["examples"] = float(stats["examples"])
+    return out
+
+  def evaluate(self, evaluator: Evaluator, state: TrainState) -> dict:
+    began = time.perf_counter()
+    scalars = evaluator(state)
+    self.eval_s += time.perf_counter() - began
+    return scalars
+
+
 def _train_loop(run: RunInputs, state: TrainState, train_step, start: int,
                 ckpt: checkpoint.Checkpointer, data_iter: Any, evaluator: Evaluator | None,
-                writer: metrics_lib.MetricWriter, workdir: str) -> tuple[TrainState, dict]:
+                writer: metrics_lib.MetricWriter, workdir: str,
+                clock: _RunClock) -> tuple[TrainState, dict]:
   """Trains from step `start` to train.steps (or train.stop_at_step); returns the state and
   the last logged metrics."""
   config, mesh = run.config, run.mesh
@@ -481,10 +598,10 @@ def _train_loop(run: RunInputs, state: TrainState, train_step, start: int,
         progress.start(done)
       if done % config.train.log_every == 0 or done == total_steps:
         watch.flush()
-        last = _log_step(config, writer, progress, done, step_metrics)
+        last = _log_step(config, writer, progress, done, step_metrics, clock)
       if evaluator is not None and config.eval.every_steps and (
           done % config.eval.every_steps == 0):
-        last.update(_log_eval(config, writer, done, evaluator(state)))
+        last.update(_log_eval(config, writer, done, clock.evaluate(evaluator, state), clock))
       if done % config.ckpt.every_steps == 0 or done in (total_steps, stop):
         watch.flush()
         _check_state_finite(state, done)
@@ -497,19 +614,22 @@ def _train_loop(run: RunInputs, state: TrainState, train_step, start: int,
   return state, last
 
 
-def _log_step(config, writer, progress, done: int, step_metrics: dict) -> dict:
+def _log_step(config, writer, progress, done: int, step_metrics: dict,
+              clock: _RunClock) -> dict:
   total_steps = config.train.steps
   scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
   scalars.update({f"lr/{g}": lr for g, lr in
                   optim.learning_rates(config.optim, total_steps, done).items()})
   scalars.update(progress.report(done))
+  scalars.update(clock.scalars())
   writer.write(done, scalars)
   print(metrics_lib.format_line(config.stage, done, total_steps, scalars), flush=True)
   return scalars
 
 
-def _log_eval(config, writer, done: int, scalars: dict) -> dict:
+def _log_eval(config, writer, done: int, scalars: dict, clock: _RunClock) -> dict:
   if scalars:
+    scalars = {**scalars, **clock.scalars()}
     writer.write(done, scalars)
     print(f"[stage {config.stage}] step {done}: validation loss {scalars['val_loss']:.4f} "
           f"over {scalars['val_tokens']:.0f} target tokens", flush=True)
@@ -526,7 +646,7 @@ class Evaluator:
   def __init__(self, dataset: Any, batches: int, graphdef: nnx.GraphDef, remat_cfg: Any,
                mesh: jax.sharding.Mesh, packed: bool = False):
     self._dataset, self._batches, self._mesh = dataset, batches, mesh
-    self._eval_step = jax.jit(make_eval_step(graphdef, remat_cfg, packed=packed))
+    self._eval_step = jax.jit(make_eval_step(graphdef, remat_cfg, packed=packed, mesh=mesh))
 
   def __call__(self, state: TrainState) -> dict:
     total, count = 0.0, 0.0
@@ -587,6 +707,7 @@ def _mark_exported(workdir: str, step: int) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the stage described by `config` in `workdir`; returns the last
   logged metrics."""
+  started = time.perf_counter()
   run = check_inputs(config, workdir)
   if jax.process_index() == 0:
     workdir_lib.remember(config, workdir)   # the first write
@@ -599,6 +720,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return {}
   layout = model_layout(run)
   data_iter = iter(run.train_data)
+  clock = _RunClock(data_iter, started)
   ckpt = checkpoint.Checkpointer(workdir, config.ckpt)
   writer = None
   try:
@@ -609,7 +731,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  if run.val_data is not None else None)
     writer = metrics_lib.MetricWriter(workdir, stage=config.stage)
     state, last = _train_loop(run, state, train_step, start, ckpt, data_iter, evaluator,
-                              writer, workdir)
+                              writer, workdir, clock)
     finished = int(jax.device_get(state.step))
     if finished < total_steps:
       print(f"[stage {config.stage}] stopped at step {finished} of {total_steps} "
@@ -617,7 +739,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       return last
     evaluated_now = config.eval.every_steps and finished % config.eval.every_steps == 0
     if evaluator is not None and not evaluated_now:
-      last.update(_log_eval(config, writer, finished, evaluator(state)))
+      last.update(_log_eval(config, writer, finished, clock.evaluate(evaluator, state), clock))
   finally:
     ckpt.close()
     if writer is not None:

@@ -34,7 +34,8 @@ INIT_FROM_EXPORT = "init_from"
 # Fields a resumed run may change: they do not change what the run computes (or only its
 # speed and memory). A section name covers all its fields.
 FREE_FIELDS = ("train.log_every", "train.stop_at_step", "train.allow_changes", "ckpt", "eval",
-               "remat", "mesh", "model.ssd_impl", "model.frames_per_microbatch",
+               "remat", "mesh", "optim.state_memory", "model.ssd_impl",
+               "model.frames_per_microbatch",
                "data.worker_buffer_size", "data.validate_media")
 GROWING_FIELDS = ("train.steps",)
 
