@@ -150,10 +150,25 @@ def _layer_options(n_layers: int, l0: int) -> list[int]:
 
 
 def _block_options(seqlen: int, chunk: int, s0: int) -> list[int]:
-  """s0, 2*s0, s0/2 and 4*s0, as multiples of the chunk no longer than the sequence needs."""
+# A block that divides T is preferred within this factor of the wanted size: a last, shorter
+# block runs outside the time scan with its own group-sized gradient buffers (H100, 2.7B at
+# 2^19, l=64, layers/sequence: s=8192 measured 33.7 GB, s=9216 51.9 GB; BENCHMARKS.md).
+DIVISOR_BLOCK_FACTOR = 1.5
+
+
+  """Blocks near s0, 2*s0, s0/2 and 4*s0: multiples of the chunk no longer than the sequence
+  needs, the nearest that divides the sequence when one is within DIVISOR_BLOCK_FACTOR."""
   top = max(chunk, math.ceil(seqlen / chunk) * chunk)
-  fit = lambda x: min(top, max(chunk, round(x / chunk) * chunk))
-  return list(dict.fromkeys([s0, fit(2 * s0), fit(s0 / 2), fit(4 * s0)]))
+  dividing = [d * chunk for d in _divisors(seqlen // chunk)] if seqlen % chunk == 0 else []
+
+  def fit(x):
+    nearest = min(top, max(chunk, round(x / chunk) * chunk))
+    if dividing:
+      best = min(dividing, key=lambda d: abs(math.log(d / x)))
+      if abs(math.log(best / x)) <= math.log(DIVISOR_BLOCK_FACTOR):
+        return best
+    return nearest
+  return list(dict.fromkeys([fit(s0), fit(2 * s0), fit(s0 / 2), fit(4 * s0)]))
 
 
 def _explicit(value: Any, field: str) -> int | None:

@@ -80,8 +80,15 @@ def fastest_fitting(rows, budget):
 def test_candidates_are_a_small_grid_around_the_model_optimum():
   cands = measure.candidates(mamba2_config("2.7b"), 2**19, max_candidates=12)
   assert 1 < len(cands) <= 12 and len(set(cands)) == len(cands)
-  assert cands[0] == measure.Candidate(32, 4608)  # the paper model's optimum seeds the grid
-  assert all(64 % c.l == 0 and c.s % 256 == 0 for c in cands)
+  # The paper model's optimum (l=32, s=4608) seeds the grid; s moves to 4096, which divides
+  # T (no last, shorter block outside the time scan).
+  assert cands[0] == measure.Candidate(32, 4096)
+  assert all(64 % c.l == 0 and c.s % 256 == 0 and 2**19 % c.s == 0 for c in cands)
+  # Blocks that divide T when one is within a factor 1.5 of the wanted size, else the
+  # nearest multiple of the chunk.
+  assert measure._block_options(2**19, 256, 4608) == [4096, 8192, 2048, 16384]
+  assert measure._block_options(100_000, 256, 4608) == [4608, 9216, 2304, 18432]
+  assert measure._block_options(7 * 256, 256, 512) == [512, 1024, 256, 1792]
   both = measure.candidates(mamba2_config("2.7b"), 2**19, cell_saves="auto",
                             offload=["none", "sequence"], l="64", max_candidates=8)
   assert len(both) == 8 and {c.l for c in both} == {64}
@@ -248,7 +255,8 @@ def test_no_budget_is_the_model_choice_without_compiling(monkeypatch):
   auto = types.SimpleNamespace(l="auto", s="auto", cell_saves="nothing", offload="none")
   result = measure.plan(mamba2_config("2.7b"), 2**19, auto, budget_bytes=None, show=False)
   assert counter.compiled == []
-  assert (result.choice.l, result.choice.s) == (32, 4608)  # planner.plan_magc's optimum
+  # planner.plan_magc's optimum (32, 4608), s moved to 4096 (it divides T)
+  assert (result.choice.l, result.choice.s) == (32, 4096)
 
 
 def _cli(path, budget_bytes):
