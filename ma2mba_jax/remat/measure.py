@@ -149,13 +149,13 @@ def _layer_options(n_layers: int, l0: int) -> list[int]:
   return list(dict.fromkeys([l0] + divs[i + 1:i + 2] + [n_layers] + divs[max(0, i - 1):i]))
 
 
-def _block_options(seqlen: int, chunk: int, s0: int) -> list[int]:
 # A block that divides T is preferred within this factor of the wanted size: a last, shorter
 # block runs outside the time scan with its own group-sized gradient buffers (H100, 2.7B at
 # 2^19, l=64, layers/sequence: s=8192 measured 33.7 GB, s=9216 51.9 GB; BENCHMARKS.md).
 DIVISOR_BLOCK_FACTOR = 1.5
 
 
+def _block_options(seqlen: int, chunk: int, s0: int) -> list[int]:
   """Blocks near s0, 2*s0, s0/2 and 4*s0: multiples of the chunk no longer than the sequence
   needs, the nearest that divides the sequence when one is within DIVISOR_BLOCK_FACTOR."""
   top = max(chunk, math.ceil(seqlen / chunk) * chunk)
