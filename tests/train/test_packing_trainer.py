@@ -5,6 +5,7 @@ boundary. (On this data the tiny model's state has decayed by the next segment's
 without resets the loss moves by only ~1e-6, so the test also checks that the train and
 eval steps were traced with resets; tests/models/test_packing.py checks what they do.)"""
 
+import json
 import logging
 import os
 
@@ -61,6 +62,22 @@ def test_trainer_with_packing(demo_data, tmp_path, monkeypatch):
   assert len(traced) >= 2 and all(shape == (1, 256) for shape in traced), traced
   losses = logged(workdir)
   assert sorted(losses) == [1, 2, 3] and all(np.isfinite(v) for v in losses.values())
+  # Every record carries the examples seen (several a packed row), the wall time since the
+  # stage started and the part of it spent in validation (issue 17's comparison reads them).
+  train_batches = first_batches(c, 3)
+  per_step = [int(b["segment_ids"].max(axis=1).sum()) for b in train_batches]
+  assert max(per_step) > c.optim.global_batch  # packed: more examples than rows
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  train_records = [r for r in records if "loss" in r]
+  (eval_record,) = [r for r in records if "val_loss" in r]
+  assert [r["examples"] for r in train_records] == [per_step[0], sum(per_step[:2]),
+                                                    sum(per_step)]
+  wall = [r["wall_s"] for r in train_records]
+  assert 0 < wall[0] < wall[1] < wall[2], wall
+  assert all(r["eval_s"] == 0.0 for r in train_records)
+  assert eval_record["step"] == 3 and eval_record["examples"] == sum(per_step)
+  assert 0 < eval_record["eval_s"] <= eval_record["wall_s"] - wall[2]
 
   tokenizer = load_tokenizer(trainer.tokenizer_path(c))
   settings = trainer.data_settings(c, trainer.build_model_config(c, vocab_size(tokenizer)))
@@ -93,3 +110,68 @@ def test_trainer_with_length_buckets(demo_data, tmp_path, caplog):
   padded = logged(str(tmp_path / "buckets"), "padded_tokens_per_s")
   assert padding and all(0.0 <= v < 1.0 for v in padding.values())
   assert all(padded[s] >= real[s] for s in real)
+
+
+def _segments(batches):
+  """Each example's tokens, in the order the batches hold them (row by row)."""
+  out = []
+  for b in batches:
+    for tokens, seg in zip(b["tokens"], b["segment_ids"]):
+      out += [tokens[seg == s] for s in range(1, int(seg.max()) + 1)]
+  return out
+
+
+def test_packed_steps_see_the_unpacked_runs_examples(demo_data):
+  """bench.packing_runs.steps: a packed run of that many steps places the unpacked run's
+  examples, in the same order, and at most one step's worth more."""
+  from ma2mba_jax.bench import packing_runs
+  c = tiny_config(demo_data, module=stage3)
+  c.data.qa_per_sample = 1
+  c.data.max_tokens = 256
+  c.data.max_frames = 12
+  wanted = 3 * c.optim.global_batch                     # 3 unpacked steps
+  unpacked = _segments(first_batches(c, 3))
+  c.data.packing = True
+  steps, seen = packing_runs.packed_steps(c, wanted)
+  packed_batches = first_batches(c, steps)
+  packed = _segments(packed_batches)
+  assert steps < 3 and len(packed) == seen >= wanted    # 2-3 examples a packed row
+  assert len(_segments(packed_batches[:-1])) < wanted   # one step fewer would not do
+  for a, b in zip(unpacked, packed):
+    np.testing.assert_array_equal(a, b)
+
+
+def _write_run(path, packing, rows, records):
+  os.makedirs(path)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({"data": {"packing": packing}, "optim": {"global_batch": rows}}, f)
+  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def test_compare_reads_losses_examples_and_wall_time_without_eval(tmp_path):
+  from ma2mba_jax.bench import packing_runs
+
+  def train(step, examples, wall, eval_s):
+    return {"step": step, "loss": 1.0, "examples": examples, "wall_s": wall, "eval_s": eval_s,
+            "tokens_per_s": 10.0, "padding_frac": 0.5}
+
+  def val(step, loss, examples, wall, eval_s):
+    return {"step": step, "val_loss": loss, "val_tokens": 40.0, "examples": examples,
+            "wall_s": wall, "eval_s": eval_s}
+  _write_run(tmp_path / "u", False, 8, [
+      train(10, 80, 20.0, 0.0), val(10, 3.0, 80, 22.0, 2.0), train(20, 160, 30.0, 2.0),
+      val(20, 2.5, 160, 33.0, 3.0)])                        # a save before it
+  _write_run(tmp_path / "p", True, 3, [
+      train(9, 81, 15.0, 0.0), val(9, 2.4, 81, 16.0, 1.0), train(18, 162, 21.0, 1.0),
+      val(18, 2.45, 162, 22.0, 2.0)])
+  out = packing_runs.compare(str(tmp_path / "u"), str(tmp_path / "p"))
+  assert out["target_val_loss"] == 2.5
+  u, p = out["unpacked"], out["packed"]
+  assert (u["steps"], u["examples"], u["val_loss"], u["packing"]) == (20, 160, 2.5, False)
+  assert u["wall_s"] == 28.0 and u["loop_s"] == 8.0          # eval time left out
+  assert u["reached_step"] == 20 and u["reached_wall_s"] == 28.0
+  assert (p["steps"], p["examples"], p["rows_per_step"]) == (18, 162, 3)
+  assert p["wall_s"] == 20.0 and p["loop_s"] == 5.0
+  assert (p["reached_step"], p["reached_examples"], p["reached_wall_s"]) == (9, 81, 15.0)
+  assert "2.5000" in packing_runs.format_compare(out)
