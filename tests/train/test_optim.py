@@ -132,6 +132,10 @@ def test_state_memory_auto_goes_to_host_only_when_the_device_cannot_hold_the_pla
   fixed = trainer._training_state_bytes(c, model_cfg, mesh, "device")
   assert trainer._training_state_bytes(c, model_cfg, mesh, "host")["opt_state_bytes"] == 0
   assert fixed["opt_state_bytes"] > 0
+  c.optim.moments_dtype = "bfloat16"          # the budget counts the moments' real bytes
+  low = trainer._training_state_bytes(c, model_cfg, mesh, "device")["opt_state_bytes"]
+  c.optim.moments_dtype = "float32"
+  assert abs(low - fixed["opt_state_bytes"] / 2) < 1024   # (the step counts stay int32)
   (needed,) = measure.measure(model_cfg.llm_config, c.optim.micro_batch, c.data.max_tokens,
                               [measure.Candidate(2, 32)], cache=trainer.PLAN_CACHE)
   needed = needed.device_bytes
