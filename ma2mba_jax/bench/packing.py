@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import types
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +80,7 @@ def run(args) -> dict:
   from ma2mba_jax.data.batching import bucket_ladder
   from ma2mba_jax.models.mamba2 import Mamba2LM
   from ma2mba_jax.models.presets import mamba2_config
+  from ma2mba_jax.remat.settings import RematPolicy, RematSettings
   from ma2mba_jax.train.step import loss_sums
 
   config = mamba2_config(args.model, ssd_impl=args.ssd_impl, compute_dtype=args.compute_dtype)
@@ -91,9 +91,8 @@ def run(args) -> dict:
   examples = _examples(lengths, config.vocab_size, args.seed)
   s = min(args.time_block, args.max_tokens)
   s -= s % config.chunk_len
-  remat_cfg = types.SimpleNamespace(policy="magc", l=args.layers_per_cell or config.n_layers,
-                                    s=max(s, config.chunk_len), cell_saves="nothing",
-                                    offload="none")
+  remat_cfg = RematSettings(policy=RematPolicy.MAGC, l=args.layers_per_cell or config.n_layers,
+                            s=max(s, config.chunk_len))
   ladder = bucket_ladder(args.max_tokens, multiple=args.bucket_multiple,
                          ratio=args.bucket_ratio)
   modes = [m.strip() for m in args.modes.split(",") if m.strip()]

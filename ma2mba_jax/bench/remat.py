@@ -25,7 +25,6 @@ import math
 import statistics
 import sys
 import time
-import types
 
 from absl import app, flags
 
@@ -86,6 +85,7 @@ def run_one(policy: str, seqlen: int) -> dict:
   from ma2mba_jax.models.presets import mamba2_config
   from ma2mba_jax.remat import magc
   from ma2mba_jax.remat.lm import apply_layers_with_remat
+  from ma2mba_jax.remat.settings import RematSettings
   from ma2mba_jax.train.loss import blockwise_cross_entropy, shift_targets
 
   overrides = dict(compute_dtype=_DTYPE.value, ssd_impl=_SSD_IMPL.value)
@@ -94,9 +94,8 @@ def run_one(policy: str, seqlen: int) -> dict:
   if _N_LAYERS.value:
     overrides["n_layers"] = _N_LAYERS.value
   cfg = mamba2_config(_MODEL.value, **overrides)
-  remat_cfg = types.SimpleNamespace(policy=policy, l=_L.value, s=_S.value,
-                                    cell_saves=_CELL_SAVES.value, save_names=(),
-                                    offload=_OFFLOAD.value)
+  remat_cfg = RematSettings(policy=policy, l=_L.value, s=_S.value,
+                            cell_saves=_CELL_SAVES.value, offload=_OFFLOAD.value)
   row = {"policy": policy, "T": seqlen, "batch": _BATCH.value, "offload": _OFFLOAD.value,
          "block_impl": cfg.block_impl, "n_layers": cfg.n_layers,
          "cell_saves": _CELL_SAVES.value}
@@ -111,15 +110,15 @@ def run_one(policy: str, seqlen: int) -> dict:
     result = measure.plan(cfg, seqlen, remat_cfg, budget_bytes=budget, batch=_BATCH.value,
                           max_candidates=_MAX_CANDIDATES.value)
     choice = result.choice
-    remat_cfg.l, remat_cfg.s = choice.l, choice.s
-    remat_cfg.cell_saves, remat_cfg.offload = choice.cell_saves, choice.offload
+    remat_cfg = remat_cfg.replace(l=choice.l, s=choice.s, cell_saves=choice.cell_saves,
+                                  offload=choice.offload)
     row.update(l=choice.l, s=choice.s, cell_saves=choice.cell_saves, offload=choice.offload,
                planner="measure", budget_GB=None if budget is None else budget / 1e9,
                plan_s=time.perf_counter() - plan_start,
                plan_compiled=sum(r.measured is not None for r in result.rows))
   elif policy == "magc":
     l, s, predicted = magc.resolve(remat_cfg, cfg, seqlen, bytes_per_element=itemsize)
-    remat_cfg.l, remat_cfg.s = l, s
+    remat_cfg = remat_cfg.replace(l=l, s=s)
     row.update(l=l, s=s, predicted_GB=predicted * _BATCH.value / 1e9)
 
   graphdef, params = nnx.split(nnx.eval_shape(lambda: Mamba2LM(cfg, rngs=nnx.Rngs(0))))

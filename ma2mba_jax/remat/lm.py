@@ -4,21 +4,21 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 
 from ma2mba_jax.models.mamba2 import LayerStates, Mamba2LM, block_apply
 from ma2mba_jax.remat.policies import apply_with_remat
+from ma2mba_jax.remat.settings import RematSettings
 
 
-def apply_layers_with_remat(llm: Mamba2LM, h: jax.Array, remat_cfg: Any,
+def apply_layers_with_remat(llm: Mamba2LM, h: jax.Array, remat_cfg: RematSettings,
                             states: LayerStates | None = None,
                             reset: jax.Array | None = None) -> tuple[jax.Array, LayerStates]:
   """h [B, T, D] f32 through every layer under `remat_cfg` -> (h, final LayerStates).
 
-  remat_cfg: policy, l, s (resolved ints for magc: see remat.magc.resolve), cell_saves,
-  save_names. reset: [B, T] bool or None, True where a packed segment starts.
+  remat_cfg: resolved settings (ints l and s for magc: see remat.magc.resolve).
+  reset: [B, T] bool or None, True where a packed segment starts.
   """
   graphdef, stacked = llm.split_layers()
   if states is None:

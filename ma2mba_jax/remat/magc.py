@@ -28,10 +28,40 @@ import jax.numpy as jnp
 from ma2mba_jax.remat.cells import (cell_checkpoint, cell_layer_fn, offload_choice,
                                     scan_layers)
 from ma2mba_jax.remat.planner import MemoryConstants, magc_memory, plan_magc
+from ma2mba_jax.remat.settings import RematSettings
 
 
 def _leading(tree: Any) -> int:
   return jax.tree.leaves(tree)[0].shape[0]
+
+
+def _over_layer_groups(group_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
+                       ssm: jax.Array, group_size: int) -> tuple:
+  """group_fn(group params, h, conv, ssm) -> (h, conv, ssm) over consecutive groups of
+  `group_size` layers: a scan over the full groups, then the rest as one shorter group.
+  Returns h and every layer's final conv / ssm states ([L, ...])."""
+  n_layers = _leading(params)
+  n_full, n_rest = divmod(n_layers, group_size)
+  convs, ssms = [], []
+  if n_full:
+    def grouped(a):  # [L, ...] -> [n_full, group_size, ...]; free when group_size divides L
+      a = a if n_rest == 0 else a[:n_full * group_size]
+      return a.reshape((n_full, group_size) + a.shape[1:])
+
+    def group_step(h, group):
+      group_params, group_conv, group_ssm = group
+      h, group_conv, group_ssm = group_fn(group_params, h, group_conv, group_ssm)
+      return h, (group_conv, group_ssm)
+
+    h, (c, m) = jax.lax.scan(group_step, h, jax.tree.map(grouped, (params, conv, ssm)))
+    convs.append(c.reshape((-1,) + c.shape[2:]))
+    ssms.append(m.reshape((-1,) + m.shape[2:]))
+  if n_rest:
+    rest = lambda a: a[n_full * group_size:]
+    h, c, m = group_fn(jax.tree.map(rest, params), h, rest(conv), rest(ssm))
+    convs.append(c)
+    ssms.append(m)
+  return h, _concat(convs, axis=0), _concat(ssms, axis=0)
 
 
 def apply_layer_groups(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
@@ -43,29 +73,9 @@ def apply_layer_groups(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.
   params leaves [L, ...]; h [B, S, D]; conv [L, B, conv_dim, K-1]; ssm [L, B, H, P, N];
   reset [B, S] bool or None (packed segments).
   """
-  n_layers = _leading(params)
-  n_full, n_rest = divmod(n_layers, group_size)
   cell = checkpoint(lambda p, h, c, s, r: scan_layers(layer_fn, p, h, c, s, r))
-  convs, ssms = [], []
-
-  if n_full:
-    def grouped(a):  # [L, ...] -> [n_full, group_size, ...] (full groups only)
-      return a[:n_full * group_size].reshape((n_full, group_size) + a.shape[1:])
-
-    def group_step(h, group):
-      group_params, group_conv, group_ssm = group
-      h, group_conv, group_ssm = cell(group_params, h, group_conv, group_ssm, reset)
-      return h, (group_conv, group_ssm)
-
-    h, (c, s) = jax.lax.scan(group_step, h, jax.tree.map(grouped, (params, conv, ssm)))
-    convs.append(c.reshape((-1,) + c.shape[2:]))
-    ssms.append(s.reshape((-1,) + s.shape[2:]))
-  if n_rest:
-    rest = lambda a: a[n_full * group_size:]
-    h, c, s = cell(jax.tree.map(rest, params), h, rest(conv), rest(ssm), reset)
-    convs.append(c)
-    ssms.append(s)
-  return h, jnp.concatenate(convs, axis=0), jnp.concatenate(ssms, axis=0)
+  return _over_layer_groups(lambda p, h, c, m: cell(p, h, c, m, reset), params, h, conv, ssm,
+                            group_size)
 
 
 def _group_over_time(cell: Callable, group_params: Any, h: jax.Array, conv: jax.Array,
@@ -102,7 +112,8 @@ def _concat(parts: list[jax.Array], axis: int) -> jax.Array:
 
 
 def apply_magc(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
-               ssm: jax.Array, remat_cfg: Any, reset: jax.Array | None = None) -> tuple:
+               ssm: jax.Array, remat_cfg: RematSettings, reset: jax.Array | None = None
+               ) -> tuple:
   """The MA-GC grid. `remat_cfg.l` and `remat_cfg.s` must be resolved ints (see resolve).
   reset [B, S] bool or None (packed segments) is sliced per time block alongside h.
 
@@ -122,40 +133,19 @@ def apply_magc(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
   inner_fn = cell_layer_fn(layer_fn, remat_cfg)
   cell = cell_checkpoint(remat_cfg)(
       lambda p, h, c, m, r: scan_layers(inner_fn, p, h, c, m, r))
-  n_layers = _leading(params)
-  n_full, n_rest = divmod(n_layers, l)
-  convs, ssms = [], []
-  if n_full:
-    def grouped(a):  # [L, ...] -> [n_full, l, ...]; a free reshape when l divides L
-      a = a if n_rest == 0 else a[:n_full * l]
-      return a.reshape((n_full, l) + a.shape[1:])
-
-    def group_step(h, group):
-      group_params, group_conv, group_ssm = group
-      h, group_conv, group_ssm = _group_over_time(cell, group_params, h, group_conv,
-                                                  group_ssm, s, reset)
-      return h, (group_conv, group_ssm)
-
-    h, (c, m) = jax.lax.scan(group_step, h, jax.tree.map(grouped, (params, conv, ssm)))
-    convs.append(c.reshape((-1,) + c.shape[2:]))
-    ssms.append(m.reshape((-1,) + m.shape[2:]))
-  if n_rest:
-    rest = lambda a: a[n_full * l:]
-    h, c, m = _group_over_time(cell, jax.tree.map(rest, params), h, rest(conv), rest(ssm), s,
-                               reset)
-    convs.append(c)
-    ssms.append(m)
-  return h, _concat(convs, axis=0), _concat(ssms, axis=0)
+  return _over_layer_groups(
+      lambda p, h, c, m: _group_over_time(cell, p, h, c, m, s, reset), params, h, conv, ssm, l)
 
 
-def resolve(remat_cfg: Any, model_cfg: Any, seqlen: int, *, bytes_per_element: int = 2,
-            budget_bytes: float | None = None) -> tuple[int, int, float]:
+def resolve(remat_cfg: RematSettings, model_cfg: Any, seqlen: int, *,
+            bytes_per_element: int = 2, budget_bytes: float | None = None
+            ) -> tuple[int, int, float]:
   """Turns l/s = 'auto' into ints with the memory model; returns (l, s, predicted bytes).
 
   This is `remat.planner='model'`, the paper's Table 7 model, which misses what XLA keeps
   beside the checkpoints; `remat.planner='measure'` compiles candidates instead
-  (remat/measure.py `plan`). The prediction is device memory: checkpoints that `remat_cfg.offload` keeps on the host
-  are left out of it (and of the choice).
+  (remat/measure.py `plan`). The prediction is device memory: checkpoints that
+  `remat_cfg.offload` keeps on the host are left out of it (and of the choice).
 
   Explicit ints are kept (and checked); `s` must be a multiple of the SSD chunk length.
   """

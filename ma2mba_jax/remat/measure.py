@@ -45,7 +45,6 @@ import math
 import os
 import tempfile
 import time
-import types
 from typing import Any, Sequence
 
 import jax
@@ -55,6 +54,7 @@ from absl import logging
 
 from ma2mba_jax.remat.cells import CELL_SAVES, OFFLOAD_CHOICES
 from ma2mba_jax.remat.planner import MemoryConstants, magc_memory, plan_magc
+from ma2mba_jax.remat.settings import RematPolicy, RematSettings
 
 # config.remat.planner: how MA-GC's 'auto' settings are chosen.
 PLANNERS = ("measure", "model")
@@ -90,9 +90,10 @@ class Candidate:
     if self.offload not in OFFLOAD_CHOICES:
       raise ValueError(f"offload={self.offload!r} is not one of {', '.join(OFFLOAD_CHOICES)}")
 
-  def remat_cfg(self, save_names: Sequence[str] = ()) -> types.SimpleNamespace:
-    return types.SimpleNamespace(policy="magc", l=self.l, s=self.s, cell_saves=self.cell_saves,
-                                 offload=self.offload, save_names=tuple(save_names))
+  def remat_cfg(self, save_names: Sequence[str] = ()) -> RematSettings:
+    return RematSettings(policy=RematPolicy.MAGC, l=self.l, s=self.s,
+                         cell_saves=self.cell_saves, offload=self.offload,
+                         save_names=tuple(save_names))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -518,11 +519,7 @@ def format_table(rows: Sequence[Row], budget_bytes: float | None,
   return "\n".join(out)
 
 
-def _remat_value(remat_cfg: Any, name: str, default: Any) -> Any:
-  return getattr(remat_cfg, name, default)
-
-
-def plan(model_cfg: Any, seqlen: int, remat_cfg: Any, *, budget_bytes: float | None,
+def plan(model_cfg: Any, seqlen: int, remat_cfg: RematSettings, *, budget_bytes: float | None,
          batch: int = 1, cache: CompileCache | None = None, max_candidates: int = 12,
          measure_all: bool = False, show: bool = True) -> MeasuredPlan:
   """The fastest MA-GC setting whose measured memory fits `budget_bytes`.
@@ -536,10 +533,9 @@ def plan(model_cfg: Any, seqlen: int, remat_cfg: Any, *, budget_bytes: float | N
   n_layers = model_cfg.n_layers
   itemsize = jnp.dtype(model_cfg.compute_dtype).itemsize
   constants = MemoryConstants.from_model(model_cfg)
-  save_names = tuple(_remat_value(remat_cfg, "save_names", ()))
+  save_names = remat_cfg.save_names
   cands = candidates(model_cfg, seqlen, l=remat_cfg.l, s=remat_cfg.s,
-                     cell_saves=_remat_value(remat_cfg, "cell_saves", "nothing"),
-                     offload=_remat_value(remat_cfg, "offload", "none"),
+                     cell_saves=remat_cfg.cell_saves, offload=remat_cfg.offload,
                      max_candidates=max_candidates)
   rows = sorted((Row(c, cost_key(c, n_layers, seqlen),
                      magc_memory(n_layers, seqlen, c.l, c.s, constants, c.offload)
@@ -615,9 +611,9 @@ def main(argv: Sequence[str], f: dict) -> None:
   model_cfg = mamba2_config(f["model"].value, compute_dtype=f["compute_dtype"].value,
                             ssd_impl=f["ssd_impl"].value)
   one = lambda v: v[0] if len(v) == 1 else v
-  remat_cfg = types.SimpleNamespace(l=f["l"].value, s=f["s"].value,
-                                    cell_saves=one(f["cell_saves"].value),
-                                    offload=one(f["offload"].value), save_names=())
+  remat_cfg = RematSettings(l=f["l"].value, s=f["s"].value,
+                            cell_saves=one(f["cell_saves"].value),
+                            offload=one(f["offload"].value))
   from flax import nnx
 
   from ma2mba_jax.models.mamba2 import Mamba2LM

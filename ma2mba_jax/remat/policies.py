@@ -26,16 +26,19 @@ import jax
 
 from ma2mba_jax.remat import magc
 from ma2mba_jax.remat.cells import cell_checkpoint, scan_layers
+from ma2mba_jax.remat.settings import RematPolicy, RematSettings
 
 LayerFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
 
-def apply_none(layer_fn: LayerFn, params, h, conv, ssm, remat_cfg, reset=None) -> tuple:
+def apply_none(layer_fn: LayerFn, params, h, conv, ssm, remat_cfg: RematSettings,
+               reset=None) -> tuple:
   del remat_cfg
   return scan_layers(layer_fn, params, h, conv, ssm, reset)
 
 
-def apply_layer(layer_fn: LayerFn, params, h, conv, ssm, remat_cfg, reset=None) -> tuple:
+def apply_layer(layer_fn: LayerFn, params, h, conv, ssm, remat_cfg: RematSettings,
+                reset=None) -> tuple:
   return magc.apply_layer_groups(layer_fn, params, h, conv, ssm, group_size=1,
                                  checkpoint=cell_checkpoint(remat_cfg), reset=reset)
 
@@ -44,23 +47,25 @@ def sqrt_group_size(n_layers: int) -> int:
   return max(1, round(math.sqrt(n_layers)))
 
 
-def apply_sqrt(layer_fn: LayerFn, params, h, conv, ssm, remat_cfg, reset=None) -> tuple:
+def apply_sqrt(layer_fn: LayerFn, params, h, conv, ssm, remat_cfg: RematSettings,
+               reset=None) -> tuple:
   n_layers = jax.tree.leaves(params)[0].shape[0]
   return magc.apply_layer_groups(layer_fn, params, h, conv, ssm,
                                  group_size=sqrt_group_size(n_layers),
                                  checkpoint=cell_checkpoint(remat_cfg), reset=reset)
 
 
-POLICIES: dict[str, Callable[..., tuple]] = {
-    "none": apply_none,
-    "layer": apply_layer,
-    "sqrt": apply_sqrt,
-    "magc": magc.apply_magc,
+POLICIES: dict[RematPolicy, Callable[..., tuple]] = {
+    RematPolicy.NONE: apply_none,
+    RematPolicy.LAYER: apply_layer,
+    RematPolicy.SQRT: apply_sqrt,
+    RematPolicy.MAGC: magc.apply_magc,
 }
 
 
 def apply_with_remat(layer_fn: LayerFn, params: Any, h: jax.Array, conv: jax.Array,
-                     ssm: jax.Array, remat_cfg: Any, reset: jax.Array | None = None
+                     ssm: jax.Array, remat_cfg: RematSettings,
+                     reset: jax.Array | None = None
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Runs the layer stack under the policy named by `remat_cfg.policy`.
 
@@ -68,7 +73,8 @@ def apply_with_remat(layer_fn: LayerFn, params: Any, h: jax.Array, conv: jax.Arr
   """
   policy = remat_cfg.policy
   if policy not in POLICIES:
-    raise ValueError(f"config.remat.policy={policy!r} is not one of {sorted(POLICIES)}")
+    raise ValueError(f"config.remat.policy={policy!r} is not one of "
+                     f"{sorted(p.value for p in POLICIES)}")
   if reset is None:  # today's call, exactly
     return POLICIES[policy](layer_fn, params, h, conv, ssm, remat_cfg)
   return POLICIES[policy](layer_fn, params, h, conv, ssm, remat_cfg, reset=reset)

@@ -27,7 +27,6 @@ or a carried conv state that keeps inputs from before a reset, shows as 1e-3 to 
 from __future__ import annotations
 
 import functools
-import types
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +38,7 @@ from ma2mba_jax.kernels.ssd import reset_from_segment_ids
 from ma2mba_jax.models.mamba2 import LayerStates, Mamba2LM, causal_conv
 from ma2mba_jax.models.presets import mamba2_config
 from ma2mba_jax.remat.lm import apply_layers_with_remat
+from ma2mba_jax.remat.settings import RematSettings
 from ma2mba_jax.train.step import loss_sums
 
 OUT_TOL = 1e-5
@@ -93,8 +93,8 @@ def _compiled(case: str):
   batch, seqlen = seg.shape
   reset = reset_from_segment_ids(jnp.asarray(seg))
   if magc:
-    cfg = types.SimpleNamespace(policy="magc", l=magc[0], s=magc[1], cell_saves="nothing",
-                                offload="none")
+    cfg = RematSettings(policy="magc", l=magc[0], s=magc[1], cell_saves="nothing",
+                        offload="none")
 
   def layers(params, h, states, reset):
     m = nnx.merge(graphdef, params)
@@ -238,7 +238,7 @@ def test_packed_loss_is_the_token_weighted_sum_of_segment_losses():
   so the mean is their token-weighted mean; the loss never crosses a boundary (a segment's
   first token is a target in the row too, and must not be predicted from the one before)."""
   model = _TextModel(_model("fused", "xla", 2, seed=5))
-  cfg = types.SimpleNamespace(policy="magc", l=1, s=16, cell_saves="nothing", offload="none")
+  cfg = RematSettings(policy="magc", l=1, s=16, cell_saves="nothing", offload="none")
   layouts = [[7, 12, 1, 13, 3], [20, 11]]  # T = 36; last row ends in padding
   seg = np.zeros((2, 36), np.int32)
   seg[:, :] = _segment_ids([layouts[0], layouts[1] + [5]])

@@ -18,7 +18,6 @@ Measured (2 cores, jax 0.11.2): none 54.0 MiB, layer 11.5, sqrt 23.6, magc(2, 64
 The assertions keep about 1.4x or more of margin on each side of those numbers.
 """
 
-import types
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ from flax import nnx
 from ma2mba_jax.models.mamba2 import Mamba2Config, Mamba2LM
 from ma2mba_jax.models.presets import mamba2_config
 from ma2mba_jax.remat.lm import apply_layers_with_remat
+from ma2mba_jax.remat.settings import RematSettings
 from ma2mba_jax.train.loss import blockwise_cross_entropy, shift_targets
 
 SEQLEN, N_LAYERS = 512, 6
@@ -40,8 +40,8 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def remat_cfg(policy, l=None, s=None):
-  return types.SimpleNamespace(policy=policy, l=l, s=s, cell_saves="nothing", save_names=(),
-                               offload="none")
+  return RematSettings(policy=policy, l=l, s=s, cell_saves="nothing", save_names=(),
+                       offload="none")
 
 
 POLICIES = {"none": remat_cfg("none"), "layer": remat_cfg("layer"), "sqrt": remat_cfg("sqrt"),

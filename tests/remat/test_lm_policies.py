@@ -4,7 +4,6 @@ Batch 2, T = 37 tokens (not a multiple of s), 5 layers (not a multiple of l), ne
 cross-entropy through the real embedding, blocks and head -- what the trainer computes.
 """
 
-import types
 
 import jax
 import jax.numpy as jnp
@@ -15,14 +14,15 @@ from flax import nnx
 from ma2mba_jax.models.mamba2 import Mamba2LM
 from ma2mba_jax.models.presets import mamba2_config
 from ma2mba_jax.remat.lm import apply_layers_with_remat
+from ma2mba_jax.remat.settings import RematSettings
 from ma2mba_jax.train.loss import blockwise_cross_entropy, shift_targets
 
 BATCH, SEQLEN, N_LAYERS = 2, 37, 5
 
 
 def remat_cfg(policy, l=None, s=None, cell_saves="nothing", offload="none"):
-  return types.SimpleNamespace(policy=policy, l=l, s=s, cell_saves=cell_saves,
-                               save_names=("mamba2_in_proj",), offload=offload)
+  return RematSettings(policy=policy, l=l, s=s, cell_saves=cell_saves,
+                       save_names=("mamba2_in_proj",), offload=offload)
 
 
 @pytest.fixture(scope="module")

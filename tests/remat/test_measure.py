@@ -20,11 +20,11 @@ import pytest
 from ma2mba_jax.models.presets import mamba2_config
 from ma2mba_jax.remat import measure
 from ma2mba_jax.remat.planner import MemoryConstants, magc_memory
+from ma2mba_jax.remat.settings import RematSettings
 
 SEQLEN, BATCH, N_CANDIDATES = 64, 1, 3
 CFG = mamba2_config("tiny", compute_dtype="float32", ssd_impl="xla")
-L1_AUTO_S = types.SimpleNamespace(l="1", s="auto", cell_saves="nothing", offload="none",
-                             save_names=())
+L1_AUTO_S = RematSettings(l="1", s="auto", cell_saves="nothing", offload="none")
 
 
 class CountingCompiles:
@@ -252,7 +252,7 @@ def test_budget_from_device_memory():
 
 def test_no_budget_is_the_model_choice_without_compiling(monkeypatch):
   counter = CountingCompiles(monkeypatch)
-  auto = types.SimpleNamespace(l="auto", s="auto", cell_saves="nothing", offload="none")
+  auto = RematSettings(l="auto", s="auto", cell_saves="nothing", offload="none")
   result = measure.plan(mamba2_config("2.7b"), 2**19, auto, budget_bytes=None, show=False)
   assert counter.compiled == []
   # planner.plan_magc's optimum (32, 4608), s moved to 4096 (it divides T)

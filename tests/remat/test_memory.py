@@ -13,6 +13,7 @@ import pytest
 
 from ma2mba_jax.remat import magc
 from ma2mba_jax.remat.policies import apply_with_remat
+from ma2mba_jax.remat.settings import RematSettings
 from tests.remat import toy_stack as ts
 
 
@@ -24,7 +25,7 @@ def toy_model_cfg(n_layers):
 
 
 def grad_temp_bytes(policy, n_layers, seqlen, l=None, s=None):
-  cfg = types.SimpleNamespace(policy=policy, l=l, s=s, cell_saves="nothing", save_names=())
+  cfg = RematSettings(policy=policy, l=l, s=s, cell_saves="nothing", save_names=())
   params = ts.init_params(jax.random.key(0), n_layers)
   conv0, ssm0 = ts.zero_states(n_layers, 1)
 
@@ -38,7 +39,7 @@ def grad_temp_bytes(policy, n_layers, seqlen, l=None, s=None):
 
 
 def magc_auto(n_layers, seqlen):
-  auto = types.SimpleNamespace(l="auto", s="auto")
+  auto = RematSettings(l="auto", s="auto")
   l, s, predicted = magc.resolve(auto, toy_model_cfg(n_layers), seqlen, bytes_per_element=4)
   return grad_temp_bytes("magc", n_layers, seqlen, l, s), predicted
 

@@ -4,7 +4,6 @@ exhaustive search written independently, and monotonicity."""
 
 import itertools
 import math
-import types
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from ma2mba_jax.models.presets import mamba2_config
 from ma2mba_jax.remat import magc
 from ma2mba_jax.remat.planner import MemoryConstants, magc_memory, plan_magc
+from ma2mba_jax.remat.settings import RematSettings
 
 CFG_27B = mamba2_config("2.7b")
 K = MemoryConstants.from_model(CFG_27B)
@@ -128,7 +128,7 @@ def test_budget_picks_largest_cells_that_fit_and_explains_failure():
 
 
 def test_resolve_keeps_explicit_values_and_checks_them():
-  cfg = types.SimpleNamespace(l="64", s="16384", offload="sequence")
+  cfg = RematSettings(l="64", s="16384", offload="sequence")
   l, s, predicted = magc.resolve(cfg, CFG_27B, S)
   assert (l, s) == (64, 16384)
   # bytes of bf16: 2 per element of the model (worked out as in the hand test above).
@@ -136,6 +136,6 @@ def test_resolve_keeps_explicit_values_and_checks_them():
   cell = 64 * 16384 * 15_696 + 16384 * 660_736
   assert predicted == 2 * (layer + cell)
   with pytest.raises(ValueError, match="config.remat.s=1000 must be a positive multiple"):
-    magc.resolve(types.SimpleNamespace(l="auto", s="1000"), CFG_27B, S)
+    magc.resolve(RematSettings(l="auto", s="1000"), CFG_27B, S)
   with pytest.raises(ValueError, match="config.remat.offload='disk'"):
-    magc.resolve(types.SimpleNamespace(l="auto", s="auto", offload="disk"), CFG_27B, S)
+    magc.resolve(RematSettings(l="auto", s="auto", offload="disk"), CFG_27B, S)

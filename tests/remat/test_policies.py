@@ -1,6 +1,5 @@
 """Every remat policy computes the same loss and gradients; MA-GC handles ragged grids."""
 
-import types
 
 import jax
 import jax.numpy as jnp
@@ -8,14 +7,15 @@ import numpy as np
 import pytest
 
 from ma2mba_jax.remat.policies import apply_with_remat, sqrt_group_size
+from ma2mba_jax.remat.settings import RematSettings
 from tests.remat import toy_stack
 
 N_LAYERS, BATCH, SEQLEN = 5, 2, 37
 
 
 def remat_cfg(policy, l=None, s=None, cell_saves="nothing", offload="none"):
-  return types.SimpleNamespace(policy=policy, l=l, s=s, cell_saves=cell_saves, save_names=(),
-                               offload=offload)
+  return RematSettings(policy=policy, l=l, s=s, cell_saves=cell_saves, save_names=(),
+                       offload=offload)
 
 
 def problem():

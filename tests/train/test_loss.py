@@ -7,7 +7,6 @@ nothing. The expected sums below are explicit numpy loops over positions, writte
 sentence and nothing else, so an off-by-one in the library's alignment cannot cancel out.
 """
 
-import types
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ from flax import nnx
 from ma2mba_jax.models.video_lm import VideoMa2mba
 from ma2mba_jax.models.video_presets import video_config
 from ma2mba_jax.remat.lm import apply_layers_with_remat
+from ma2mba_jax.remat.settings import RematSettings
 from ma2mba_jax.train.loss import blockwise_cross_entropy, shift_targets
 from ma2mba_jax.train.step import loss_sums
 
@@ -78,8 +78,8 @@ def test_loss_sums_of_the_video_lm_match_hand_loop():
   batch = dict(tokens=tokens, loss_mask=loss_mask, segment_ids=segment_ids,
                vision_index=np.full((b, t), -1, np.int32),
                frames=None, frame_mask=None)
-  remat = types.SimpleNamespace(policy="none", l=None, s=None, cell_saves="nothing",
-                                save_names=(), offload="none")
+  remat = RematSettings(policy="none", l=None, s=None, cell_saves="nothing",
+                        save_names=(), offload="none")
   total, count = loss_sums(model, {k: (None if a is None else jnp.asarray(a))
                                    for k, a in batch.items()}, remat, loss_block_len=8)
   logits = model(jnp.asarray(tokens), jnp.asarray(batch["vision_index"]))   # [B, T, V]
