@@ -589,7 +589,9 @@ def _flags():
       device_gb=flags.DEFINE_float("device_gb", None, "Device memory to plan for, in GB; "
                                    "default: this device's bytes_limit."),
       opt_bytes=flags.DEFINE_integer("opt_bytes_per_param", 8, "Optimizer state bytes per "
-                                     "parameter (AdamW, f32 moments: 8)."),
+                                     "parameter on the device (AdamW: 8 with float32 moments, 4 "
+                                     "with optim.moments_dtype=bfloat16, 0 with "
+                                     "optim.state_memory=host)."),
       margin=flags.DEFINE_float("margin", DEFAULT_MARGIN_FRAC, "Fraction of device memory "
                                 "kept free."),
       l=flags.DEFINE_string("l", "auto", "Layers per group, or auto."),
