@@ -1,4 +1,4 @@
-"""Seed sweep behind test_mamba2.py's tolerances (a script, not a test).
+"""Seed sweep behind the tolerances of test_mamba2.py, test_vision.py and test_video_lm.py (a script, not a test).
 
   JAX_PLATFORMS=cpu python -m tests.models.model_tolerance_sweep --seeds=20
 
@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from flax import nnx
+
+from ma2mba_jax.models.video_lm import VideoMa2mba
+from ma2mba_jax.models.video_presets import video_config
 from tests.models import test_mamba2 as t
+from tests.models import test_video_lm as tv
+from tests.models import test_vision as tvis
 
 SEEDS = flags.DEFINE_integer("seeds", 20, "how many seeds (0 .. seeds-1)")
 
@@ -33,6 +39,15 @@ def main(argv):
   _sweep("modes g2_l3", lambda s: t.mode_errors("g2_l3", s, ("halves",)))
   _sweep("chunked gradients g1", t.chunked_gradient_errors)
   _sweep("bf16 g1", t.bf16_errors)
+  _sweep("vision scan vs unrolled", lambda s: {
+      f"feature_layer={f}": tvis.scan_error(f, s) for f in (-2, -1, 1)})
+  _sweep("vision remat", lambda s: {k: v for k, v in tvis.remat_errors(s).items()
+                                     if not k.startswith("_")})
+  _sweep("vision bf16", lambda s: {"bf16_vs_f32": tvis.bf16_error(s)})
+  video_model = lambda s: VideoMa2mba(video_config("tiny"), rngs=nnx.Rngs(s))
+  _sweep("video_lm micro-batch remat", lambda s: tv.microbatch_remat_errors(video_model(s), s))
+  _sweep("video_lm bf16 encoding", lambda s: {
+      "bf16_vs_f32": tv.bf16_encoding_error(video_model(s), s)})
 
 
 if __name__ == "__main__":

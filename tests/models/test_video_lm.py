@@ -198,13 +198,13 @@ def _one_shot_vision_loss(model, frames, frame_mask, cot):
   return jnp.sum(tokens.reshape(cot.shape) * cot)
 
 
-def test_microbatch_remat_gradients_equal_one_shot_and_freezing_by_path(model):
-  """Scan + checkpoint + cond over micro-batches and per-layer remat leave the gradients
-  unchanged; differentiating only 'projector' paths (a frozen encoder) gives the same
-  projector gradient."""
-  _, _, frames, frame_mask, _ = make_batch(model.config.tokens_per_frame, seed=4)
+def microbatch_remat_errors(model, seed: int) -> dict[str, float]:
+  """Scan + checkpoint + cond over micro-batches and per-layer remat against one-shot
+  encoding (gradients), and differentiating only 'projector' paths (a frozen encoder)
+  against the full gradient's projector part; errors over the largest one-shot gradient."""
+  _, _, frames, frame_mask, _ = make_batch(model.config.tokens_per_frame, seed=4 + seed)
   k, c = model.config.tokens_per_frame, model.llm.config.d_model
-  cot = jax.random.normal(jax.random.key(1), (B, F * k, c))
+  cot = jax.random.normal(jax.random.key(1 + seed), (B, F * k, c))
   assert model.config.remat_vision and model.config.frames_per_microbatch < B * F
   grads = nnx.jit(nnx.grad(_vision_loss))(model, frames, frame_mask, cot)
 
@@ -213,15 +213,28 @@ def test_microbatch_remat_gradients_equal_one_shot_and_freezing_by_path(model):
   plain_grads = nnx.jit(nnx.grad(_one_shot_vision_loss))(plain, frames, frame_mask, cot)
   assert _norm(plain_grads["vision"]) > 0 and _norm(plain_grads["projector"]) > 0
   scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(plain_grads))
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5 * scale)
+  max_diff = lambda xs, ys: max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) / scale
+                                for a, b in zip(jax.tree.leaves(xs), jax.tree.leaves(ys)))
 
   only_projector = nnx.DiffState(0, nnx.PathContains("projector"))
   frozen = nnx.jit(nnx.grad(_vision_loss, argnums=only_projector))(model, frames, frame_mask,
                                                                     cot)
   assert set(frozen.keys()) == {"projector"}
-  for a, b in zip(jax.tree.leaves(frozen["projector"]), jax.tree.leaves(grads["projector"])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
+  return {"remat_vs_one_shot": max_diff(grads, plain_grads),
+          "frozen_projector": max_diff(frozen["projector"], grads["projector"])}
+
+
+# Sweep (python -m tests.models.model_tolerance_sweep, 20 seeds, f32 on CPU, 2026-11-26):
+# remat vs one shot 5.7e-7 at worst, frozen projector equal exactly (over the largest
+# gradient); bf16 encoding 5.1e-3 .. 1.0e-2. Tolerances: about 10x the worst seed.
+REMAT_GRAD_TOL = 5e-6
+FROZEN_GRAD_TOL = 1e-6
+
+
+def test_microbatch_remat_gradients_equal_one_shot_and_freezing_by_path(model):
+  errors = microbatch_remat_errors(model, 0)
+  assert errors["remat_vs_one_shot"] < REMAT_GRAD_TOL, errors
+  assert errors["frozen_projector"] < FROZEN_GRAD_TOL, errors
 
 
 def test_encoder_memory_grows_only_by_frames_and_outputs():
@@ -248,16 +261,22 @@ def test_encoder_memory_grows_only_by_frames_and_outputs():
   assert per_frame_plain > 4 * per_frame, (per_frame_plain, per_frame)
 
 
-def test_bfloat16_encoding_is_close_to_float32(model):
-  _, _, frames, frame_mask, _ = make_batch(model.config.tokens_per_frame, seed=5)
+def bf16_encoding_error(model, seed: int) -> float:
+  _, _, frames, frame_mask, _ = make_batch(model.config.tokens_per_frame, seed=5 + seed)
   bf16 = VideoMa2mba(dataclasses.replace(model.config, compute_dtype="bfloat16"),
                      rngs=nnx.Rngs(1))
   nnx.update(bf16, nnx.state(model))  # float32 parameters in both
   want = model.encode_frames(frames, frame_mask)
   got = bf16.encode_frames(frames, frame_mask)
   assert got.dtype == jnp.float32
-  err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
-  assert 0 < err < 5e-2, err
+  return float(jnp.abs(got - want).max() / jnp.abs(want).max())
+
+
+BF16_MIN, BF16_TOL = 1e-3, 5e-2  # sweep above: 5.1e-3 .. 1.0e-2
+
+
+def test_bfloat16_encoding_is_close_to_float32(model):
+  assert BF16_MIN < bf16_encoding_error(model, 0) < BF16_TOL
 
 
 def test_text_only_batch(model):
