@@ -77,6 +77,7 @@ def _batches(examples, *, batch: int, max_tokens: int, pack: bool, buckets) -> l
 
 def run(args) -> dict:
   from ma2mba_jax.data import synthetic
+  from ma2mba_jax.data.batch import Batch
   from ma2mba_jax.data.batching import bucket_ladder
   from ma2mba_jax.models.mamba2 import Mamba2LM
   from ma2mba_jax.models.presets import mamba2_config
@@ -103,7 +104,8 @@ def run(args) -> dict:
   def make_step(packed: bool):
     def loss(params, batch):
       m = nnx.merge(graphdef, params)
-      total, count = loss_sums(m, {**batch, "frames": None, "frame_mask": None}, remat_cfg,
+      rows = Batch.from_dict({**batch, "frames": None, "frame_mask": None})
+      total, count = loss_sums(m, rows, remat_cfg,
                                loss_block_len=args.loss_block, packed=packed)
       return total / jnp.maximum(count, 1.0), count
     return jax.jit(jax.value_and_grad(loss, has_aux=True))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 
 from absl import app, flags
 
@@ -81,25 +80,27 @@ def run_one(seqlen: int) -> dict:
   from flax import nnx
 
   from ma2mba_jax.bench import common
+  from ma2mba_jax.data.batch import Batch
   from ma2mba_jax.models.video_lm import VideoMa2mba
   from ma2mba_jax.models.video_presets import video_config
   from ma2mba_jax.remat import magc
+  from ma2mba_jax.remat.settings import RematPolicy, RematSettings
   from ma2mba_jax.train import optim, sharding
   from ma2mba_jax.train.step import TrainState, make_train_step
 
   cfg = video_config(_PRESET.value, compute_dtype="bfloat16")
-  remat = types.SimpleNamespace(policy=_POLICY.value, l=_L.value, s=_S.value,
-                                cell_saves=_CELL_SAVES.value, save_names=(),
-                                offload=_OFFLOAD.value)
+  remat = RematSettings(policy=_POLICY.value, l=_L.value, s=_S.value,
+                        cell_saves=_CELL_SAVES.value, offload=_OFFLOAD.value)
   data, fsdp, zero1, seq = (list(map(int, _MESH.value.split(","))) + [1])[:4]
   n_dev, n_rows = data * fsdp * seq, data * fsdp
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "seq": seq}),
                             jax.devices()[:n_dev])
   row = {"preset": _PRESET.value, "T": seqlen, "policy": _POLICY.value,
          "offload": _OFFLOAD.value, "mesh": _MESH.value, "devices": n_dev}
-  if remat.policy == "magc":
-    remat.l, remat.s, _ = magc.resolve(remat, cfg.llm_config, -(-seqlen // seq))
-    row.update(l=remat.l, s=remat.s)
+  if remat.policy == RematPolicy.MAGC:
+    cell_l, cell_s, _ = magc.resolve(remat, cfg.llm_config, -(-seqlen // seq))
+    remat = remat.replace(l=cell_l, s=cell_s)
+    row.update(l=cell_l, s=cell_s)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: VideoMa2mba(cfg, rngs=nnx.Rngs(0))),
                                  nnx.Param)
   abstract_params = nnx.to_pure_dict(abstract)
@@ -120,7 +121,8 @@ def run_one(seqlen: int) -> dict:
       rng=jax.random.key(0)), state_shardings)
   batch, n_frames = synthetic_batch(seqlen, cfg.tokens_per_frame, cfg.image_size,
                                     cfg.llm_config.vocab_size, _TEXT_EVERY.value)
-  batch = sharding.shard_batch(mesh, {k: np.repeat(v, n_rows, axis=0) for k, v in batch.items()})
+  batch = Batch.from_dict(sharding.shard_batch(
+      mesh, {k: np.repeat(v, n_rows, axis=0) for k, v in batch.items()}))
   row["frames"] = n_frames
   step = jax.jit(make_train_step(graphdef, optimizer, remat, n_micro=1, mesh=mesh),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from ma2mba_jax.data.batch import Batch
 from ma2mba_jax.train import sharding
 from ma2mba_jax.train.sharding import BATCH_AXES, SEQ_AXIS
 
@@ -65,16 +66,16 @@ def embed_pieces(model: Any, tokens: jax.Array, vision_index: jax.Array, frames:
   return h
 
 
-def pad_frames(micro: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+def pad_frames(micro: Batch, n: int) -> Batch:
   """micro-batches [A, b, F, ...] with F padded to a multiple of n (masked, black frames:
   encode_frames gives them zero tokens and skips their micro-batches)."""
-  frames = micro["frames"]
+  frames = micro.frames
   pad = -frames.shape[2] % n
   if not pad:
     return micro
   widths = lambda a: [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 3)
-  return dict(micro, frames=jnp.pad(frames, widths(frames)),
-              frame_mask=jnp.pad(micro["frame_mask"], widths(micro["frame_mask"])))
+  return micro.replace(frames=jnp.pad(frames, widths(frames)),
+                       frame_mask=jnp.pad(micro.frame_mask, widths(micro.frame_mask)))
 
 
 def param_specs(mesh: Mesh, tree: Any) -> Any:
@@ -112,11 +113,11 @@ def piece_spec(ndim: int) -> P:
 
 
 def over_pieces(mesh: Mesh, local: Callable, trainable: Any, frozen: Any,
-                micro: dict[str, jax.Array], out_specs: Any) -> Any:
+                micro: Batch, out_specs: Any) -> Any:
   """local(trainable_pieces, frozen_pieces, micro_pieces, trainable_specs, frozen_specs)
   in a shard_map over every mesh axis; micro [A, rows, T or F, ...]."""
   t_specs, f_specs = param_specs(mesh, trainable), param_specs(mesh, frozen)
-  m_specs = {k: piece_spec(v.ndim) for k, v in micro.items()}
+  m_specs = jax.tree.map(lambda v: piece_spec(v.ndim), micro)
   out_specs = out_specs(t_specs) if callable(out_specs) else out_specs
   fn = jax.shard_map(lambda t, f, m: local(t, f, m, t_specs, f_specs), mesh=mesh,
                      in_specs=(t_specs, f_specs, m_specs), out_specs=out_specs,

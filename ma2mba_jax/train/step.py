@@ -9,6 +9,7 @@ token-level mean cross-entropy over the whole global batch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -17,9 +18,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
+from ma2mba_jax.data.batch import Batch, as_batch
 from ma2mba_jax.kernels.ssd import reset_from_segment_ids
 from ma2mba_jax.kernels.ssd.sequence_parallel import sequence_axis
 from ma2mba_jax.remat.lm import apply_layers_with_remat
+from ma2mba_jax.remat.settings import RematSettings
 from ma2mba_jax.train import sequence, sharding
 from ma2mba_jax.train.loss import blockwise_cross_entropy, shift_targets
 from ma2mba_jax.train.sharding import BATCH_AXES, SEQ_AXIS
@@ -38,62 +41,59 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
   return {**trainable, **frozen}
 
 
-def with_loss_targets(batch: dict[str, jax.Array], packed: bool = False
-                      ) -> dict[str, jax.Array]:
+def with_loss_targets(batch: Batch, packed: bool = False) -> Batch:
   """The batch with `targets` and `weights` [B, T] (and with `packed`, `reset` [B, T]).
 
   Position t is a target only if t + 1 is in the same segment: the loss never crosses a
   boundary. Computed on whole rows (under a `seq` axis, before they are split)."""
-  segment_ids = batch["segment_ids"]                                 # [B, T] int32
-  targets, weights = shift_targets(batch["tokens"], batch["loss_mask"])
+  segment_ids = batch.segment_ids                                    # [B, T] int32
+  targets, weights = shift_targets(batch.tokens, batch.loss_mask)
   same = jnp.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1],
                           jnp.zeros_like(segment_ids[:, :1], bool)], axis=1)  # [B, T]
-  out = dict(batch, targets=targets, weights=weights * ((segment_ids > 0) & same))
-  if packed:
-    out["reset"] = reset_from_segment_ids(segment_ids)                # [B, T] bool
-  return out
+  return batch.replace(
+      targets=targets, weights=weights * ((segment_ids > 0) & same),
+      reset=reset_from_segment_ids(segment_ids) if packed else batch.reset)  # [B, T] bool
 
 
-def _sums_from_embeddings(model: Any, h: jax.Array, batch: dict[str, jax.Array],
-                          remat_cfg: Any, loss_block_len: int
-                          ) -> tuple[jax.Array, jax.Array]:
-  h, _ = apply_layers_with_remat(model.llm, h, remat_cfg, reset=batch.get("reset"))
-  return blockwise_cross_entropy(h, model.llm.head, batch["targets"], batch["weights"],
+def _sums_from_embeddings(model: Any, h: jax.Array, batch: Batch, remat_cfg: RematSettings,
+                          loss_block_len: int) -> tuple[jax.Array, jax.Array]:
+  h, _ = apply_layers_with_remat(model.llm, h, remat_cfg, reset=batch.reset)
+  return blockwise_cross_entropy(h, model.llm.head, batch.targets, batch.weights,
                                  block_len=loss_block_len)
 
 
-def loss_sums(model: Any, batch: dict[str, jax.Array], remat_cfg: Any,
+def loss_sums(model: Any, batch: Batch, remat_cfg: RematSettings,
               loss_block_len: int = 4096, packed: bool = False) -> tuple[jax.Array, jax.Array]:
   """(sum of token cross-entropies, number of target tokens) of one micro-batch.
 
-  packed (static): rows hold several examples (batch["segment_ids"] 1, 2, ...); the LM
+  packed (static): rows hold several examples (batch.segment_ids 1, 2, ...); the LM
   restarts its state where the segment changes. Without it (one example a row, then
   padding) the model runs exactly as before. Either way position t is a target only if
   t + 1 is in the same segment: the loss never crosses a boundary.
   """
   batch = with_loss_targets(batch, packed)
-  h = model.embed_inputs(batch["tokens"], batch["vision_index"], batch["frames"],
-                         batch["frame_mask"])                        # [B, T, C] f32
+  h = model.embed_inputs(batch.tokens, batch.vision_index, batch.frames,
+                         batch.frame_mask)                           # [B, T, C] f32
   return _sums_from_embeddings(model, h, batch, remat_cfg, loss_block_len)
 
 
-def piece_loss_sums(model: Any, piece: dict[str, jax.Array], remat_cfg: Any, n_seq: int,
+def piece_loss_sums(model: Any, piece: Batch, remat_cfg: RematSettings, n_seq: int,
                     loss_block_len: int = 4096) -> tuple[jax.Array, jax.Array]:
   """`loss_sums` of this device's piece of a micro-batch, inside the sequence-parallel
   shard_map (train/sequence.py): `piece` holds [b, T/n] tokens with their targets,
   weights (and reset), and [b, F/n] frames. The caller enters `sequence_axis`."""
-  piece_len = piece["tokens"].shape[1]
+  piece_len = piece.tokens.shape[1]
   if remat_cfg.policy == "magc" and remat_cfg.s < piece_len:
     raise ValueError(f"MA-GC time blocks of config.remat.s={remat_cfg.s} tokens would split "
                      f"a sequence piece of {piece_len} tokens (config.mesh.seq={n_seq}): "
                      f"states pass between pieces only whole")
-  h = sequence.embed_pieces(model, piece["tokens"], piece["vision_index"], piece["frames"],
-                            piece["frame_mask"], n_seq)              # [b, T/n, C] f32
+  h = sequence.embed_pieces(model, piece.tokens, piece.vision_index, piece.frames,
+                            piece.frame_mask, n_seq)                 # [b, T/n, C] f32
   return _sums_from_embeddings(model, h, piece, remat_cfg, loss_block_len)
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    remat_cfg: Any, n_micro: int, mesh: Mesh | None = None,
+                    remat_cfg: RematSettings, n_micro: int, mesh: Mesh | None = None,
                     packed: bool = False):
   """Returns train_step(state, batch) -> (state, metrics); jit it with donation.
 
@@ -155,7 +155,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   else:
     summed = grads_and_sums
 
-  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+  def train_step(state: TrainState, batch: Batch | Mapping[str, jax.Array]):
+    batch = as_batch(batch)
     if n_seq > 1:  # targets need the next token, which may be on the next piece
       batch = with_loss_targets(batch, packed)
     # Micro-batch i takes rows i, i + A, i + 2A, ...: every device's contiguous share of the
@@ -174,13 +175,14 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, remat_cfg: Any, packed: bool = False,
+def make_eval_step(graphdef: nnx.GraphDef, remat_cfg: RematSettings, packed: bool = False,
                    mesh: Mesh | None = None):
   """eval_step(state, batch) -> {"loss_sum", "target_tokens"} (one micro-batch); with a
   `seq` axis in `mesh`, sequence parallel as the train step."""
   n_seq = sharding.seq_size(mesh)
 
-  def eval_step(state: TrainState, batch):
+  def eval_step(state: TrainState, batch: Batch | Mapping[str, jax.Array]):
+    batch = as_batch(batch)
     if n_seq > 1:
       def local(trainable, frozen, micro, t_specs, f_specs):
         params = merge_params(sequence.gather_params(trainable, t_specs),

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import time
-import types
 from typing import Any
 
 import jax
@@ -33,18 +32,20 @@ from flax import nnx
 
 from ma2mba_jax.convert import io as model_io
 from ma2mba_jax.convert import pretrained
-from ma2mba_jax.data import synthetic
+from ma2mba_jax.data import manifest
+from ma2mba_jax.data.batch import Batch
 from ma2mba_jax.data.errors import DataError
 from ma2mba_jax.data.pipeline import make_pipeline
 from ma2mba_jax.data.tokenizer import load_tokenizer, vocab_size
-from ma2mba_jax.models.video_lm import VideoMa2mba
+from ma2mba_jax.models.video_lm import VideoConfig, VideoMa2mba
 from ma2mba_jax.models.video_presets import video_config
 from ma2mba_jax.remat import magc, measure
+from ma2mba_jax.remat.settings import RematPolicy, RematSettings
 from ma2mba_jax.train import config_check
 from ma2mba_jax.train import checkpoint, metrics as metrics_lib, optim, sharding
 from ma2mba_jax.train import workdir as workdir_lib
 from ma2mba_jax.train.errors import ConfigError, NonFiniteLossError
-from ma2mba_jax.train.step import TrainState, make_eval_step, make_train_step
+from ma2mba_jax.train.step import TrainState, make_eval_step, make_train_step, merge_params
 
 MODEL_EXPORT = workdir_lib.MODEL_EXPORT
 # Written after the export is complete: the step it holds (a rerun with nothing left to
@@ -76,7 +77,7 @@ def require_data(config: ml_collections.ConfigDict) -> None:
   data = config.data
   make = "python -m ma2mba_jax.data.synthetic --out DIR --size small"
   if data.synthetic_dir:
-    if not os.path.isfile(os.path.join(data.synthetic_dir, "manifest.json")):
+    if not os.path.isfile(os.path.join(data.synthetic_dir, manifest.FILE)):
       raise ConfigError(
           f"config.data.synthetic_dir={data.synthetic_dir!r} holds no synthetic dataset (no "
           f"manifest.json): write one with `{make.replace('DIR', data.synthetic_dir)}` "
@@ -104,7 +105,7 @@ def data_settings(config: ml_collections.ConfigDict, model_cfg: Any) -> dict[str
   """The Grain pipeline's config for this process."""
   require_data(config)
   if config.data.synthetic_dir:
-    sources = synthetic.sources(config.data.synthetic_dir, config.stage)
+    sources = manifest.sources(config.data.synthetic_dir, config.stage)
   else:
     sources = config.data.sources.to_dict()
   if not sources:
@@ -150,7 +151,7 @@ def _training_state_bytes(config: ml_collections.ConfigDict, model_cfg: Any,
 
 def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any,
                    mesh: jax.sharding.Mesh | None = None, state_memory: str | None = None,
-                   cache: measure.CompileCache | None = None) -> types.SimpleNamespace:
+                   cache: measure.CompileCache | None = None) -> RematSettings:
   """config.remat with MA-GC's l/s (and, with planner=measure, cell_saves/offload 'auto')
   turned into concrete values for this length.
 
@@ -164,16 +165,16 @@ def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any,
   """
   if state_memory is None:
     state_memory = config.optim.get("state_memory", "device")
-  remat_cfg = types.SimpleNamespace(**config.remat.to_dict())
+  remat_cfg = RematSettings.from_config(config.remat)
   n_seq = check_sequence_remat(config, model_cfg)
   # With a seq axis MA-GC runs one time block per piece: l comes from the memory model.
-  measured = (remat_cfg.policy == "magc" and n_seq == 1
-              and getattr(remat_cfg, "planner", "measure") == "measure")
+  measured = (remat_cfg.policy == RematPolicy.MAGC and n_seq == 1
+              and remat_cfg.planner == "measure")
   if not measured:  # 'auto' is the measuring planner's to resolve; otherwise the defaults
-    remat_cfg.cell_saves = "nothing" if remat_cfg.cell_saves == "auto" else remat_cfg.cell_saves
-    remat_cfg.offload = "none" if getattr(remat_cfg, "offload", "none") == "auto" else (
-        getattr(remat_cfg, "offload", "none"))
-  if remat_cfg.policy != "magc":
+    remat_cfg = remat_cfg.replace(
+        cell_saves="nothing" if remat_cfg.cell_saves == "auto" else remat_cfg.cell_saves,
+        offload="none" if remat_cfg.offload == "auto" else remat_cfg.offload)
+  if remat_cfg.policy != RematPolicy.MAGC:
     return remat_cfg
   if measured:
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
@@ -184,8 +185,7 @@ def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any,
                           budget_bytes=budget, batch=config.optim.micro_batch, show=False,
                           cache=cache)
     c = result.choice
-    remat_cfg.l, remat_cfg.s = c.l, c.s
-    remat_cfg.cell_saves, remat_cfg.offload = c.cell_saves, c.offload
+    remat_cfg = remat_cfg.replace(l=c.l, s=c.s, cell_saves=c.cell_saves, offload=c.offload)
     logging.info("MA-GC (planner=measure%s): l=%d x s=%d, cell_saves=%s, offload=%s",
                  f", {result.note}" if result.note else "", c.l, c.s, c.cell_saves, c.offload)
     return remat_cfg
@@ -194,7 +194,7 @@ def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any,
   l, s, predicted = magc.resolve(remat_cfg, model_cfg.llm_config,
                                  -(-config.data.max_tokens // n_seq),
                                  bytes_per_element=itemsize, budget_bytes=budget)
-  remat_cfg.l, remat_cfg.s = l, s
+  remat_cfg = remat_cfg.replace(l=l, s=s)
   logging.info("MA-GC: l=%d layers x s=%d tokens per cell; memory model predicts %.2f GB "
                "of activations per sequence", l, s, predicted / 1e9)
   return remat_cfg
@@ -229,7 +229,7 @@ PLAN_CACHE = measure.CompileCache()
 
 def resolved_memory(config: ml_collections.ConfigDict, model_cfg: Any,
                     mesh: jax.sharding.Mesh | None = None
-                    ) -> tuple[types.SimpleNamespace, str]:
+                    ) -> tuple[RematSettings, str]:
   """(resolved remat settings, where the optimizer state lives: 'device' or 'host').
 
   optim.state_memory='auto' with the measuring MA-GC planner: the fastest MA-GC setting that
@@ -253,7 +253,7 @@ def resolved_memory(config: ml_collections.ConfigDict, model_cfg: Any,
   chosen = measure.Candidate(remat_cfg.l, remat_cfg.s, remat_cfg.cell_saves, remat_cfg.offload)
   (needed,) = measure.measure(model_cfg.llm_config, config.optim.micro_batch,
                               config.data.max_tokens, [chosen],
-                              save_names=tuple(remat_cfg.save_names), cache=PLAN_CACHE)
+                              save_names=remat_cfg.save_names, cache=PLAN_CACHE)
   try:
     budget = measure.training_budget_bytes(
         **_training_state_bytes(config, model_cfg, mesh, "device"))
@@ -275,7 +275,7 @@ class RunInputs:
   config: ml_collections.ConfigDict
   tokenizer: Any
   model_cfg: Any
-  remat_cfg: types.SimpleNamespace
+  remat_cfg: RematSettings
   mesh: jax.sharding.Mesh
   opt_state_memory: str        # 'device' or 'host' (optim.state_memory, 'auto' resolved)
   n_micro: int                 # micro-batches per optimizer step (gradient accumulation)
@@ -581,18 +581,17 @@ def _train_loop(run: RunInputs, state: TrainState, train_step, start: int,
   shapes_seen = set()  # token shapes the train step saw: one compile each (length buckets)
   try:
     for step in range(start, stop):
-      batch_np = next(data_iter)
-      batch = sharding.shard_batch(mesh, batch_np)
+      rows = Batch.from_dict(next(data_iter))           # this process's rows (numpy)
+      batch = Batch.from_dict(sharding.shard_batch(mesh, rows.as_dict()))
       with jax.transfer_guard("disallow"):
         state, step_metrics = train_step(state, batch)
       done = step + 1
       watch.push(done, step_metrics["loss"])
-      progress.add_tokens(int(np.sum(batch_np["segment_ids"] > 0)),
-                          padded=int(batch_np["segment_ids"].size))
-      if batch_np["tokens"].shape not in shapes_seen:  # jit compiles once per shape (bucket)
-        shapes_seen.add(batch_np["tokens"].shape)
+      progress.add_tokens(int(np.sum(rows.segment_ids > 0)), padded=int(rows.segment_ids.size))
+      if rows.tokens.shape not in shapes_seen:  # jit compiles once per shape (bucket)
+        shapes_seen.add(rows.tokens.shape)
         logging.info("train step compiled for batch shape %s: %d compile(s) so far",
-                     batch_np["tokens"].shape, len(shapes_seen))
+                     rows.tokens.shape, len(shapes_seen))
       if done == start + 1:
         watch.flush()            # waits for the first step: rates and ETA start after it
         progress.start(done)
@@ -605,8 +604,9 @@ def _train_loop(run: RunInputs, state: TrainState, train_step, start: int,
       if done % config.ckpt.every_steps == 0 or done in (total_steps, stop):
         watch.flush()
         _check_state_finite(state, done)
-        ckpt.save(done, params={**state.trainable, **state.frozen}, opt_state=state.opt_state,
-                  rng=state.rng, data_iter=data_iter, extra_meta={"stage": config.stage})
+        ckpt.save(done, params=merge_params(state.trainable, state.frozen),
+                  opt_state=state.opt_state, rng=state.rng, data_iter=data_iter,
+                  extra_meta={"stage": config.stage})
     watch.flush()
     ckpt.wait()
   except _NotFinite as bad:
@@ -643,24 +643,28 @@ class Evaluator:
   """Mean validation cross-entropy over the first `batches` batches of a split; compiled
   once (every batch has the same shape), reusable through the run."""
 
-  def __init__(self, dataset: Any, batches: int, graphdef: nnx.GraphDef, remat_cfg: Any,
-               mesh: jax.sharding.Mesh, packed: bool = False):
+  def __init__(self, dataset: Any, batches: int, graphdef: nnx.GraphDef,
+               remat_cfg: RematSettings, mesh: jax.sharding.Mesh, packed: bool = False):
     self._dataset, self._batches, self._mesh = dataset, batches, mesh
     self._eval_step = jax.jit(make_eval_step(graphdef, remat_cfg, packed=packed, mesh=mesh))
 
   def __call__(self, state: TrainState) -> dict:
     total, count = 0.0, 0.0
-    for i, batch_np in enumerate(self._dataset):  # a fresh iterator: the split's start
+    for i, rows in enumerate(self._dataset):  # a fresh iterator: the split's start
       if i >= self._batches:
         break
-      out = jax.device_get(self._eval_step(state, sharding.shard_batch(self._mesh, batch_np)))
+      batch = Batch.from_dict(sharding.shard_batch(self._mesh, rows))
+      out = jax.device_get(self._eval_step(state, batch))
       total += float(out["loss_sum"])
       count += float(out["target_tokens"])
     return {"val_loss": total / count, "val_tokens": count} if count else {}
 
 
-def evaluate_loss(config, model_cfg, graphdef, state, remat_cfg, tokenizer, mesh) -> dict:
-  """Mean validation cross-entropy over config.eval.batches batches of the 'val' split."""
+def evaluate_loss(config: ml_collections.ConfigDict, *, model_cfg: VideoConfig,
+                  graphdef: nnx.GraphDef, state: TrainState, remat_cfg: RematSettings,
+                  tokenizer: Any, mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Mean validation cross-entropy over config.eval.batches batches of the 'val' split
+  ({"val_loss", "val_tokens"}; {} without a val split)."""
   dataset = val_pipeline(config, model_cfg, tokenizer, mesh)
   if dataset is None:
     return {}
@@ -678,7 +682,7 @@ def export_model(workdir: str, graphdef: nnx.GraphDef, state: TrainState,
 
   Runs on every process: the Orbax save inside waits for all of them (each writes its own
   shards), so returning early on the others would hang process 0."""
-  model = nnx.merge(graphdef, {**state.trainable, **state.frozen})
+  model = nnx.merge(graphdef, merge_params(state.trainable, state.frozen))
   path = model_io.save_model(model, os.path.join(workdir, MODEL_EXPORT), overwrite=True,
                              tokenizer=tokenizer)
   logging.info("exported the model to %s", path)

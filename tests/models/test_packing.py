@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ma2mba_jax.data.batch import Batch
 from ma2mba_jax.kernels.ssd import reset_from_segment_ids
 from ma2mba_jax.models.mamba2 import LayerStates, Mamba2LM, causal_conv
 from ma2mba_jax.models.presets import mamba2_config
@@ -227,10 +228,9 @@ class _TextModel:
 
 def _text_batch(tokens, loss_mask, segment_ids):
   b, t = tokens.shape
-  return {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(loss_mask),
-          "segment_ids": jnp.asarray(segment_ids),
-          "vision_index": jnp.full((b, t), -1, jnp.int32),
-          "frames": None, "frame_mask": None}
+  return Batch(tokens=jnp.asarray(tokens), loss_mask=jnp.asarray(loss_mask),
+               segment_ids=jnp.asarray(segment_ids),
+               vision_index=jnp.full((b, t), -1, jnp.int32))
 
 
 def test_packed_loss_is_the_token_weighted_sum_of_segment_losses():

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ma2mba_jax.data.batch import Batch
 from ma2mba_jax.models.video_lm import VideoMa2mba
 from ma2mba_jax.models.video_presets import video_config
 from ma2mba_jax.remat.lm import apply_layers_with_remat
@@ -80,8 +81,9 @@ def test_loss_sums_of_the_video_lm_match_hand_loop():
                frames=None, frame_mask=None)
   remat = RematSettings(policy="none", l=None, s=None, cell_saves="nothing",
                         save_names=(), offload="none")
-  total, count = loss_sums(model, {k: (None if a is None else jnp.asarray(a))
-                                   for k, a in batch.items()}, remat, loss_block_len=8)
+  total, count = loss_sums(model, Batch.from_dict({k: (None if a is None else jnp.asarray(a))
+                                                   for k, a in batch.items()}),
+                           remat, loss_block_len=8)
   logits = model(jnp.asarray(tokens), jnp.asarray(batch["vision_index"]))   # [B, T, V]
   want_total, want_count = hand_loss(logits, tokens, loss_mask, segment_ids)
   assert int(count) == want_count, (int(count), want_count)
