@@ -22,6 +22,7 @@ from flax import nnx
 from ma2mba_jax.models.mamba2 import (ACTIVATION_NAMES, LayerStates, Mamba2Config, Mamba2LM,
                                       block_apply)
 from ma2mba_jax.models.presets import mamba2_config
+from ma2mba_jax.testing import rel_err
 
 # The models here are tiny: compiling dominates, so skip LLVM's optimisation passes (about
 # 3x faster compiles on CPU; the numerics are the same XLA program).
@@ -41,12 +42,6 @@ CONFIGS = {
     # Groups > 1 and an odd layer count change how B, C and the gated norm are indexed.
     "g2_l3": mamba2_config("tiny", n_groups=2, n_layers=3, d_model=48, chunk_len=8),
 }
-
-
-def rel_err(out, ref) -> float:
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  assert np.all(np.isfinite(out)), "non-finite values"
-  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 def normal(seed: int, *shape: int, scale: float = 1.0) -> np.ndarray:
