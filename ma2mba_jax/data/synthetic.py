@@ -395,16 +395,6 @@ def generate(out: str, *, seed: int = 0, size: str = "tiny", frame_size: int = 6
   return manifest
 
 
-def sources(out: str, stage: int | str) -> dict[str, list[dict]]:
-  """The data config's `sources` for a stage of a dataset written to `out` (absolute
-  paths), e.g. config.data.sources = sources(DIR, 2)."""
-  with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
-    manifest = json.load(f)
-  return {split: [{**s, "annotations": os.path.join(out, s["annotations"]),
-                   "media_root": os.path.join(out, s["media_root"])} for s in entries]
-          for split, entries in manifest["sources"][str(stage)].items()}
-
-
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command line's flags (absl, spelled as in the module docstring). Defined only when
   the module runs as a program, so that importing the generator defines none."""
