@@ -58,6 +58,10 @@ def make_mesh(mesh_cfg: Any, devices=None) -> Mesh:
   if data * fsdp * seq != n:
     raise ValueError(f"config.mesh: data={data} x fsdp={fsdp} x seq={seq} must equal the {n} "
                      f"devices")
+  # Each process feeds whole rows (shard_batch): a sample's pieces must share a host.
+  if devices == list(jax.devices()) and jax.local_device_count() % seq:
+    raise ValueError(f"config.mesh.seq={seq} must divide the {jax.local_device_count()} "
+                     f"devices of each host (a sample's pieces stay on one host)")
   return Mesh(np.array(devices).reshape(data, fsdp, seq), MESH_AXES)
 
 

@@ -5,7 +5,8 @@ subprocess, since the device count is fixed when JAX starts). Prints per layout 
 and grad norms of every step, a checksum of the exported parameters and the most bytes of
 parameters and optimizer state that one device held.
 
-  python -m tests.train.multi_device_trainer DATA_DIR WORK_ROOT 4,1,1 2,2,0   # data,fsdp,zero1
+  python -m tests.train.multi_device_trainer DATA_DIR WORK_ROOT 8,1,1,1 2,2,1,2
+      # data,fsdp,zero1,seq
 """
 
 import json
@@ -26,20 +27,21 @@ from ma2mba_jax.train import trainer
 STEPS, STOP = 3, 2
 
 
-def tiny_config(data_dir: str, data: int, fsdp: int, zero1: bool):
+def tiny_config(data_dir: str, data: int, fsdp: int, zero1: bool, seq: int = 1):
   c = stage2.get_config("demo")
   c.data.synthetic_dir = data_dir
   c.data.max_tokens = 64
   c.data.max_frames = 4
   c.data.num_workers = 0
-  c.optim.global_batch = 4
-  c.optim.micro_batch = 1       # 4 micro-batches on one device, 1 on four
+  c.optim.global_batch = 8
+  c.optim.micro_batch = 1       # 8 micro-batches on one device, 1 over data 8
+  c.remat.s = "32"              # MA-GC: one time block per piece with seq 2, two without
   c.optim.warmup_frac = 0.0     # every step moves the parameters
   c.train.steps = STEPS
   c.train.log_every = 1
   c.ckpt.every_steps = 100
   c.eval.batches = 0
-  c.mesh.data, c.mesh.fsdp, c.mesh.zero1 = data, fsdp, zero1
+  c.mesh.data, c.mesh.fsdp, c.mesh.zero1, c.mesh.seq = data, fsdp, zero1, seq
   return c
 
 
@@ -57,11 +59,12 @@ class _HeldBytes(py_logging.Handler):
       self.held = [int(match.group(1)), int(match.group(2))]
 
 
-def run_layout(data_dir: str, workdir: str, data: int, fsdp: int, zero1: bool) -> dict:
+def run_layout(data_dir: str, workdir: str, data: int, fsdp: int, zero1: bool,
+               seq: int) -> dict:
   handler = _HeldBytes()
   py_logging.getLogger("absl").addHandler(handler)
-  c = tiny_config(data_dir, data, fsdp, zero1)
-  if data * fsdp > 1:           # stop after step 2, then run again: resumes at step 2
+  c = tiny_config(data_dir, data, fsdp, zero1, seq)
+  if data * fsdp * seq > 1:           # stop after step 2, then run again: resumes at step 2
     c.train.stop_at_step = STOP
     trainer.train_and_evaluate(c, workdir)
     assert not os.path.exists(os.path.join(workdir, trainer.MODEL_EXPORT))
@@ -72,7 +75,7 @@ def run_layout(data_dir: str, workdir: str, data: int, fsdp: int, zero1: bool) -
     records = [json.loads(line) for line in f]
   model = model_io.restore_model(os.path.join(workdir, trainer.MODEL_EXPORT))
   leaves = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  return {"layout": [data, fsdp, int(zero1)], "devices": jax.device_count(),
+  return {"layout": [data, fsdp, int(zero1), seq], "devices": jax.device_count(),
           "steps": [r["step"] for r in records], "loss": [r["loss"] for r in records],
           "grad_norm": [r["grad_norm"] for r in records],
           "param_sums": [float(np.sum(np.asarray(a, np.float64))) for a in leaves],
@@ -84,7 +87,7 @@ if __name__ == "__main__":
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   data_dir, work_root = sys.argv[1], sys.argv[2]
   for arg in sys.argv[3:]:
-    data, fsdp, zero1 = map(int, arg.split(","))
-    workdir = os.path.join(work_root, f"d{data}_f{fsdp}_z{zero1}")
-    print("RESULT " + json.dumps(run_layout(data_dir, workdir, data, fsdp, bool(zero1))),
+    data, fsdp, zero1, seq = map(int, arg.split(","))
+    workdir = os.path.join(work_root, f"d{data}_f{fsdp}_z{zero1}_s{seq}")
+    print("RESULT " + json.dumps(run_layout(data_dir, workdir, data, fsdp, bool(zero1), seq)),
           flush=True)

@@ -1,10 +1,10 @@
-"""The real trainer on 4 simulated CPU devices, its transfer guard on, in two layouts:
-ZeRO-1 over data 4 (the shard_map data-parallel step: parameters whole on each device,
-optimizer state split 4 ways) and data 2 x fsdp 2 with ZeRO-1 (XLA-partitioned step:
-parameters split over fsdp, optimizer state over both axes). Each trains 2 steps, stops,
-resumes from the checkpoint and trains a third, with the losses, gradient norms and final
-parameters of one device. Plain data parallel and FSDP alone are checked at the step level
-in test_sharding.py."""
+"""The real trainer on 8 simulated CPU devices, its transfer guard on, in two layouts:
+ZeRO-1 over data 8 (the shard_map data-parallel step: parameters whole on each device,
+optimizer state split 8 ways) and data 2 x fsdp 2 x seq 2 with ZeRO-1 (each sample's tokens
+in two pieces: parameters split over fsdp, optimizer state over data x fsdp). Each trains
+2 steps, stops, resumes from the checkpoint and trains a third, with the losses, gradient
+norms and final parameters of one device. The other layouts (plain data parallel, FSDP
+alone, seq with packing) are checked at the step level in test_sharding.py."""
 
 import json
 import os
@@ -31,9 +31,9 @@ def run_trainer(n_devices: int, layouts: list[str], data_dir: str, tmp_path) -> 
   return rows
 
 
-def test_zero1_and_fsdp_trainer_resume_and_match_one_device(demo_data, tmp_path):
-  one, = run_trainer(1, ["1,1,0"], demo_data, tmp_path)
-  zero1, run = run_trainer(4, ["4,1,1", "2,2,1"], demo_data, tmp_path)
+def test_zero1_and_sequence_trainer_resume_and_match_one_device(demo_data, tmp_path):
+  one, = run_trainer(1, ["1,1,0,1"], demo_data, tmp_path)
+  zero1, run = run_trainer(8, ["8,1,1,1", "2,2,1,2"], demo_data, tmp_path)
   assert one["steps"] == [1, 2, 3]
   # The losses move (warmup 0): equal losses cannot come from a step that did nothing.
   assert len(set(np.round(one["loss"], 4))) == 3
