@@ -408,7 +408,7 @@ def test_a_new_benchmark_is_one_file(plugin_dir, streamer, sampler, video, tmp_p
       "video_id": qid, "videoID": "clip", "duration": "short", "question_id": qid,
       "task_type": "t", "question": q, "options": [f"{'ABCD'[j]}. {x}" for j, x in enumerate(c)],
       "answer": "ABCD"[a]} for qid, q, c, a in questions])
-  answerer = ModelAnswerer(streamer, sampler, target="letter")
+  answerer = ModelAnswerer(streamer, sampler, target="letter", batch=False)  # shapes compiled above
   report = evaluate.run("toyqa", toy, answerer=answerer, methods=("likelihood",),
                         json_path=str(tmp_path / "toy_eval.json"))
   assert [(r["group"], r["n"]) for r in report["rows"]] == [("toy", 2), ("overall", 2)]
