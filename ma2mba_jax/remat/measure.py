@@ -55,6 +55,7 @@ from absl import logging
 from ma2mba_jax.remat.cells import CELL_SAVES, OFFLOAD_CHOICES
 from ma2mba_jax.remat.planner import MemoryConstants, magc_memory, plan_magc
 from ma2mba_jax.remat.settings import RematPolicy, RematSettings
+from ma2mba_jax.xla_memory import tree_bytes
 
 # config.remat.planner: how MA-GC's 'auto' settings are chosen.
 PLANNERS = ("measure", "model")
@@ -304,11 +305,6 @@ class CompileCache:
     with os.fdopen(fd, "w") as f:
       json.dump(self._file, f, indent=1, sort_keys=True)
     os.replace(tmp, self.path)
-
-
-def tree_bytes(tree: Any) -> int:
-  """Bytes of a pytree of arrays or ShapeDtypeStructs."""
-  return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
 def _compiler_options() -> dict | None:

@@ -17,6 +17,7 @@ which the next stage's `init_from`, `evaluate` and `generate` read.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -46,6 +47,7 @@ from ma2mba_jax.train import checkpoint, metrics as metrics_lib, optim, sharding
 from ma2mba_jax.train import workdir as workdir_lib
 from ma2mba_jax.train.errors import ConfigError, NonFiniteLossError
 from ma2mba_jax.train.step import TrainState, make_eval_step, make_train_step, merge_params
+from ma2mba_jax.xla_memory import tree_bytes
 
 MODEL_EXPORT = workdir_lib.MODEL_EXPORT
 # Written after the export is complete: the step it holds (a rerun with nothing left to
@@ -126,6 +128,15 @@ def data_settings(config: ml_collections.ConfigDict, model_cfg: Any) -> dict[str
       validate_media=config.data.validate_media)
 
 
+@functools.cache
+def _abstract_model(model_cfg: VideoConfig) -> tuple[nnx.GraphDef, dict]:
+  """(graphdef, parameter shapes as a pure dict): the model traced once per config, for the
+  MA-GC budget (`_training_state_bytes`) and the layout (`model_layout`) alike."""
+  graphdef, state = nnx.split(
+      nnx.eval_shape(lambda: VideoMa2mba(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  return graphdef, nnx.to_pure_dict(state)
+
+
 def _training_state_bytes(config: ml_collections.ConfigDict, model_cfg: Any,
                           mesh: jax.sharding.Mesh, state_memory: str = "device"
                           ) -> dict[str, float]:
@@ -133,8 +144,7 @@ def _training_state_bytes(config: ml_collections.ConfigDict, model_cfg: Any,
   activation budget), from shapes only, after this mesh's sharding (FSDP, ZeRO-1), with the
   moments in optim.moments_dtype. With state_memory='host' the optimizer state is on the
   device only during the update, after the activations are freed: it takes none of it."""
-  abstract = nnx.eval_shape(lambda: VideoMa2mba(model_cfg, rngs=nnx.Rngs(0)))
-  params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  _, params = _abstract_model(model_cfg)
   trainable, _ = _split_groups(params, optim.trainable_groups(config.optim))
   optimizer = optim.make_optimizer(config.optim, config.train.steps, trainable)
   opt_state = jax.eval_shape(optimizer.init, trainable)
@@ -144,9 +154,9 @@ def _training_state_bytes(config: ml_collections.ConfigDict, model_cfg: Any,
                                           * sharding.batch_shards(mesh))
   grad_copies = 2 if n_micro > 1 else 1  # the step's accumulator beside one micro-batch's
   on_device = state_memory != "host"
-  return dict(weight_bytes=measure.tree_bytes(params) / fsdp,
-              grad_bytes=grad_copies * measure.tree_bytes(trainable) / fsdp,
-              opt_state_bytes=on_device * measure.tree_bytes(opt_state) / opt_split)
+  return dict(weight_bytes=tree_bytes(params) / fsdp,
+              grad_bytes=grad_copies * tree_bytes(trainable) / fsdp,
+              opt_state_bytes=on_device * tree_bytes(opt_state) / opt_split)
 
 
 def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any,
@@ -369,9 +379,7 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
 def model_layout(run: RunInputs) -> ModelLayout:
   """Shapes first, then shardings (initialising comes after)."""
   config, mesh = run.config, run.mesh
-  abstract_model = nnx.eval_shape(lambda: VideoMa2mba(run.model_cfg, rngs=nnx.Rngs(0)))
-  graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
-  abstract_params = nnx.to_pure_dict(abstract_state)
+  graphdef, abstract_params = _abstract_model(run.model_cfg)
   param_shardings = sharding.param_shardings(mesh, abstract_params)
   abstract_trainable, _ = _split_groups(abstract_params, run.groups)
   optimizer = optim.make_optimizer(config.optim, config.train.steps, abstract_trainable)

@@ -21,6 +21,7 @@ from ma2mba_jax.models.presets import mamba2_config
 from ma2mba_jax.remat import measure
 from ma2mba_jax.remat.planner import MemoryConstants, magc_memory
 from ma2mba_jax.remat.settings import RematSettings
+from ma2mba_jax.xla_memory import tree_bytes
 
 SEQLEN, BATCH, N_CANDIDATES = 64, 1, 3
 CFG = mamba2_config("tiny", compute_dtype="float32", ssd_impl="xla")
@@ -116,7 +117,7 @@ def test_measurement_reads_the_compiled_layers(measured):
   assert sorted(compiled, key=str) == sorted((r.candidate for r in rows), key=str)
   assert len(rows) == N_CANDIDATES
   params = _layer_params()
-  layer_bytes = measure.tree_bytes(params)
+  layer_bytes = tree_bytes(params)
   h_bytes = BATCH * SEQLEN * CFG.d_model * 4
   pointers = 8 * (len(jax.tree.leaves(params)) + 1)  # the output tuple's table of buffers
   for row in rows:
