@@ -149,10 +149,10 @@ def breakdown(spec: str, t: int, h: int, inputs) -> list[dict]:
   dt = api.process_dt(inputs["dt"], inputs["dt_bias"], True, (0.0, float("inf")))
   A = inputs["A"]
   D = jnp.broadcast_to(inputs["D"][:, None], (h, p)).astype(jnp.float32)
-  state_dtype, cb_dtype = chunked._storage_dtypes(x, opts)
-  dt_t, cs, cs_last = chunked._decays(dt, A, q)
-  cb = chunked._chunk_cb(C, B, q, cb_dtype)
-  w_state = chunked._state_weights(dt_t, cs, cs_last, q)
+  state_dtype, cb_dtype = chunked.storage_dtypes(x, opts)
+  dt_t, cs, cs_last = chunked.decays(dt, A, q)
+  cb = chunked.chunk_cb(C, B, q, cb_dtype)
+  w_state = chunked.state_weights(dt_t, cs, cs_last, q)
   decay = jnp.exp(cs_last)
   init = jnp.zeros((1, h, p, n), jnp.float32)
   inc = kernels.chunk_state(x, B, w_state, **opts.kernel_args("state"))
@@ -161,7 +161,7 @@ def breakdown(spec: str, t: int, h: int, inputs) -> list[dict]:
   dy = x
   stages = {
       "glue: cs, CB, weights": (
-          lambda dt, A, B, C: (chunked._decays(dt, A, q), chunked._chunk_cb(C, B, q, cb_dtype)),
+          lambda dt, A, B, C: (chunked.decays(dt, A, q), chunked.chunk_cb(C, B, q, cb_dtype)),
           (dt, A, B, C)),
       "chunk_state": (functools.partial(kernels.chunk_state, **opts.kernel_args("state")),
                       (x, B, w_state)),

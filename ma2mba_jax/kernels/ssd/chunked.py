@@ -113,7 +113,7 @@ def _pad_time(a: jax.Array, pad: int) -> jax.Array:
   return jnp.pad(a, widths)
 
 
-def _decays(dt: jax.Array, A: jax.Array, chunk_len: int):
+def decays(dt: jax.Array, A: jax.Array, chunk_len: int):
   """dt [B, T, H] (padded) -> dt_t [B, H, T], cs [B, H, T], cs_last [B, H, C], all f32."""
   batch, seqlen, n_heads = dt.shape
   n_chunks = seqlen // chunk_len
@@ -128,19 +128,19 @@ def _per_chunk(a: jax.Array, chunk_len: int) -> jax.Array:
   return a.reshape((a.shape[0], a.shape[1] // chunk_len, chunk_len) + a.shape[2:])
 
 
-def _chunk_cb(c: jax.Array, b: jax.Array, chunk_len: int, dtype=F32) -> jax.Array:
+def chunk_cb(c: jax.Array, b: jax.Array, chunk_len: int, dtype=F32) -> jax.Array:
   """CB[b, c, g, l, s] = C_l . B_s within each chunk: [B, C, G, Q, Q] (f32 sums)."""
   cb = jnp.einsum("bclgn,bcsgn->bcgls", _per_chunk(c, chunk_len), _per_chunk(b, chunk_len),
                   preferred_element_type=F32)
   return cb.astype(dtype)
 
 
-def _storage_dtypes(x, opts: Options):
+def storage_dtypes(x, opts: Options):
   """(state dtype, CB dtype): x's dtype unless f32 is asked for."""
   return (F32 if opts.state_f32 else x.dtype), (F32 if opts.cb_f32 else x.dtype)
 
 
-def _state_weights(dt_t, cs, cs_last, chunk_len):
+def state_weights(dt_t, cs, cs_last, chunk_len):
   """dt_s * exp(cs_last - cs_s): the weight of step s in its chunk's state update."""
   batch, n_heads, seqlen = cs.shape
   to_end = cs_last[..., None] - cs.reshape(batch, n_heads, -1, chunk_len)
@@ -200,10 +200,10 @@ def _forward(kernels, opts: Options, x, dt, A, B, C, D, initial_state, reset):
   pad = (-seqlen) % q
   # Padding with dt = 0, x = 0 leaves the state unchanged (decay 1, no input).
   xp, dtp, Bp, Cp = (_pad_time(a, pad) for a in (x, dt, B, C))
-  dt_t, cs, cs_last = _decays(dtp, A, q)
-  state_dtype, cb_dtype = _storage_dtypes(x, opts)
-  cb = _chunk_cb(Cp, Bp, q, cb_dtype)
-  w_state = _state_weights(dt_t, cs, cs_last, q)
+  dt_t, cs, cs_last = decays(dtp, A, q)
+  state_dtype, cb_dtype = storage_dtypes(x, opts)
+  cb = chunk_cb(Cp, Bp, q, cb_dtype)
+  w_state = state_weights(dt_t, cs, cs_last, q)
   decay_chunk = jnp.exp(cs_last)
   c_carried = Cp                 # C where the carried state is read (chunk_scan_fwd)
   if reset is not None:
@@ -231,10 +231,10 @@ def _backward(kernels, opts: Options, residuals, cotangents):
   xp, dtp, Bp, Cp = (_pad_time(a, pad) for a in (x, dt, B, C))
   dyp = _pad_time(dy.astype(x.dtype), pad)
   n_chunks = xp.shape[1] // q
-  dt_t, cs, cs_last = _decays(dtp, A, q)
-  state_dtype, cb_dtype = _storage_dtypes(x, opts)
-  cb = _chunk_cb(Cp, Bp, q, cb_dtype)
-  w_state = _state_weights(dt_t, cs, cs_last, q)
+  dt_t, cs, cs_last = decays(dtp, A, q)
+  state_dtype, cb_dtype = storage_dtypes(x, opts)
+  cb = chunk_cb(Cp, Bp, q, cb_dtype)
+  w_state = state_weights(dt_t, cs, cs_last, q)
   exp_cs = jnp.exp(cs)
   decay_chunk = jnp.exp(cs_last)
   b_to_end = Bp                  # B where the state gradient is read (chunk_scan_bwd_dx)
