@@ -1,10 +1,11 @@
 """Video-Ma²mba: vision encoder -> 2D pooling -> MLP projector, interleaved with text, then
 the Mamba-2 LM.
 
-Its inputs are the batch the data pipeline makes, whose contract (keys, dtypes, shapes,
-padding, packing) is written once, in docs/data_formats.md ("The batch contract"): this
-model reads tokens, vision_index, frames and frame_mask, and restarts its state where a
-packed row's segment_ids change (`reset`).
+Its inputs are the batch the data pipeline makes (`data.batch.Batch` in the train steps),
+whose contract (keys, dtypes, shapes, padding, packing) is written once, in
+docs/data_formats.md ("The batch contract"): this model reads tokens, vision_index,
+frames and frame_mask, and restarts its state where a packed row's segment_ids change
+(`reset`).
 
 Each frame becomes K = ceil(G / pool)^2 tokens (144 for CLIP-L-336 with 2 x 2 pooling). The
 input embedding at position t is the LM's token embedding where vision_index < 0, and vision
