@@ -93,8 +93,10 @@ def run_layout(data: int, fsdp: int, zero1: bool, seq: int = 1, policy: str = "m
     return new_state, metrics, grads.pop("g")
   step = jax.jit(with_grads, out_shardings=(state_shardings, replicated, None),
                  donate_argnums=(0,))
-  # The trainer's validation loss: the whole batch as one micro-batch, after the update.
-  eval_step = jax.jit(make_eval_step(graphdef, remat, packed=packed, mesh=mesh))
+  # The trainer's validation loss (the whole batch as one micro-batch, after the update), on
+  # one device and with a seq axis (the other layouts run the one-device function).
+  eval_step = (jax.jit(make_eval_step(graphdef, remat, packed=packed, mesh=mesh))
+               if seq > 1 or len(devices) == 1 else None)
   for seed in seeds:
     params = init_params(jax.random.key(seed))
     state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), trainable=params,
@@ -103,11 +105,12 @@ def run_layout(data: int, fsdp: int, zero1: bool, seq: int = 1, policy: str = "m
     batch = sharding.shard_batch(mesh, make_batch(cfg, seed, packed))
     with jax.transfer_guard("disallow"):
       state, metrics, step_grads = step(state, batch)
-      evaluated = eval_step(state, batch)
+      evaluated = eval_step(state, batch) if eval_step is not None else None
     yield {"layout": [data, fsdp, int(zero1), seq, policy, int(packed)],
            "devices": len(devices), "seed": seed,
            "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-           "eval_loss": float(evaluated["loss_sum"] / evaluated["target_tokens"]),
+           "eval_loss": (float(evaluated["loss_sum"] / evaluated["target_tokens"])
+                         if evaluated is not None else None),
            "grads": _grad_probe(step_grads),
            "param_sums": [float(np.sum(np.asarray(a, np.float64)))
                           for a in jax.tree.leaves(state.trainable)],

@@ -1,10 +1,11 @@
-"""One train step on 8 simulated CPU devices under each layout, in ONE subprocess: data
-parallel, ZeRO-1, FSDP and the sequence axis, alone and combined (data 2 x fsdp 2 x seq 2
+"""One train step on 8 simulated CPU devices under each layout, in ONE subprocess: FSDP and
+the sequence axis, alone and combined with data parallel and ZeRO-1 (data 2 x fsdp 2 x seq 2
 with ZeRO-1), per-layer remat and MA-GC, packed rows with segment boundaries at and near a
 piece boundary. Each gives the loss, the gradients (per leaf: sum of squares and a random
 projection), the updated parameters and the eval step's loss of one device, and leaves
 every parameter and optimizer-state array with the layout's sharding and bytes per
-device."""
+device. Data parallel and ZeRO-1 alone run through the real trainer in
+test_multi_device_trainer.py."""
 
 import json
 import math
@@ -20,16 +21,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # name: "data,fsdp,zero1,seq,remat policy,packed" (tests/train/multi_device_step.py)
 LAYOUTS = {
     "one": "1,1,0,1,magc,0",
-    "zero1": "4,1,1,1,magc,0",              # shard_map data parallel, optimizer state split
     "fsdp": "2,2,0,1,magc,0",               # XLA-partitioned FSDP
     "data_seq": "2,1,0,4,layer,0",          # plain data parallel x 4 sequence pieces
     "all": "2,2,1,2,magc,0",                # data x fsdp x seq with ZeRO-1, 8 devices
     "one_packed": "1,1,0,1,magc,1",
     "fsdp_seq_packed": "1,2,0,4,layer,1",   # resets at and near the piece boundaries
 }
-REFERENCE = {"zero1": "one", "fsdp": "one", "data_seq": "one", "all": "one",
+REFERENCE = {"fsdp": "one", "data_seq": "one", "all": "one",
              "fsdp_seq_packed": "one_packed"}
 COMPARED = tuple(REFERENCE)
+# ZeRO-1 over data alone (the shard_map data-parallel step) is checked through the real
+# trainer in test_multi_device_trainer.py (losses, grad norms, parameters, bytes held).
 # Worst relative errors over 20 seeds, any layout (python -m tests.train.sharding_sweep
 # --seeds=20, 2026-11-26): loss 2.3e-7, eval loss 2.4e-7, grad norm 1.2e-7, per-leaf
 # gradient sum of squares 2.3e-6, per-leaf random projection 3.3e-6 (data_seq); updated
@@ -59,18 +61,20 @@ def quantities(row: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   leaves = sorted(k for k in row["grads"] if not k.endswith(NO_GRADIENT))
   ssq = np.array([row["grads"][k][0] for k in leaves])
   dot = np.array([row["grads"][k][1] for k in leaves])
-  return {"loss": (np.array([row["loss"]]), np.abs(np.array([row["loss"]]))),
-          "eval_loss": (np.array([row["eval_loss"]]), np.abs(np.array([row["eval_loss"]]))),
-          "grad_norm": (np.array([row["grad_norm"]]), np.array([row["grad_norm"]])),
-          "grad_ssq": (ssq, ssq),
-          # a projection on a random direction is about +-sqrt(ssq) in size
-          "grad_dot": (dot, np.sqrt(ssq))}
+  out = {"loss": (np.array([row["loss"]]), np.abs(np.array([row["loss"]]))),
+         "grad_norm": (np.array([row["grad_norm"]]), np.array([row["grad_norm"]])),
+         "grad_ssq": (ssq, ssq),
+         # a projection on a random direction is about +-sqrt(ssq) in size
+         "grad_dot": (dot, np.sqrt(ssq))}
+  if row["eval_loss"] is not None:
+    out["eval_loss"] = (np.array([row["eval_loss"]]), np.abs(np.array([row["eval_loss"]])))
+  return out
 
 
 def rel_errors(row: dict, reference: dict) -> dict[str, float]:
   got, want = quantities(row), quantities(reference)
   return {k: float(np.max(np.abs(got[k][0] - want[k][0]) / np.maximum(want[k][1], 1e-30)))
-          for k in want}
+          for k in got}
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +124,9 @@ def test_layout_matches_one_device(results, name):
   layout = LAYOUTS[name].split(",")
   assert row["devices"] == int(layout[0]) * int(layout[1]) * int(layout[3])
   errors = rel_errors(row, one)
-  for key, tol in TOL.items():
-    assert errors[key] < tol, (name, key, errors[key])
+  assert ("eval_loss" in errors) == (int(layout[3]) > 1), name   # evaluated with seq only
+  for key, err in errors.items():
+    assert err < TOL[key], (name, key, err)
   # Sums of |p| are well conditioned, but Adam's first step moves a parameter whose
   # gradient is about eps by an amount that rounding decides: hence atol.
   np.testing.assert_allclose(row["param_abs_sums"], one["param_abs_sums"], rtol=1e-5,
@@ -133,12 +138,6 @@ def test_layout_matches_one_device(results, name):
 def test_data_parallel_and_seq_replicate_everything(results):
   check_tree(results["data_seq"], "param", None, 1)
   check_tree(results["data_seq"], "opt", None, 1)
-
-
-def test_zero1_replicates_params_and_splits_optimizer_state_over_data(results):
-  check_tree(results["zero1"], "param", None, 1)
-  check_tree(results["zero1"], "opt", "data", 4)
-  assert results["zero1"]["opt_bytes"][0] < 0.7 * results["data_seq"]["opt_bytes"][0]
 
 
 def test_fsdp_splits_params_and_optimizer_state(results):
