@@ -122,11 +122,14 @@ class Streamer:
   step runs the LM's layers: 'scan' (`Mamba2LM.apply_layers`, a scan over the stacked
   layers) or 'unrolled' (`models/decode.py`: the loop unrolled over per-layer weights,
   `weights` if given, e.g. the Sampler's `device_weights()`, else a copy made here).
+  reuse_system_turn: read_frames reads each system turn once and starts every video from
+  its saved state (False: read it again for every video, as before issue 19).
   """
 
   def __init__(self, model: VideoMa2mba, tokenizer: tokenizers.Tokenizer, *,
                frames_per_step: int = 16, text_chunk: int = 32, max_inflight: int = 2,
-               layer_loop: str = "scan", weights: DecodeWeights | None = None):
+               layer_loop: str = "scan", weights: DecodeWeights | None = None,
+               reuse_system_turn: bool = True):
     if frames_per_step < 1 or text_chunk < 1 or max_inflight < 1:
       raise ValueError(f"frames_per_step ({frames_per_step}), text_chunk ({text_chunk}) and "
                        f"max_inflight ({max_inflight}) must be >= 1")
@@ -137,6 +140,8 @@ class Streamer:
     self.frames_per_step = frames_per_step
     self.text_chunk = text_chunk
     self.max_inflight = max_inflight
+    self.reuse_system_turn = reuse_system_turn
+    self._prefix_states: dict[tuple[int, ...], LayerStates] = {}  # read_frames' system turns
     self.tokens_per_frame = model.config.tokens_per_frame  # K
     self.image_size = model.config.image_size              # S
     self.llm_config = model.llm.config
@@ -431,7 +436,14 @@ class Streamer:
       raise ValueError("a video needs at least one frame")
     prefix = [self.ids.system, *encode_text(self.tokenizer, system_prompt, self.ids),
               self.ids.endoftext, self.ids.user]
-    states, _ = self.feed_text(self.init_states(), prefix)
+    # Every video starts from the same system turn: read once, then shared (states are
+    # never overwritten).
+    key = tuple(prefix)
+    states = self._prefix_states.get(key) if self.reuse_system_turn else None
+    if states is None:
+      states = self.feed_text(self.init_states(), prefix)[0]
+      if self.reuse_system_turn:
+        self._prefix_states[key] = states
     states = self.feed_frames(states, batches, total, progress)
     return Conversation(states, None, (Piece(ids=tuple(prefix)), Piece(frames=total)),
                         IN_USER_TURN)

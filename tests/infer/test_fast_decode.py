@@ -73,6 +73,11 @@ def test_questions_read_and_scored_together_match_one_at_a_time(streamer):
   frames = np.random.default_rng(2).integers(
       0, 256, (3, streamer.image_size, streamer.image_size, 3), np.uint8)
   video = streamer.read_frames([frames], 3)
+  # Every video starts from the system turn's state, read once and kept.
+  prefix = video.pieces[0].ids
+  saved = streamer._prefix_states[prefix]
+  np.testing.assert_array_equal(saved.ssm,
+                                streamer.feed_text(streamer.init_states(), prefix)[0].ssm)
   questions = ["Which shape is red?", "What colour is the circle? A. red B. blue C. green",
                "Which way does it move?", "A red circle moves left on a black background."]
   many = streamer.ask_many(video, questions)
