@@ -29,6 +29,8 @@ from typing import Any, Callable
 import jax
 from jax.ad_checkpoint import checkpoint_name
 
+from ma2mba_jax.remat.settings import RematSettings
+
 # checkpoint_name tags of a cell's inputs (the two kinds of MA-GC checkpoint).
 SEQUENCE_CHECKPOINT = "magc_sequence_checkpoint"
 LAYER_CHECKPOINT = "magc_layer_checkpoint"
@@ -53,27 +55,27 @@ def scan_layers(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
   return h, conv, ssm
 
 
-def _cell_policy(remat_cfg: Any):
-  saves = getattr(remat_cfg, "cell_saves", "nothing")
+def _cell_policy(remat_cfg: RematSettings):
+  saves = remat_cfg.cell_saves
   if saves in ("nothing", "layers"):
     return jax.checkpoint_policies.nothing_saveable
   if saves == "dots":
     return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
   if saves == "names":
-    return jax.checkpoint_policies.save_only_these_names(*tuple(remat_cfg.save_names))
+    return jax.checkpoint_policies.save_only_these_names(*remat_cfg.save_names)
   raise ValueError(f"config.remat.cell_saves={saves!r} is not one of {', '.join(CELL_SAVES)}")
 
 
-def offload_choice(remat_cfg: Any) -> str:
-  """`remat.offload` ('none' when unset), checked against OFFLOAD_CHOICES."""
-  offload = getattr(remat_cfg, "offload", "none")
+def offload_choice(remat_cfg: RematSettings) -> str:
+  """`remat.offload`, checked against OFFLOAD_CHOICES."""
+  offload = remat_cfg.offload
   if offload not in OFFLOAD_CHOICES:
     raise ValueError(f"config.remat.offload={offload!r} is not one of "
                      f"{', '.join(OFFLOAD_CHOICES)}")
   return offload
 
 
-def offloaded_names(remat_cfg: Any) -> tuple[str, ...]:
+def offloaded_names(remat_cfg: RematSettings) -> tuple[str, ...]:
   """The checkpoint tags `remat.offload` sends to host memory."""
   return OFFLOAD_CHOICES[offload_choice(remat_cfg)]
 
@@ -91,14 +93,14 @@ def _with_offload(policy: Callable, names: tuple[str, ...]) -> Callable:
   return combined
 
 
-def cell_layer_fn(layer_fn: Callable, remat_cfg: Any) -> Callable:
+def cell_layer_fn(layer_fn: Callable, remat_cfg: RematSettings) -> Callable:
   """The per-layer function a cell runs: checkpointed per layer with cell_saves=layers."""
-  if getattr(remat_cfg, "cell_saves", "nothing") == "layers":
+  if remat_cfg.cell_saves == "layers":
     return jax.checkpoint(layer_fn, prevent_cse=False)
   return layer_fn
 
 
-def cell_checkpoint(remat_cfg: Any) -> Callable[[Callable], Callable]:
+def cell_checkpoint(remat_cfg: RematSettings) -> Callable[[Callable], Callable]:
   """Returns a decorator that puts a cell function under jax.checkpoint with the policy.
 
   The cell function is fn(params, h, conv, ssm, reset) -> (h, conv, ssm) (reset [B, S]

@@ -14,7 +14,6 @@ just after and a few tokens after the middle (a piece boundary under seq 2).
 
 import json
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ from flax import nnx
 
 from ma2mba_jax.models.video_lm import VideoMa2mba
 from ma2mba_jax.models.video_presets import video_config
+from ma2mba_jax.remat.settings import RematSettings
 from ma2mba_jax.train import optim, sharding
 from ma2mba_jax.train.step import TrainState, make_eval_step, make_train_step
 
@@ -77,7 +77,7 @@ def run_layout(data: int, fsdp: int, zero1: bool, seq: int = 1, policy: str = "m
   replicated = sharding.replicated(mesh)
   state_shardings = TrainState(step=replicated, trainable=param_shardings, frozen={},
                                opt_state=opt_shardings, rng=replicated)
-  remat = types.SimpleNamespace(policy=policy, l=1, s=20, cell_saves="nothing", save_names=())
+  remat = RematSettings(policy=policy, l=1, s=20)
   # Micro-batches of 4 rows: 2 accumulation steps whatever the layout. The optimizer is
   # wrapped to hand out the gradients it is given (a side output of the same trace).
   grads = {}
