@@ -109,11 +109,23 @@ def resolve(checkpoint: str, tokenizer: str = "") -> tuple[str, str]:
   return model_dir, tokenizer
 
 
+# Path parts under which a module's parameters are stacked along a leading layer axis.
+STACKED = ("layers", "unused_layers")
+
+
 def cast_matrices(model: nnx.Module, dtype: Any) -> nnx.Module:
-  """The model with every parameter of 2 or more dimensions stored in `dtype` (e.g.
-  bfloat16 to halve weight memory); vectors (norms, biases, A_log, D, dt_bias) stay f32."""
+  """The model with every matrix parameter (2 or more dimensions per layer) stored in
+  `dtype` (e.g. bfloat16 to halve weight memory); vectors (norms, biases, A_log, D,
+  dt_bias) stay f32, also inside the layer stacks, where they are [L, n]."""
   graphdef, state = nnx.split(model)
-  state = jax.tree.map(lambda a: a.astype(dtype) if a.ndim >= 2 else a, state)
+
+  def cast(path, a):
+    per_layer_ndim = a.ndim - any(str(part) in STACKED for part in path)
+    return a.astype(dtype) if per_layer_ndim >= 2 else a
+
+  state = jax.tree_util.tree_map_with_path(
+      lambda path, a: cast(tuple(getattr(k, "key", getattr(k, "name", k)) for k in path), a),
+      state)
   return nnx.merge(graphdef, state)
 
 
