@@ -59,6 +59,8 @@ _SEQ_LENGTHS = flags.DEFINE_list("seq_lengths", ["262144", "524288", "1048576", 
 _SEQ_MESHES = flags.DEFINE_list("seq_meshes", ["one", "seq"], "Part 4: one (one GPU), seq (all "
                                 "GPUs on one sample); each may be run in its own call.")
 _SEQ_L = flags.DEFINE_integer("seq_l", 8, "Part 4: MA-GC layers per group with the seq axis.")
+_SEQ_REMAT = flags.DEFINE_list("seq_remat", ["--cell_saves=layers"], "Part 4: more bench.train "
+                               "remat flags of the seq rows, e.g. --offload=all.")
 _ONE_GPU_REMAT = flags.DEFINE_list("one_gpu_remat", ["--l=64", "--s=16384",
                                                      "--cell_saves=layers",
                                                      "--offload=sequence"],
@@ -186,7 +188,7 @@ def longest_row(mesh: str, visible: str | None, clock: Clock) -> dict:
       break
     if n_seq > 1:
       remat = ["--policy=magc", f"--l={_SEQ_L.value}", f"--s={-(-tokens // n_seq)}",
-               "--cell_saves=layers"]
+               *_SEQ_REMAT.value]
     else:
       remat = list(_ONE_GPU_REMAT.value)
     row = bench_row(mesh, tokens, clock, _SEQ_ROW_S.value, remat, visible)

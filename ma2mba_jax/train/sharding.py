@@ -3,12 +3,12 @@
 Mesh axes: `data`, `fsdp` and `seq`; the batch's rows are split over `data` x `fsdp`, and
 each row's tokens over `seq` (sequence parallel: train/sequence.py; with seq=1 nothing
 changes). Three layouts of parameters and optimizer state, picked by `config.mesh` (see
-`layout_shardings`), each replicated over `seq`:
+`layout_shardings`), parameters replicated over `seq`:
 
   data parallel   fsdp=1, zero1=False   parameters and optimizer state replicated
   ZeRO-1          zero1=True            parameters replicated over `data` (sharded over
                                         `fsdp` if fsdp > 1), optimizer state sharded over
-                                        `data` x `fsdp`
+                                        `data` x `fsdp` (x `seq`)
   FSDP            fsdp=N                parameters and optimizer state sharded over `fsdp`
 
 An array is sharded on its largest axis that the shard count divides; arrays smaller than
@@ -94,7 +94,12 @@ def array_spec(shape: tuple[int, ...], mesh_shape: dict[str, int], axes: tuple[s
 def _opt_spec(shape: tuple[int, ...], mesh_shape: dict[str, int], zero1: bool) -> P:
   if zero1:
     # `fsdp` first: device (d, f) then holds a piece of the parameter piece it holds under
-    # FSDP, so the update needs no data from other devices before its all-gather.
+    # FSDP, so the update needs no data from other devices before its all-gather. The
+    # devices of a sample's pieces (`seq`) hold the same parameters and gradients: they
+    # split the optimizer state too.
+    spec = array_spec(shape, mesh_shape, ("fsdp", "data", SEQ_AXIS))
+    if spec != P():
+      return spec
     spec = array_spec(shape, mesh_shape, ("fsdp", "data"))
     if spec != P():
       return spec

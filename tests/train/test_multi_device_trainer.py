@@ -1,7 +1,7 @@
 """The real trainer on 8 simulated CPU devices, its transfer guard on, in two layouts:
 ZeRO-1 over data 8 (the shard_map data-parallel step: parameters whole on each device,
 optimizer state split 8 ways) and data 2 x fsdp 2 x seq 2 with ZeRO-1 (each sample's tokens
-in two pieces: parameters split over fsdp, optimizer state over data x fsdp). Each trains
+in two pieces: parameters split over fsdp, optimizer state over data x fsdp x seq). Each trains
 2 steps, stops, resumes from the checkpoint and trains a third, with the losses, gradient
 norms and final parameters of one device. The other layouts (plain data parallel, FSDP
 alone, seq with packing) are checked at the step level in test_sharding.py."""
@@ -47,6 +47,6 @@ def test_zero1_and_sequence_trainer_resume_and_match_one_device(demo_data, tmp_p
   params_one, opt_one = one["held_bytes"]
   assert zero1["held_bytes"][0] == params_one and zero1["held_bytes"][1] < 0.6 * opt_one
   params_run, opt_run = run["held_bytes"]
-  # The big arrays (over half the bytes) are split: parameters in 2, optimizer state in 4.
+  # The big arrays (over half the bytes) are split: parameters in 2, optimizer state in 8.
   assert params_run < 0.8 * params_one
   assert opt_run < 0.6 * opt_one and opt_run / opt_one < params_run / params_one

@@ -147,10 +147,10 @@ def test_fsdp_splits_params_and_optimizer_state(results):
   check_tree(results["fsdp_seq_packed"], "param", "fsdp", 2)
 
 
-def test_combined_layout_splits_params_over_fsdp_and_optimizer_state_over_both(results):
+def test_combined_layout_splits_params_over_fsdp_and_optimizer_state_over_all(results):
   row = results["all"]
   check_tree(row, "param", "fsdp", 2)
-  check_tree(row, "opt", ("fsdp", "data"), 4)
+  check_tree(row, "opt", ("fsdp", "data", "seq"), 8)
 
 
 def test_magc_time_blocks_inside_a_sequence_piece_are_refused():
