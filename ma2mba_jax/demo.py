@@ -144,7 +144,7 @@ def main(argv):
   data_dir = os.path.join(workdir, "data")
   os.makedirs(workdir, exist_ok=True)
   make_data(data_dir)
-  from ma2mba_jax.train.errors import USER_ERRORS
+  from ma2mba_jax.errors import USER_ERRORS
   try:
     final = train_stages(workdir, data_dir)
   except USER_ERRORS as e:  # the message names the field, file or step

@@ -104,7 +104,8 @@ def default_workdir(config) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from ma2mba_jax.train import errors, metrics, trainer
+  from ma2mba_jax import errors
+  from ma2mba_jax.train import metrics, trainer
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.INFO)
   metrics.quiet_library_logs()

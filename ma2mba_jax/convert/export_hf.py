@@ -96,9 +96,9 @@ def _tokenizer_for(model_dir: str, checkpoint_arg: str, tokenizer: str):
     if tokenizer:
       raise
     return None
-  workdir = checkpoint._locate(checkpoint_arg)[1]  # noqa: SLF001 (same package family)
+  workdir = checkpoint.locate(checkpoint_arg)[1]
   try:
-    return load_tokenizer(path, add_missing=checkpoint._adds_special_tokens(workdir))  # noqa: SLF001
+    return load_tokenizer(path, add_missing=checkpoint.adds_special_tokens(workdir))
   except DataError:
     if tokenizer:
       raise
@@ -147,7 +147,7 @@ def export_hf(src: str, out: str, *, tokenizer: str = "", overwrite: bool = Fals
            f"{lcfg.padded_vocab_size} embedding rows, tied {lcfg.tie_embeddings}"
            + ("" if tok is not None else " (no tokenizer found: none written)")]
   meta: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                          "model_class": model_io._qualified_name(type(model)),  # noqa: SLF001
+                          "model_class": model_io.qualified_name(type(model)),
                           "config": model_io.encode_config(model.config),
                           "llm": LLM_DIR}
   if ids is not None:
@@ -204,7 +204,7 @@ def load_hf_export(out: str, **config_overrides) -> nnx.Module:
     raise ValueError(f"{meta_path}: format {meta.get('format')!r} version "
                      f"{meta.get('format_version')!r}; this code reads {FORMAT} "
                      f"{FORMAT_VERSION}")
-  cls = model_io._import_trusted(meta["model_class"])  # noqa: SLF001
+  cls = model_io.import_trusted(meta["model_class"])
   config = model_io.decode_config(meta["config"])
   if config_overrides:
     import dataclasses  # noqa: PLC0415

@@ -44,7 +44,7 @@ def encode_config(value: Any) -> Any:
   """A config value (dataclasses, dtypes, tuples, inf included) -> JSON-safe data."""
   if dataclasses.is_dataclass(value) and not isinstance(value, type):
     fields = {f.name: encode_config(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    return {"__dataclass__": _qualified_name(type(value)), "fields": fields}
+    return {"__dataclass__": qualified_name(type(value)), "fields": fields}
   if isinstance(value, np.dtype) or (isinstance(value, type) and hasattr(value, "dtype")):
     return {"__dtype__": jnp.dtype(value).name}
   if isinstance(value, tuple):
@@ -68,7 +68,7 @@ def decode_config(data: Any) -> Any:
   if not isinstance(data, dict):
     return data
   if "__dataclass__" in data:
-    cls = _import_trusted(data["__dataclass__"])
+    cls = import_trusted(data["__dataclass__"])
     return cls(**{k: decode_config(v) for k, v in data["fields"].items()})
   if "__dtype__" in data:
     return jnp.dtype(data["__dtype__"])
@@ -79,11 +79,11 @@ def decode_config(data: Any) -> Any:
   return {k: decode_config(v) for k, v in data.items()}
 
 
-def _qualified_name(cls: type) -> str:
+def qualified_name(cls: type) -> str:
   return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _import_trusted(name: str) -> type:
+def import_trusted(name: str) -> type:
   module, _, qualname = name.partition(":")
   if not module.startswith(_TRUSTED_PREFIX):
     raise ValueError(f"{CONFIG_FILE} names class {name!r} outside {_TRUSTED_PREFIX}*; refusing "
@@ -112,7 +112,7 @@ def save_model(model: nnx.Module, out_dir: str | Path, *, overwrite: bool = Fals
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(params_dir, params, force=overwrite)
-  meta = {"format_version": FORMAT_VERSION, "model_class": _qualified_name(type(model)),
+  meta = {"format_version": FORMAT_VERSION, "model_class": qualified_name(type(model)),
           "config": encode_config(model.config), "num_params": _count(params)}
   if jax.process_index() == 0:  # every process saves its shards above; one writes the rest
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -139,7 +139,7 @@ def read_model_config(model_dir: str | Path) -> tuple[type, Any]:
   if meta.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{path}: format_version {meta.get('format_version')!r}, this code reads "
                      f"{FORMAT_VERSION}")
-  return _import_trusted(meta["model_class"]), decode_config(meta["config"])
+  return import_trusted(meta["model_class"]), decode_config(meta["config"])
 
 
 def restore_params(model_dir: str | Path, abstract_params: Any) -> Any:

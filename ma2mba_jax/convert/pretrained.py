@@ -24,7 +24,7 @@ from absl import logging
 
 from ma2mba_jax.convert import clip as vision_ckpt
 from ma2mba_jax.convert import mamba2 as mamba2_ckpt
-from ma2mba_jax.train.errors import ConfigError
+from ma2mba_jax.errors import ConfigError
 
 # config.model field -> parameter group it initialises.
 FIELDS = {"vision_init": "vision", "llm_init": "llm"}

@@ -43,7 +43,7 @@ def _train_config(workdir: str) -> dict | None:
       raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
-def _adds_special_tokens(workdir: str) -> bool:
+def adds_special_tokens(workdir: str) -> bool:
   """Whether the run in `workdir` appended the chat template's special tokens
   (data.add_special_tokens in its config.json)."""
   config = _train_config(workdir) or {}
@@ -77,7 +77,7 @@ def _tokenizer_from_config(workdir: str) -> str | None:
                           f"{' or '.join(tried)}; pass --tokenizer")
 
 
-def _locate(checkpoint: str) -> tuple[str, str]:
+def locate(checkpoint: str) -> tuple[str, str]:
   """-> (model export folder, its workdir)."""
   checkpoint = os.fspath(checkpoint)
   if not os.path.isdir(checkpoint):
@@ -97,7 +97,7 @@ def _locate(checkpoint: str) -> tuple[str, str]:
 
 def resolve(checkpoint: str, tokenizer: str = "") -> tuple[str, str]:
   """-> (model export folder, tokenizer.json path); errors name what is missing."""
-  model_dir, workdir = _locate(checkpoint)
+  model_dir, workdir = locate(checkpoint)
   if not tokenizer:
     saved = model_io.saved_tokenizer(model_dir)
     tokenizer = str(saved) if saved else ""
@@ -137,7 +137,7 @@ def load(checkpoint: str, *, tokenizer: str = "", compute_dtype: str = "",
   param_dtype: '' keeps f32 weights; 'bfloat16' stores the matrices in bf16.
   """
   model_dir, tokenizer_path = resolve(checkpoint, tokenizer)
-  add_missing = _adds_special_tokens(_locate(checkpoint)[1])
+  add_missing = adds_special_tokens(locate(checkpoint)[1])
   overrides = {"compute_dtype": compute_dtype} if compute_dtype else {}
   model = model_io.restore_model(model_dir, **overrides)
   if not isinstance(model, VideoMa2mba):

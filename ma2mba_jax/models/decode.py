@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ma2mba_jax.models.mamba2 import (LayerStates, Mamba2Config, Mamba2LM, _rms_normalize,
+from ma2mba_jax.models.mamba2 import (LayerStates, Mamba2Config, Mamba2LM, rms_normalize,
                                       block_apply, block_step)
 
 Array = jax.Array
@@ -81,7 +81,7 @@ def decode_step(config: Mamba2Config, block_graphdef: nnx.GraphDef, weights: Dec
     conv = jax.lax.dynamic_update_index_in_dim(conv, conv_i, i, 0)
     ssm = jax.lax.dynamic_update_index_in_dim(ssm, ssm_i, i, 0)
   # Mamba2LM.head: final norm (f32), then the projection in the compute dtype.
-  x = (_rms_normalize(h, config.norm_eps) * weights.final_norm.astype(f32)
+  x = (rms_normalize(h, config.norm_eps) * weights.final_norm.astype(f32)
        ).astype(config.compute_dtype)
   if config.tie_embeddings:
     logits = jnp.einsum("...d,vd->...v", x, weights.head, preferred_element_type=f32)

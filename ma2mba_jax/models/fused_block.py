@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from ma2mba_jax.kernels.ssd import sequence_parallel as seq_par
-from ma2mba_jax.models.mamba2 import (Mamba2Config, _rms_normalize, causal_conv,
+from ma2mba_jax.models.mamba2 import (Mamba2Config, rms_normalize, causal_conv,
                                       gated_rms_norm)
 
 Array = jax.Array
@@ -95,7 +95,7 @@ def _linear_backward(x: Array, kernel: Array, g: Array, cd) -> tuple[Array, Arra
 
 def _norm_in(h: Array, weight: Array, eps: float, cd) -> Array:
   """The block's pre-norm: h [B, T, D] f32, weight [D] -> u [B, T, D] in cd."""
-  return (_rms_normalize(h, eps) * weight.astype(f32)).astype(cd)
+  return (rms_normalize(h, eps) * weight.astype(f32)).astype(cd)
 
 
 def _mix(config: Mamba2Config, mix_params: tuple, zxbcdt: Array, conv_state: Array,

@@ -201,7 +201,7 @@ def _A_log_init(config: Mamba2Config):
 # --------------------------------------------------------------------------- layers
 
 
-def _rms_normalize(x: Array, eps: float) -> Array:
+def rms_normalize(x: Array, eps: float) -> Array:
   """x [..., W] -> x / rms(x) over the last axis, in f32."""
   x = x.astype(f32)
   return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
@@ -215,7 +215,7 @@ class RMSNorm(nnx.Module):
     self.weight = nnx.Param(jnp.ones((dim,), param_dtype))        # [W]
 
   def __call__(self, x: Array) -> Array:
-    return _rms_normalize(x, self.eps) * self.weight[...].astype(f32)
+    return rms_normalize(x, self.eps) * self.weight[...].astype(f32)
 
 
 class GatedRMSNorm(nnx.Module):
@@ -238,7 +238,7 @@ def gated_rms_norm(y: Array, z: Array, weight: Array, n_groups: int, eps: float)
   """`GatedRMSNorm` as a function: y, z [..., E], weight [E] -> [..., E] in f32."""
   gated = y.astype(f32) * jax.nn.silu(z.astype(f32))
   grouped = gated.reshape(gated.shape[:-1] + (n_groups, -1))     # [..., G, E/G]
-  normed = _rms_normalize(grouped, eps).reshape(gated.shape)
+  normed = rms_normalize(grouped, eps).reshape(gated.shape)
   return normed * weight.astype(f32)
 
 

@@ -14,7 +14,7 @@ from ma2mba_jax.remat.cells import CELL_SAVES, OFFLOAD_CHOICES
 from ma2mba_jax.remat.measure import PLANNERS
 from ma2mba_jax.remat.policies import POLICIES
 from ma2mba_jax.train import optim
-from ma2mba_jax.train.errors import ConfigError
+from ma2mba_jax.errors import ConfigError
 
 
 def _one_of(field: str, value, choices) -> None:

@@ -45,7 +45,7 @@ from ma2mba_jax.remat.settings import RematPolicy, RematSettings
 from ma2mba_jax.train import config_check
 from ma2mba_jax.train import checkpoint, metrics as metrics_lib, optim, sharding
 from ma2mba_jax.train import workdir as workdir_lib
-from ma2mba_jax.train.errors import ConfigError, NonFiniteLossError
+from ma2mba_jax.errors import ConfigError, NonFiniteLossError
 from ma2mba_jax.train.step import TrainState, make_eval_step, make_train_step, merge_params
 from ma2mba_jax.xla_memory import tree_bytes
 

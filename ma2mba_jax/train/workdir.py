@@ -23,7 +23,7 @@ from absl import logging
 
 from ma2mba_jax.convert import io as model_io
 from ma2mba_jax.train import checkpoint
-from ma2mba_jax.train.errors import ConfigError, WorkdirConflictError
+from ma2mba_jax.errors import ConfigError, WorkdirConflictError
 
 CONFIG_FILE = "config.json"
 INPUTS_FILE = "inputs.json"

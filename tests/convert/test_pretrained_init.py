@@ -21,7 +21,7 @@ from ma2mba_jax.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, vocab_size
 from ma2mba_jax.infer import checkpoint
 from ma2mba_jax.models.video_lm import VideoMa2mba
 from ma2mba_jax.models.video_presets import video_config
-from ma2mba_jax.train.errors import ConfigError
+from ma2mba_jax.errors import ConfigError
 from tests.convert.hf_fixtures import (neox_style_tokenizer, random_mamba2_tensors,
                                        write_hf_mamba2, write_hf_vision)
 

@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from configs import stage1
 from ma2mba_jax.remat import measure
 from ma2mba_jax.train import checkpoint, config_check, optim, trainer
-from ma2mba_jax.train.errors import ConfigError
+from ma2mba_jax.errors import ConfigError
 from tests.train.test_trainer import logged, tiny_config
 
 

@@ -156,7 +156,7 @@ def test_combined_layout_splits_params_over_fsdp_and_optimizer_state_over_all(re
 def test_magc_time_blocks_inside_a_sequence_piece_are_refused():
   from configs import stage2
   from ma2mba_jax.models.video_presets import video_config
-  from ma2mba_jax.train.errors import ConfigError
+  from ma2mba_jax.errors import ConfigError
   from ma2mba_jax.train.trainer import check_sequence_remat
   c = stage2.get_config("demo")                   # max_tokens 512, MA-GC with s auto
   model_cfg = video_config("tiny")

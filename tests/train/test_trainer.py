@@ -16,7 +16,7 @@ from ma2mba_jax.convert import io as model_io
 from ma2mba_jax.data.pipeline import make_pipeline
 from ma2mba_jax.data.tokenizer import load_tokenizer, vocab_size
 from ma2mba_jax.train import checkpoint, trainer
-from ma2mba_jax.train.errors import NonFiniteLossError
+from ma2mba_jax.errors import NonFiniteLossError
 
 
 def tiny_config(data_dir, module=stage1, steps=4, remat="magc"):

@@ -10,7 +10,7 @@ from configs import stage1, stage2
 from ma2mba_jax import demo
 from ma2mba_jax.convert import io as model_io
 from ma2mba_jax.train import trainer, workdir as workdir_lib
-from ma2mba_jax.train.errors import ConfigError, WorkdirConflictError
+from ma2mba_jax.errors import ConfigError, WorkdirConflictError
 
 
 def demo_config(data_dir, module=stage1):

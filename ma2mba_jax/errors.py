@@ -1,4 +1,5 @@
-"""The exceptions that mean "the user gave something wrong", ended by `main` in one line.
+"""The exceptions that mean "the user gave something wrong", ended by `main` in one line
+(a bottom-layer module: convert, train and the entry points raise them).
 
 Everything else that escapes the trainer is our bug and keeps its traceback. The data side
 raises its own `DataError` (data/errors.py) for bad input files; `USER_ERRORS` lists both.
