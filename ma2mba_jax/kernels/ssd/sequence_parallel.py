@@ -61,6 +61,19 @@ def sequence_axis(axis: str, n: int):
     _CONTEXT.axis = previous
 
 
+def _zeros_for_missing(x, B, initial_state, D, dt_bias):
+  """Zeros for the optional inputs left out: initial state [b, H, P, N] f32, D and dt_bias
+  [H] f32 (the stitched SSD takes them all)."""
+  batch, _, n_heads, head_dim = x.shape
+  if initial_state is None:
+    initial_state = jnp.zeros((batch, n_heads, head_dim, B.shape[3]), jnp.float32)
+  if D is None:
+    D = jnp.zeros((n_heads,), jnp.float32)
+  if dt_bias is None:
+    dt_bias = jnp.zeros((n_heads,), jnp.float32)
+  return initial_state, D, dt_bias
+
+
 def current_axis() -> tuple[str, int] | None:
   """(axis name, devices on it) of the enclosing `sequence_axis`, or None."""
   return getattr(_CONTEXT, "axis", None)
@@ -78,13 +91,7 @@ def ssd_in_context(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus: bool = 
                dt_limit=dt_limit, initial_state=initial_state, chunk_len=chunk_len,
                impl=impl, reset=reset)
   axis, n = context
-  batch, _, n_heads, head_dim = x.shape
-  if initial_state is None:
-    initial_state = jnp.zeros((batch, n_heads, head_dim, B.shape[3]), jnp.float32)
-  if D is None:
-    D = jnp.zeros((n_heads,), jnp.float32)
-  if dt_bias is None:
-    dt_bias = jnp.zeros((n_heads,), jnp.float32)
+  initial_state, D, dt_bias = _zeros_for_missing(x, B, initial_state, D, dt_bias)
   extra = () if reset is None else (reset,)
   return _stitch(x, dt, A, B, C, D, dt_bias, initial_state.astype(jnp.float32), *extra,
                  axis=axis, n=n, dt_softplus=dt_softplus, dt_limit=dt_limit,
@@ -168,16 +175,11 @@ def ssd_sequence_parallel(x, dt, A, B, C, *, mesh: Mesh, axis: str = "sequence",
   (replicated), equal to the single-device `ssd` on the whole sequence.
   """
   n = mesh.shape[axis]
-  batch, seqlen, n_heads, head_dim = x.shape
+  batch, seqlen = x.shape[:2]
   if seqlen % n:
     raise ValueError(f"ssd_sequence_parallel: T={seqlen} must be a multiple of the "
                      f"{n} devices on mesh axis {axis!r}")
-  if initial_state is None:
-    initial_state = jnp.zeros((batch, n_heads, head_dim, B.shape[3]), jnp.float32)
-  if D is None:
-    D = jnp.zeros((n_heads,), jnp.float32)
-  if dt_bias is None:
-    dt_bias = jnp.zeros((n_heads,), jnp.float32)
+  initial_state, D, dt_bias = _zeros_for_missing(x, B, initial_state, D, dt_bias)
   split_t, whole = P(None, axis), P()
   body = functools.partial(_stitch, axis=axis, n=n, dt_softplus=dt_softplus,
                            dt_limit=dt_limit, chunk_len=chunk_len, impl=impl)
