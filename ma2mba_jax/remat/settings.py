@@ -1,6 +1,6 @@
 """Typed remat settings: `config.remat` (configs/common.py, checked by
 train/config_check.py) as one frozen value that the policies, the planners, the trainer and
-the benchmarks pass around.
+the benchmarks pass around. The written contract: docs/remat.md, "Policies and the planner".
 
 Before planning, MA-GC's `l` / `s` (and with planner=measure, `cell_saves` / `offload`) may
 be 'auto'; the trainer's `resolved_remat` (or remat/magc.resolve, remat/measure.plan) turns
