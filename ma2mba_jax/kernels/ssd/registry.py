@@ -36,6 +36,9 @@ _BACKENDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # Pallas kernels (Mosaic TPU lowering); elsewhere they run in Pallas' TPU interpret
     # mode. Checked on CPU only (interpret mode, TPU export): see BUILD.md, "Porting to TPU".
     "tpu": ("ma2mba_jax.kernels.ssd.tpu", "ssd_tpu", ("tpu",)),
+    # Pallas kernels (Mosaic GPU lowering: TMA, warpgroup matmuls; Hopper). Off GPU they
+    # run in the Mosaic GPU interpreter. See BUILD.md, "Mosaic GPU".
+    "mosaic_gpu": ("ma2mba_jax.kernels.ssd.mosaic_gpu", "ssd_mosaic_gpu", ("gpu",)),
 }
 
 # What `impl="auto"` picks on each platform, best first; the first one registered whose
@@ -49,7 +52,7 @@ _AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("xla",),
 }
 
-IMPLS = ("auto", "xla", "pallas", "triton", "tpu")
+IMPLS = ("auto", "xla", "pallas", "triton", "tpu", "mosaic_gpu")
 
 
 def register_backend(name: str, module: str, attr: str, platforms: tuple[str, ...]) -> None:
