@@ -9,7 +9,8 @@
 data.packing on, `--rows` rows a step) and prints how many steps it takes to place at least
 `--examples` examples; the shuffled example order is the same with packing off and on, so a
 run of that many steps sees the unpacked run's examples (and the few after them that fill
-its last step). `compare` reads each run's metrics.jsonl (the trainer logs `examples`,
+its last step); with data.pack_window > 1 (the default) up to that many of them may be
+swapped for ones a little later in the order (the packer's lookahead window). `compare` reads each run's metrics.jsonl (the trainer logs `examples`,
 `wall_s` and `eval_s` with every record) and prints, for each run: steps, examples seen,
 the final validation loss, the wall time (eval excluded) at the end and at the first
 evaluation whose loss is at most the unpacked run's final one.

@@ -27,6 +27,9 @@ The data config (a dict or ml_collections.ConfigDict), fields with defaults in D
   fps, image_size, tokens_per_frame, max_frames, max_tokens   per-example budget
   batch_size        examples (rows) per batch for THIS process
   packing           pack several examples into a row (else one example per row)
+  pack_window       with packing, decoded examples the packer looks ahead over to fill a
+                    row (best fit; 1: greedy in order, a row ends at the first that does
+                    not fit); default batching.DEFAULT_PACK_WINDOW
   bucket_lengths    None: every batch is max_tokens long; "auto": the geometric ladder
                     batching.bucket_ladder(max_tokens); or a list of lengths: each batch is
                     cut to the smallest bucket holding its longest row (not with packing)
@@ -59,7 +62,8 @@ import tokenizers
 from absl import flags
 
 from ma2mba_jax.data import formats
-from ma2mba_jax.data.batching import EMPTY, SKIPPED, PadBatchIterDataset, bucket_ladder
+from ma2mba_jax.data.batching import (DEFAULT_PACK_WINDOW, EMPTY, SKIPPED,
+                                      PadBatchIterDataset, bucket_ladder)
 from ma2mba_jax.data.errors import DataError
 from ma2mba_jax.data.example import ExampleSpec, build_example
 from ma2mba_jax.data.formats import Sample, pack_by_video, read_source
@@ -73,6 +77,7 @@ DEFAULTS: dict[str, Any] = {
     "image_size": 224,
     "tokens_per_frame": 144,
     "packing": False,
+    "pack_window": DEFAULT_PACK_WINDOW,
     "bucket_lengths": None,
     "num_workers": 0,
     "worker_buffer_size": 2,
@@ -109,7 +114,7 @@ def data_settings(config: Mapping[str, Any]) -> dict[str, Any]:
   if settings["stage"] not in (1, 2, 3):
     raise ValueError(f"data.stage must be 1, 2 or 3, got {settings['stage']!r}")
   for key in ("max_frames", "max_tokens", "batch_size", "tokens_per_frame", "image_size",
-              "worker_buffer_size", "read_threads", "read_buffer_size"):
+              "worker_buffer_size", "read_threads", "read_buffer_size", "pack_window"):
     if not isinstance(settings[key], int) or settings[key] < 1:
       raise ValueError(f"data.{key} must be a positive integer, got {settings[key]!r}")
   if not isinstance(settings["num_workers"], int) or settings["num_workers"] < 0:
@@ -329,4 +334,5 @@ def make_pipeline(
       tokens_per_frame=settings["tokens_per_frame"],
       pad_id=special_ids(tokenizer).endoftext, pack=bool(settings["packing"]),
       drop_remainder=train, give_up_after=give_up_after if settings["skip_bad"] else None,
-      index_note=index_note, bucket_lengths=settings["bucket_lengths"])
+      index_note=index_note, bucket_lengths=settings["bucket_lengths"],
+      pack_window=settings["pack_window"])

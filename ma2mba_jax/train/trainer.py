@@ -35,6 +35,7 @@ from ma2mba_jax.convert import io as model_io
 from ma2mba_jax.convert import pretrained
 from ma2mba_jax.data import manifest
 from ma2mba_jax.data.batch import Batch
+from ma2mba_jax.data.batching import DEFAULT_PACK_WINDOW
 from ma2mba_jax.data.errors import DataError
 from ma2mba_jax.data.pipeline import make_pipeline
 from ma2mba_jax.data.tokenizer import load_tokenizer, vocab_size
@@ -122,6 +123,7 @@ def data_settings(config: ml_collections.ConfigDict, model_cfg: Any) -> dict[str
       image_size=model_cfg.image_size, tokens_per_frame=model_cfg.tokens_per_frame,
       max_frames=config.data.max_frames, max_tokens=config.data.max_tokens,
       batch_size=config.optim.global_batch // n_proc, packing=bool(config.data.packing),
+      pack_window=config.data.get("pack_window", DEFAULT_PACK_WINDOW),
       bucket_lengths=config.data.get("bucket_lengths"),
       num_workers=config.data.num_workers, worker_buffer_size=config.data.worker_buffer_size,
       seed=config.seed, skip_bad=config.data.skip_bad, qa_per_sample=config.data.qa_per_sample,

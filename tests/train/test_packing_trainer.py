@@ -132,6 +132,7 @@ def test_packed_steps_see_the_unpacked_runs_examples(demo_data):
   wanted = 3 * c.optim.global_batch                     # 3 unpacked steps
   unpacked = _segments(first_batches(c, 3))
   c.data.packing = True
+  c.data.pack_window = 1  # in order (a wider window moves an example up to that many places)
   steps, seen = packing_runs.packed_steps(c, wanted)
   packed_batches = first_batches(c, steps)
   packed = _segments(packed_batches)
