@@ -93,13 +93,20 @@ def _wgmma(acc, a, b):
   return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
-def _causal_decay(cs_l, cs_s, l0, s0):
-  """exp(cs_l - cs_s) where l >= s, else 0: [64, 64], l / s on rows / columns."""
-  shape = (cs_l.shape[0], cs_s.shape[0])
-  rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-  cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-  diff = (lax.broadcast_in_dim(cs_l, shape, [0]) - lax.broadcast_in_dim(cs_s, shape, [1]))
-  return jnp.exp(jnp.where(rows + l0 >= cols + s0, diff, -jnp.inf))
+def _causal_decay(cs_l, cs_s, l0, s0, *, transposed: bool = False):
+  """exp(cs_l - cs_s) where l >= s, else 0: [64, 64] with l / s on rows / columns, or on
+  columns / rows if `transposed` (then cs_l is the column vector). l0, s0: tile offsets."""
+  if transposed:
+    shape = (cs_s.shape[0], cs_l.shape[0])
+    l_dim, s_dim = 1, 0
+  else:
+    shape = (cs_l.shape[0], cs_s.shape[0])
+    l_dim, s_dim = 0, 1
+  l_idx = plgpu.broadcasted_iota(jnp.int32, shape, l_dim, layout=plgpu.Layout.WGMMA)
+  s_idx = plgpu.broadcasted_iota(jnp.int32, shape, s_dim, layout=plgpu.Layout.WGMMA)
+  diff = (lax.broadcast_in_dim(cs_l, shape, [l_dim])
+          - lax.broadcast_in_dim(cs_s, shape, [s_dim]))
+  return jnp.exp(jnp.where(l_idx + l0 >= s_idx + s0, diff, -jnp.inf))
 
 
 def _row(v, shape):
@@ -389,8 +396,8 @@ def chunk_scan_bwd_dx(dy, x, dt, cs, cb, b, dstates, d, *, chunk_len: int,
     def tile(i, acc):
       cs_i = plgpu.load(cs_s.at[i], layout=_COL)
       cbt_ji = plgpu.load(cbt_s.at[i], layout=plgpu.Layout.WGMMA).astype(F32)
-      # decay^T[s, l] = exp(cs_l - cs_s) for l >= s: the causal decay with roles swapped.
-      dec_t = _causal_decay(-cs_j, -cs_i, i * TILE, s0)
+      # decay^T[s, l] = exp(cs_l - cs_s) for l >= s, s on rows.
+      dec_t = _causal_decay(cs_i, cs_j, i * TILE, s0, transposed=True)
       return _wgmma(acc, (cbt_ji * dec_t).astype(BF16), dy_s.at[i])
 
     acc = lax.fori_loop(j, nt, tile, acc)
