@@ -39,12 +39,14 @@ if [ ! -x .venv/bin/python ] || ! is_new_enough .venv/bin/python; then
 fi
 
 # constraints.txt pins every package to the exact version the tests ran on (CI installs the
-# same); a change to it or to pyproject.toml reinstalls.
-stamp=.venv/.ma2mba_installed
-want=$(cat pyproject.toml constraints.txt | sha1sum | cut -d' ' -f1)
+# same); a change to it, to pyproject.toml or to the extras reinstalls. MA2MBA_EXTRAS picks the
+# extras (scripts/test.sh adds torch-tests).
+extras=${MA2MBA_EXTRAS:-test,plot}
+stamp=.venv/.ma2mba_installed_${extras//,/_}
+want=$( (cat pyproject.toml constraints.txt; echo "$extras") | sha1sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[setup] installing ma2mba_jax and its dependencies into .venv (a few minutes the first time)"
+  echo "[setup] installing ma2mba_jax[$extras] and its dependencies into .venv (a few minutes the first time)"
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,plot]"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[$extras]"
   echo "$want" > "$stamp"
 fi
