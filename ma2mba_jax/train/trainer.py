@@ -46,6 +46,7 @@ from ma2mba_jax.remat.settings import RematPolicy, RematSettings
 from ma2mba_jax.train import config_check
 from ma2mba_jax.train import checkpoint, metrics as metrics_lib, optim, sharding
 from ma2mba_jax.train import workdir as workdir_lib
+from ma2mba_jax.train.bucket_steps import StepPerLength
 from ma2mba_jax.errors import ConfigError, NonFiniteLossError
 from ma2mba_jax.train.step import TrainState, make_eval_step, make_train_step, merge_params
 from ma2mba_jax.xla_memory import tree_bytes
@@ -163,9 +164,11 @@ def _training_state_bytes(config: ml_collections.ConfigDict, model_cfg: Any,
 
 def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any,
                    mesh: jax.sharding.Mesh | None = None, state_memory: str | None = None,
-                   cache: measure.CompileCache | None = None) -> RematSettings:
+                   cache: measure.CompileCache | None = None,
+                   tokens: int | None = None) -> RematSettings:
   """config.remat with MA-GC's l/s (and, with planner=measure, cell_saves/offload 'auto')
-  turned into concrete values for this length.
+  turned into concrete values for rows of `tokens` tokens (default config.data.max_tokens;
+  a length bucket's length with data.bucket_lengths, see train/bucket_steps.py).
 
   planner=measure compiles candidate settings and keeps the fastest whose measured memory
   fits the device after weights, gradients and optimizer state (remat/measure.py); with no
@@ -177,6 +180,7 @@ def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any,
   """
   if state_memory is None:
     state_memory = config.optim.get("state_memory", "device")
+  tokens = config.data.max_tokens if tokens is None else tokens
   remat_cfg = RematSettings.from_config(config.remat)
   n_seq = check_sequence_remat(config, model_cfg)
   # With a seq axis MA-GC runs one time block per piece: l comes from the memory model.
@@ -193,22 +197,23 @@ def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any,
     budget = measure.training_budget_bytes(
         **_training_state_bytes(config, model_cfg, mesh, state_memory),
         budget_gb=remat_cfg.budget_gb)
-    result = measure.plan(model_cfg.llm_config, config.data.max_tokens, remat_cfg,
+    result = measure.plan(model_cfg.llm_config, tokens, remat_cfg,
                           budget_bytes=budget, batch=config.optim.micro_batch, show=False,
                           cache=cache)
     c = result.choice
     remat_cfg = remat_cfg.replace(l=c.l, s=c.s, cell_saves=c.cell_saves, offload=c.offload)
-    logging.info("MA-GC (planner=measure%s): l=%d x s=%d, cell_saves=%s, offload=%s",
-                 f", {result.note}" if result.note else "", c.l, c.s, c.cell_saves, c.offload)
+    logging.info("MA-GC for %d tokens (planner=measure%s): l=%d x s=%d, cell_saves=%s, "
+                 "offload=%s", tokens, f", {result.note}" if result.note else "", c.l, c.s,
+                 c.cell_saves, c.offload)
     return remat_cfg
   budget = None if remat_cfg.budget_gb is None else remat_cfg.budget_gb * 1e9
   itemsize = jnp.dtype(config.model.compute_dtype).itemsize
   l, s, predicted = magc.resolve(remat_cfg, model_cfg.llm_config,
-                                 -(-config.data.max_tokens // n_seq),
+                                 -(-tokens // n_seq),
                                  bytes_per_element=itemsize, budget_bytes=budget)
   remat_cfg = remat_cfg.replace(l=l, s=s)
-  logging.info("MA-GC: l=%d layers x s=%d tokens per cell; memory model predicts %.2f GB "
-               "of activations per sequence", l, s, predicted / 1e9)
+  logging.info("MA-GC for %d tokens: l=%d layers x s=%d tokens per cell; memory model "
+               "predicts %.2f GB of activations per sequence", tokens, l, s, predicted / 1e9)
   return remat_cfg
 
 
@@ -467,12 +472,21 @@ def place_and_compile(run: RunInputs, layout: ModelLayout, state: TrainState):
   logging.info("mesh %s%s: most bytes on one device: params %d, optimizer state %d",
                dict(mesh.shape), " ZeRO-1" if run.config.mesh.zero1 else "",
                held["params"], held["opt_state"])
-  # With packing the LM restarts its state where segment_ids changes (step.loss_sums).
-  train_step = jax.jit(make_train_step(graphdef, optimizer, remat_cfg, n_micro, mesh=mesh,
-                                       packed=bool(run.config.data.packing)),
-                       out_shardings=(state_shardings, sharding.replicated(mesh)),
-                       donate_argnums=(0,))
-  return state, train_step
+  def build(remat_cfg: RematSettings):
+    # With packing the LM restarts its state where segment_ids changes (step.loss_sums).
+    return jax.jit(make_train_step(graphdef, optimizer, remat_cfg, n_micro, mesh=mesh,
+                                   packed=bool(run.config.data.packing)),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   donate_argnums=(0,))
+
+  if not run.config.data.get("bucket_lengths"):
+    return state, build(remat_cfg)
+  # Length buckets: MA-GC planned per bucket length (what config.remat leaves 'auto'), one
+  # step (one compile) per length; remat_cfg is the plan for max_tokens, made already.
+  config = run.config
+  plan = lambda tokens: resolved_remat(config, run.model_cfg, mesh, run.opt_state_memory,
+                                       PLAN_CACHE, tokens=tokens)
+  return state, StepPerLength(build, plan, {config.data.max_tokens: remat_cfg})
 
 
 # --------------------------------------------------------------------------- finiteness

@@ -17,6 +17,7 @@ from ma2mba_jax.convert import io as model_io
 from ma2mba_jax.data.pipeline import make_pipeline
 from ma2mba_jax.data.tokenizer import load_tokenizer, vocab_size
 from ma2mba_jax.kernels.ssd import reset_from_segment_ids
+from ma2mba_jax.train import bucket_steps
 from ma2mba_jax.train import step as step_lib
 from ma2mba_jax.train import trainer
 from tests.train.test_trainer import first_batches, logged, tiny_config
@@ -92,19 +93,36 @@ def test_trainer_with_packing(demo_data, tmp_path, monkeypatch):
   np.testing.assert_allclose(last["val_loss"], loss, rtol=1e-5)
 
 
-def test_trainer_with_length_buckets(demo_data, tmp_path, caplog):
+def test_trainer_with_length_buckets(demo_data, tmp_path, caplog, monkeypatch):
   """Without packing, batches are cut to buckets: the train step sees (and compiles for) at
-  most one shape per bucket, and the metrics give real and padded tokens/s and the
-  fraction of padding."""
-  c = tiny_config(demo_data, steps=4, remat="magc")
-  c.data.bucket_lengths = (32, 64)       # and max_tokens = 96
+  most one shape per bucket, MA-GC's l and s ('auto') are planned for each bucket length
+  (train/bucket_steps.py), and the metrics give real and padded tokens/s and the fraction
+  of padding."""
+  made = []
+
+  def spy(*args, **kwargs):
+    made.append(bucket_steps.StepPerLength(*args, **kwargs))
+    return made[-1]
+  monkeypatch.setattr(trainer, "StepPerLength", spy)
+  c = tiny_config(demo_data, steps=4, remat="magc")   # l, s 'auto'
+  c.data.max_tokens = 128
+  c.data.bucket_lengths = (32,)  # the demo's rows are 29-39 tokens: both lengths come
   batches = first_batches(c, 4)
-  lengths = [b["tokens"].shape[1] for b in batches]
-  assert set(lengths) <= {32, 64, 96} and min(lengths) < 96, lengths
+  lengths = sorted({b["tokens"].shape[1] for b in batches})
+  assert lengths == [32, 128], lengths
   caplog.set_level(logging.INFO)
   trainer.train_and_evaluate(c, str(tmp_path / "buckets"))
   compiles = [r.getMessage() for r in caplog.records if "compile(s) so far" in r.getMessage()]
-  assert 1 <= len(compiles) == len(set(lengths)) <= 3, compiles
+  assert len(compiles) == len(lengths), compiles
+  (steps,) = made
+  # Each length has its own plan, from the memory model at that length (tiny model: 2
+  # layers, chunk 16; one layer a cell at 32 tokens, both at 128).
+  plans = {n: (r.l, r.s) for n, r in steps.plans.items()}
+  assert plans == {32: (1, 16), 128: (2, 16)}, plans
+  built = [r.getMessage() for r in caplog.records if "bucket step(s) so far" in r.getMessage()]
+  assert len(built) == 2 and "T=32: l=1 x s=16" in built[0] + built[1], built
+  # One compile per length: each built step's jit cache holds one executable.
+  assert [steps.step_for(n)._cache_size() for n in lengths] == [1, 1]
   padding = logged(str(tmp_path / "buckets"), "padding_frac")
   real = logged(str(tmp_path / "buckets"), "tokens_per_s")
   padded = logged(str(tmp_path / "buckets"), "padded_tokens_per_s")
