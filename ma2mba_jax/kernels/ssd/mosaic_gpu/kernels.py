@@ -38,6 +38,7 @@ F32 = jnp.float32
 BF16 = jnp.bfloat16
 TILE = 64                       # rows of a register tile (one warpgroup matmul's M)
 _LANES = 128                    # state_pass: state elements per row of a block
+_OUT_SLOTS = 2                  # state_pass: carries in flight to global memory
 _ROW = plgpu.Layout.WGMMA.reduce(1)    # one value per row of a WGMMA tile
 _COL = plgpu.Layout.WGMMA.reduce(0)    # one value per column
 
@@ -86,11 +87,23 @@ def _zeros(shape):
   return plgpu.layout_cast(jnp.zeros(shape, F32), plgpu.Layout.WGMMA)
 
 
-def _wgmma(acc, a, b):
-  """acc + a @ b (acc a WGMMA-layout f32 array; a registers or SMEM, b SMEM)."""
+def _wgmma(acc, a, b, interpret: bool = False):
+  """acc + a @ b (acc a WGMMA-layout f32 array; a registers or SMEM, b SMEM).
+
+  The Mosaic GPU interpreter (jax 0.11.2) takes matmul operands from shared memory only, so
+  with `interpret` a register operand is staged through a scratch tile first."""
+  shape = (a.shape[0], b.shape[1])
+  if interpret and isinstance(a, jax.Array):
+    def staged(a_s):
+      a_s[...] = a
+      plgpu.commit_smem()
+      return _wgmma(acc, a_s, b)
+    return pl.run_scoped(staged, _smem(a.shape, a.dtype))
+
   def body(acc_ref):
     plgpu.wgmma(acc_ref, a, b)
-  return pl.run_state(body)(plgpu.ACC.init(acc))
+    return acc_ref[...]
+  return acc + pl.run_scoped(body, plgpu.ACC(shape, F32))
 
 
 def _causal_decay(cs_l, cs_s, l0, s0, *, transposed: bool = False):
@@ -195,9 +208,9 @@ def state_pass(inc, decay, init, other=None, *, reverse: bool, out_dtype,
 
   def body(inc_ref, decay_ref, init_ref, *rest):
     if with_other:
-      other_ref, carries_ref, final_ref, dots_ref, dec_s, vec_s, dots_s, bar = rest
+      other_ref, carries_ref, final_ref, dots_ref, dec_s, vec_s, out_s, dots_s, bar = rest
     else:
-      carries_ref, final_ref, dec_s, vec_s, bar = rest
+      carries_ref, final_ref, dec_s, vec_s, out_s, bar = rest
       other_ref = dots_ref = dots_s = None
     sb, h, b = (lax.axis_index(a) for a in ("s", "h", "b"))
     block = pl.ds(sb * br, br)
@@ -208,11 +221,17 @@ def state_pass(inc, decay, init, other=None, *, reverse: bool, out_dtype,
 
     def step(idx, inc_s, *refs):
       if with_other:
-        other_s, out_s, carry = refs
+        other_s, carry = refs
       else:
-        out_s, carry = refs
+        (carry,) = refs
       c = chunk_of(idx[0])
-      out_s[...] = carry.astype(out_dtype)
+      # The carry goes out through a ring of _OUT_SLOTS tiles: wait until the copy that
+      # last read this step's slot is done, fill it, start its copy.
+      slot = lax.rem(idx[0], _OUT_SLOTS)
+      plgpu.wait_smem_to_gmem(_OUT_SLOTS - 1, wait_read_only=True)
+      out_s[slot] = carry.astype(out_dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_s.at[slot], carries_ref.at[b, c, h, block])
       if with_other:
         dots_s[c] = jnp.sum(carry * other_s[...].astype(F32))
       return dec_s[c] * carry + inc_s[...]
@@ -224,8 +243,8 @@ def state_pass(inc, decay, init, other=None, *, reverse: bool, out_dtype,
       args.append(other_ref.at[b, :, h, block])
     carry = plgpu.emit_pipeline(
         step, grid=(n_chunks,), max_concurrent_steps=min(4, n_chunks),
-        in_specs=in_specs, out_specs=[chunk_spec], init_carry=carry,
-    )(*args, carries_ref.at[b, :, h, block])
+        in_specs=in_specs, init_carry=carry,
+    )(*args)
     vec_s[...] = carry
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(vec_s, final_ref.at[b, h, block])
@@ -236,7 +255,8 @@ def state_pass(inc, decay, init, other=None, *, reverse: bool, out_dtype,
   n_rows = size // _LANES
   out_type = [jax.ShapeDtypeStruct((batch, n_chunks, n_heads, n_rows, _LANES), out_dtype),
               jax.ShapeDtypeStruct((batch, n_heads, n_rows, _LANES), F32)]
-  scratch = [plgpu.SMEM((c_pad,), F32), plgpu.SMEM((br, _LANES), F32)]
+  scratch = [plgpu.SMEM((c_pad,), F32), plgpu.SMEM((br, _LANES), F32),
+             plgpu.SMEM((_OUT_SLOTS, br, _LANES), out_dtype)]
   args = [rows(inc), decay_p, rows(init).astype(F32)]
   if with_other:
     out_type.append(jax.ShapeDtypeStruct((batch, n_heads, n_sb, c_pad), F32))
@@ -258,15 +278,19 @@ def state_pass(inc, decay, init, other=None, *, reverse: bool, out_dtype,
 # chunk_scan_fwd
 
 
-def chunk_scan_fwd(x, dt, cs, cb, c, states, d, *, chunk_len: int, interpret: bool = False,
-                   **_):
+def chunk_scan_fwd(x, dt, cs, cb, c, states, d, *, chunk_len: int, num_stages: int = 2,
+                   interpret: bool = False, **_):
   """y [B, T, H, P] in x.dtype from x, dt/cs [B, H, T], cb [B, C, G, Q, Q], C, the states
   entering each chunk [B, C, H, P, N] and D [H, P] (or None).
 
   One program per (row tile i, head, chunk, batch): y_i = exp(cs_i) C_i state^T (one
   matmul) + sum over source tiles j <= i of (CB_ij * decay * dt_j) x_j (a loop of
   matmuls over the causal tiles only) + D x_i.
+  num_stages >= 2: only the causal source tiles are copied, each with its own barrier, so
+  the loop's first matmuls overlap the later tiles' copies; 1: every tile is copied and
+  waited for before any compute (version 1 of this kernel, kept to compare).
   """
+  overlap = num_stages >= 2
   batch, seqlen, n_heads, head_dim = x.shape
   n_groups, d_state = c.shape[2:]
   q = chunk_len
@@ -277,38 +301,47 @@ def chunk_scan_fwd(x, dt, cs, cb, c, states, d, *, chunk_len: int, interpret: bo
 
   def body(x_ref, dt_ref, cs_ref, cb_ref, c_ref, st_ref, *rest):
     if with_d:
-      d_ref, y_ref, x_s, c_s, cb_s, st_s, dt_s, cs_s, d_s, y_s, bar = rest
+      d_ref, y_ref, x_s, c_s, cb_s, st_s, dt_s, cs_s, csl_s, d_s, y_s, bar, tile_bar = rest
     else:
-      y_ref, x_s, c_s, cb_s, st_s, dt_s, cs_s, y_s, bar = rest
+      y_ref, x_s, c_s, cb_s, st_s, dt_s, cs_s, csl_s, y_s, bar, tile_bar = rest
     i, h, k, b = (lax.axis_index(a) for a in ("i", "h", "k", "b"))
     g = lax.div(h, hg)
     t0 = k * q
     l0 = i * TILE
     for j in range(nt):
-      rows = pl.ds(t0 + j * TILE, TILE)
-      plgpu.copy_gmem_to_smem(x_ref.at[b, rows, h], x_s.at[j], bar)
-      plgpu.copy_gmem_to_smem(cb_ref.at[b, k, g, pl.ds(l0, TILE), pl.ds(j * TILE, TILE)],
-                              cb_s.at[j], bar)
-      plgpu.copy_gmem_to_smem(dt_ref.at[b, h, rows], dt_s.at[j], bar)
-      plgpu.copy_gmem_to_smem(cs_ref.at[b, h, rows], cs_s.at[j], bar)
+      def copy_tile(j=j):
+        rows = pl.ds(t0 + j * TILE, TILE)
+        tb = tile_bar.at[j] if overlap else bar
+        plgpu.copy_gmem_to_smem(x_ref.at[b, rows, h], x_s.at[j], tb)
+        plgpu.copy_gmem_to_smem(cb_ref.at[b, k, g, pl.ds(l0, TILE), pl.ds(j * TILE, TILE)],
+                                cb_s.at[j], tb)
+        plgpu.copy_gmem_to_smem(dt_ref.at[b, h, rows], dt_s.at[j], tb)
+        plgpu.copy_gmem_to_smem(cs_ref.at[b, h, rows], cs_s.at[j], tb)
+      if overlap:
+        pl.when(j <= i)(copy_tile)
+      else:
+        copy_tile()
     plgpu.copy_gmem_to_smem(c_ref.at[b, pl.ds(t0 + l0, TILE), g], c_s, bar)
     plgpu.copy_gmem_to_smem(st_ref.at[b, k, h], st_s, bar)
+    plgpu.copy_gmem_to_smem(cs_ref.at[b, h, pl.ds(t0 + l0, TILE)], csl_s, bar)
     if with_d:
       plgpu.copy_gmem_to_smem(d_ref.at[h], d_s, bar)
     plgpu.barrier_wait(bar)
 
     shape = (TILE, head_dim)
-    cs_l = plgpu.load(cs_s.at[i], layout=_ROW)
+    cs_l = plgpu.load(csl_s, layout=_ROW)
     # The state carried in from earlier chunks, decayed to each step.
     acc = _wgmma(_zeros(shape), c_s, st_s.transpose((1, 0)))
     acc = acc * _row(jnp.exp(cs_l), shape)
 
     def tile(j, acc):
+      if overlap:
+        plgpu.barrier_wait(tile_bar.at[j])
       cs_j = plgpu.load(cs_s.at[j], layout=_COL)
       dt_j = plgpu.load(dt_s.at[j], layout=_COL)
       cb_ij = plgpu.load(cb_s.at[j], layout=plgpu.Layout.WGMMA).astype(F32)
       scores = cb_ij * _causal_decay(cs_l, cs_j, l0, j * TILE) * _col(dt_j, (TILE, TILE))
-      return _wgmma(acc, scores.astype(BF16), x_s.at[j])
+      return _wgmma(acc, scores.astype(BF16), x_s.at[j], interpret)
 
     acc = lax.fori_loop(0, i + 1, tile, acc)
     if with_d:
@@ -319,15 +352,17 @@ def chunk_scan_fwd(x, dt, cs, cb, c, states, d, *, chunk_len: int, interpret: bo
     plgpu.copy_smem_to_gmem(y_s, y_ref.at[b, pl.ds(t0 + l0, TILE), h])
     plgpu.wait_smem_to_gmem(0)
 
-  n_copies = 4 * nt + 2 + int(with_d)
+  n_copies = (0 if overlap else 4 * nt) + 3 + int(with_d)
   scratch = [_smem((nt, TILE, head_dim), BF16), _smem((TILE, d_state), BF16),
              _smem((nt, TILE, TILE), BF16), _smem((head_dim, d_state), BF16),
-             plgpu.SMEM((nt, TILE), F32), plgpu.SMEM((nt, TILE), F32)]
+             plgpu.SMEM((nt, TILE), F32), plgpu.SMEM((nt, TILE), F32),
+             plgpu.SMEM((TILE,), F32)]
   args = [x, dt, cs, cb, c, states]
   if with_d:
     scratch.append(plgpu.SMEM((head_dim,), F32))
     args.append(d.astype(F32))
-  scratch += [_smem((TILE, head_dim), out_dtype), plgpu.Barrier(num_arrivals=n_copies)]
+  scratch += [_smem((TILE, head_dim), out_dtype), plgpu.Barrier(num_arrivals=n_copies),
+              plgpu.Barrier(num_arrivals=4, num_barriers=nt)]
   return plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((batch, seqlen, n_heads, head_dim), out_dtype),
       scratch_types=scratch, grid=(nt, n_heads, n_chunks, batch),
@@ -341,14 +376,17 @@ def chunk_scan_fwd(x, dt, cs, cb, c, states, d, *, chunk_len: int, interpret: bo
 
 
 def chunk_scan_bwd_dx(dy, x, dt, cs, cb, b, dstates, d, *, chunk_len: int,
-                      interpret: bool = False, **_):
+                      num_stages: int = 2, interpret: bool = False, **_):
   """dx [B, T, H, P] (x.dtype) and the direct d(dt) [B, H, T] f32 (the part not through cs).
 
   dstates [B, C, H, P, N]: gradient of the state leaving each chunk. One program per
   (source tile j, head, chunk, batch): acc_j = exp(cs_last - cs_j) B_j dstate^T + sum over
   target tiles i >= j of (CB_ij * decay)^T dy_i; d(dt)_j = rowsum(acc_j * x_j),
   dx_j = dt_j acc_j + D dy_j. CB is transposed by XLA first (CB^T tiles load as rows).
+  num_stages as in chunk_scan_fwd (>= 2: only tiles i >= j are copied, each waited for
+  in the loop).
   """
+  overlap = num_stages >= 2
   batch, seqlen, n_heads, head_dim = x.shape
   n_groups, d_state = b.shape[2:]
   q = chunk_len
@@ -363,21 +401,29 @@ def chunk_scan_bwd_dx(dy, x, dt, cs, cb, b, dstates, d, *, chunk_len: int,
 
   def body(dy_ref, x_ref, dt_ref, cs_ref, te_ref, cbt_ref, b_ref, ds_ref, *rest):
     if with_d:
-      d_ref, dx_ref, ddt_ref, dy_s, cbt_s, cs_s, x_s, b_s, st_s, dt_s, te_s, d_s, dx_s, \
-          ddt_s, bar = rest
+      d_ref, dx_ref, ddt_ref, dy_s, cbt_s, cs_s, x_s, b_s, st_s, dt_s, te_s, csj_s, d_s, \
+          dx_s, ddt_s, bar, tile_bar = rest
     else:
-      dx_ref, ddt_ref, dy_s, cbt_s, cs_s, x_s, b_s, st_s, dt_s, te_s, dx_s, ddt_s, bar = rest
+      dx_ref, ddt_ref, dy_s, cbt_s, cs_s, x_s, b_s, st_s, dt_s, te_s, csj_s, dx_s, ddt_s, \
+          bar, tile_bar = rest
     j, h, k, bb = (lax.axis_index(a) for a in ("j", "h", "k", "b"))
     g = lax.div(h, hg)
     t0 = k * q
     s0 = j * TILE
     rows_s = pl.ds(t0 + s0, TILE)
     for i in range(nt):
-      rows = pl.ds(t0 + i * TILE, TILE)
-      plgpu.copy_gmem_to_smem(dy_ref.at[bb, rows, h], dy_s.at[i], bar)
-      plgpu.copy_gmem_to_smem(cbt_ref.at[bb, k, g, pl.ds(s0, TILE), pl.ds(i * TILE, TILE)],
-                              cbt_s.at[i], bar)
-      plgpu.copy_gmem_to_smem(cs_ref.at[bb, h, rows], cs_s.at[i], bar)
+      def copy_tile(i=i):
+        rows = pl.ds(t0 + i * TILE, TILE)
+        tb = tile_bar.at[i] if overlap else bar
+        plgpu.copy_gmem_to_smem(dy_ref.at[bb, rows, h], dy_s.at[i], tb)
+        plgpu.copy_gmem_to_smem(cbt_ref.at[bb, k, g, pl.ds(s0, TILE), pl.ds(i * TILE, TILE)],
+                                cbt_s.at[i], tb)
+        plgpu.copy_gmem_to_smem(cs_ref.at[bb, h, rows], cs_s.at[i], tb)
+      if overlap:
+        pl.when(i >= j)(copy_tile)
+      else:
+        copy_tile()
+    plgpu.copy_gmem_to_smem(cs_ref.at[bb, h, rows_s], csj_s, bar)
     plgpu.copy_gmem_to_smem(x_ref.at[bb, rows_s, h], x_s, bar)
     plgpu.copy_gmem_to_smem(b_ref.at[bb, rows_s, g], b_s, bar)
     plgpu.copy_gmem_to_smem(ds_ref.at[bb, k, h], st_s, bar)
@@ -388,17 +434,19 @@ def chunk_scan_bwd_dx(dy, x, dt, cs, cb, b, dstates, d, *, chunk_len: int,
     plgpu.barrier_wait(bar)
 
     shape = (TILE, head_dim)
-    cs_j = plgpu.load(cs_s.at[j], layout=_ROW)
+    cs_j = plgpu.load(csj_s, layout=_ROW)
     # Through the state leaving the chunk.
     acc = _wgmma(_zeros(shape), b_s, st_s.transpose((1, 0)))
     acc = acc * _row(plgpu.load(te_s, layout=_ROW), shape)
 
     def tile(i, acc):
+      if overlap:
+        plgpu.barrier_wait(tile_bar.at[i])
       cs_i = plgpu.load(cs_s.at[i], layout=_COL)
       cbt_ji = plgpu.load(cbt_s.at[i], layout=plgpu.Layout.WGMMA).astype(F32)
       # decay^T[s, l] = exp(cs_l - cs_s) for l >= s, s on rows.
       dec_t = _causal_decay(cs_i, cs_j, i * TILE, s0, transposed=True)
-      return _wgmma(acc, (cbt_ji * dec_t).astype(BF16), dy_s.at[i])
+      return _wgmma(acc, (cbt_ji * dec_t).astype(BF16), dy_s.at[i], interpret)
 
     acc = lax.fori_loop(j, nt, tile, acc)
     x_j = plgpu.load(x_s, layout=plgpu.Layout.WGMMA).astype(F32)
@@ -413,17 +461,18 @@ def chunk_scan_bwd_dx(dy, x, dt, cs, cb, b, dstates, d, *, chunk_len: int,
     plgpu.copy_smem_to_gmem(ddt_s, ddt_ref.at[bb, h, rows_s])
     plgpu.wait_smem_to_gmem(0)
 
-  n_copies = 3 * nt + 5 + int(with_d)
+  n_copies = (0 if overlap else 3 * nt) + 6 + int(with_d)
   scratch = [_smem((nt, TILE, head_dim), BF16), _smem((nt, TILE, TILE), BF16),
              plgpu.SMEM((nt, TILE), F32), _smem((TILE, head_dim), BF16),
              _smem((TILE, d_state), BF16), _smem((head_dim, d_state), BF16),
-             plgpu.SMEM((TILE,), F32), plgpu.SMEM((TILE,), F32)]
+             plgpu.SMEM((TILE,), F32), plgpu.SMEM((TILE,), F32), plgpu.SMEM((TILE,), F32)]
   args = [dy, x, dt, cs, to_end, cbt, b, dstates]
   if with_d:
     scratch.append(plgpu.SMEM((head_dim,), F32))
     args.append(d.astype(F32))
   scratch += [_smem((TILE, head_dim), out_dtype), plgpu.SMEM((TILE,), F32),
-              plgpu.Barrier(num_arrivals=n_copies)]
+              plgpu.Barrier(num_arrivals=n_copies),
+              plgpu.Barrier(num_arrivals=3, num_barriers=nt)]
   return plgpu.kernel(
       body, out_type=[jax.ShapeDtypeStruct((batch, seqlen, n_heads, head_dim), out_dtype),
                       jax.ShapeDtypeStruct((batch, n_heads, seqlen), F32)],
@@ -472,32 +521,32 @@ def chunk_dcb(dy, x, dt, cs, cb, *, chunk_len: int, n_groups: int, heads: int = 
       plgpu.barrier_wait(bar)
       cb_ij = plgpu.load(cb_s, layout=plgpu.Layout.WGMMA).astype(F32)
 
-      def head(idx, dy_s, x_s, dt_s, csl_s, css_s, er_o, ec_o, acc):
+      def head(idx, dy_s, x_s, dt_s, csl_s, css_s, acc):
         dm = _wgmma(_zeros(tile), dy_s, x_s.transpose((1, 0)))
         dec = _causal_decay(plgpu.load(csl_s, layout=_ROW), plgpu.load(css_s, layout=_COL),
                             l0, s0)
         grad = dm * dec * _col(plgpu.load(dt_s, layout=_COL), tile)
         e = grad * cb_ij
-        er_o[...] = jnp.sum(e, axis=1)
-        ec_o[...] = jnp.sum(e, axis=0)
+        er_s[idx[0]] = jnp.sum(e, axis=1)
+        ec_s[idx[0]] = jnp.sum(e, axis=0)
         return acc + grad
 
-      vec = lambda off: _spec((None, TILE), lambda hh: (h0 + hh, 0))
+      vec = _spec((None, TILE), lambda hh: (h0 + hh, 0))
       acc = plgpu.emit_pipeline(
           head, grid=(hp,), max_concurrent_steps=min(2, hp),
           in_specs=[_spec((TILE, None, head_dim), lambda hh: (0, h0 + hh, 0), BF16),
                     _spec((TILE, None, head_dim), lambda hh: (0, h0 + hh, 0), BF16),
-                    vec(s0), vec(l0), vec(s0)],
-          out_specs=[vec(l0), vec(s0)],
+                    vec, vec, vec],
           init_carry=_zeros(tile),
       )(dy_ref.at[b, pl.ds(t0 + l0, TILE)], x_ref.at[b, pl.ds(t0 + s0, TILE)],
         dt_ref.at[b, :, pl.ds(t0 + s0, TILE)], cs_ref.at[b, :, pl.ds(t0 + l0, TILE)],
-        cs_ref.at[b, :, pl.ds(t0 + s0, TILE)],
-        erow_ref.at[b, :, j, pl.ds(t0 + l0, TILE)], ecol_ref.at[b, :, i, pl.ds(t0 + s0, TILE)])
+        cs_ref.at[b, :, pl.ds(t0 + s0, TILE)])
       dcb_s[...] = acc
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(dcb_s, dcb_ref.at[b, m % n_split, k, g, pl.ds(l0, TILE),
                                                 pl.ds(s0, TILE)])
+      plgpu.copy_smem_to_gmem(er_s, erow_ref.at[b, pl.ds(h0, hp), j, pl.ds(t0 + l0, TILE)])
+      plgpu.copy_smem_to_gmem(ec_s, ecol_ref.at[b, pl.ds(h0, hp), i, pl.ds(t0 + s0, TILE)])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(i < j)
@@ -550,7 +599,7 @@ def head_contract(u, w, s, v, *, chunk_len: int, heads: int = 8, interpret: bool
   n_split = hg // hp
   u, s = _mm(u), _mm(s)
 
-  def body(u_ref, w_ref, s_ref, v_ref, acc_ref, r_ref, v_s, acc_s, bar):
+  def body(u_ref, w_ref, s_ref, v_ref, acc_ref, r_ref, v_s, acc_s, r_s, bar):
     r, m, k, b = (lax.axis_index(a) for a in ("r", "m", "k", "b"))
     g = lax.div(m, n_split)
     h0 = m * hp
@@ -560,11 +609,11 @@ def head_contract(u, w, s, v, *, chunk_len: int, heads: int = 8, interpret: bool
     plgpu.barrier_wait(bar)
     v_r = plgpu.load(v_s, layout=plgpu.Layout.WGMMA).astype(F32)
 
-    def head(idx, u_s, w_s, s_s, r_o, acc):
+    def head(idx, u_s, w_s, s_s, acc):
       uw = (plgpu.load(u_s, layout=plgpu.Layout.WGMMA).astype(F32)
             * _row(plgpu.load(w_s, layout=_ROW), (TILE, head_dim)))
-      t = _wgmma(_zeros(shape), uw.astype(BF16), s_s)
-      r_o[...] = jnp.sum(t * v_r, axis=1)
+      t = _wgmma(_zeros(shape), uw.astype(BF16), s_s, interpret)
+      r_s[idx[0]] = jnp.sum(t * v_r, axis=1)
       return acc + t
 
     acc = plgpu.emit_pipeline(
@@ -572,19 +621,19 @@ def head_contract(u, w, s, v, *, chunk_len: int, heads: int = 8, interpret: bool
         in_specs=[_spec((TILE, None, head_dim), lambda hh: (0, h0 + hh, 0), BF16),
                   _spec((None, TILE), lambda hh: (h0 + hh, 0)),
                   _spec((None, head_dim, d_state), lambda hh: (h0 + hh, 0, 0), BF16)],
-        out_specs=[_spec((None, TILE), lambda hh: (h0 + hh, 0))],
         init_carry=_zeros(shape),
-    )(u_ref.at[b, rows], w_ref.at[b, :, rows], s_ref.at[b, k], r_ref.at[b, :, rows])
+    )(u_ref.at[b, rows], w_ref.at[b, :, rows], s_ref.at[b, k])
     acc_s[...] = acc
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(acc_s, acc_ref.at[b, m % n_split, rows, g])
+    plgpu.copy_smem_to_gmem(r_s, r_ref.at[b, pl.ds(h0, hp), rows])
     plgpu.wait_smem_to_gmem(0)
 
   acc, r = plgpu.kernel(
       body, out_type=[jax.ShapeDtypeStruct((batch, n_split, seqlen, n_groups, d_state), F32),
                       jax.ShapeDtypeStruct((batch, n_heads, seqlen), F32)],
       scratch_types=[_smem((TILE, d_state), v.dtype), _smem((TILE, d_state), F32),
-                     plgpu.Barrier(num_arrivals=1)],
+                     plgpu.SMEM((hp, TILE), F32), plgpu.Barrier(num_arrivals=1)],
       grid=(nt, n_heads // hp, n_chunks, batch), grid_names=("r", "m", "k", "b"),
       compiler_params=_params(), interpret=_interp(interpret), kernel_name="ssd_mgpu_head_contract",
   )(u, w, s, v)
