@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Issue 17 on one GPU (BENCHMARKS.md, "Packing and length buckets"): (1) bench.packing on the
-# 370M backbone, padded vs packing vs length buckets; (2) stage 3 of the demo with packing
-# off and on, the same examples seen (bench.packing_runs), a third run packed at 8 rows a
-# step if time is left. Every figure lands under $OUT. Settings through the environment:
+# 370M backbone, padded (the fixed-length rate) vs packing (lookahead window PACK_WINDOW, and
+# the greedy in-order packer) vs length buckets, in COMPUTE_DTYPE, then, if BF16_TIMEOUT > 0,
+# the same modes in bfloat16; (2) unless PART2=0, stage 3 of the demo with packing off and
+# on, the same examples seen (bench.packing_runs), a third run packed at 8 rows a step if
+# time is left. Every figure lands under $OUT. Settings through the environment:
 #   OUT=out EXAMPLES=64 bash scripts/bench_packing.sh
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 OUT=${OUT:?set OUT to the folder for the results}
@@ -10,17 +12,27 @@ PY=${PY:-python3}
 D=${P17_DIR:-/tmp/p17}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-140}
 MODEL=${MODEL:-370m}; MAX_TOKENS=${MAX_TOKENS:-32768}; EXAMPLES=${EXAMPLES:-48}; S=${S:-2048}
-COMPUTE_DTYPE=${COMPUTE_DTYPE:-bfloat16}
+COMPUTE_DTYPE=${COMPUTE_DTYPE:-bfloat16}; PACK_WINDOW=${PACK_WINDOW:-32}
+BUCKET_MULTIPLE=${BUCKET_MULTIPLE:-$S}; BUCKET_RATIO=${BUCKET_RATIO:-2}; BF16_TIMEOUT=${BF16_TIMEOUT:-0}
+MODES=${MODES:-padded,packing_greedy,packing,buckets,padded+resets}; BF16_MODES=${BF16_MODES:-$MODES}
 STEPS=${STEPS:-300}; EVAL_EVERY=${EVAL_EVERY:-50}
 mkdir -p $D $OUT
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 git rev-parse HEAD 2>/dev/null; date -u
 echo "== part 1: bench.packing (timeout ${BENCH_TIMEOUT}s) =="
-timeout $BENCH_TIMEOUT $PY -m ma2mba_jax.bench.packing --model $MODEL --max_tokens $MAX_TOKENS \
-  --examples $EXAMPLES --batch 1 --time_block $S --bucket_multiple $S --padded_batches 4 \
-  --repeats 2 --compute_dtype $COMPUTE_DTYPE --modes padded,packing,buckets,padded+resets --json $OUT/packing_bench.json \
-  > $OUT/bench.log 2>&1
-echo "bench rc=$? at ${SECONDS}s"; grep -v -i "warning" $OUT/bench.log | tail -8
+bench() {  # timeout, dtype, json, log, modes
+  timeout $1 $PY -m ma2mba_jax.bench.packing --model $MODEL --max_tokens $MAX_TOKENS \
+    --examples $EXAMPLES --batch 1 --time_block $S --bucket_multiple $BUCKET_MULTIPLE \
+    --bucket_ratio $BUCKET_RATIO --pack_window $PACK_WINDOW --padded_batches 4 --repeats 2 \
+    --compute_dtype $2 --modes $5 --json $3 > $4 2>&1
+  echo "bench ($2) rc=$? at ${SECONDS}s"; grep -v -i "warning" $4 | tail -8
+}
+bench $BENCH_TIMEOUT $COMPUTE_DTYPE $OUT/packing_bench.json $OUT/bench.log $MODES
+if [ "$BF16_TIMEOUT" -gt 0 ]; then
+  echo "== part 1b: bench.packing in bfloat16 (timeout ${BF16_TIMEOUT}s) =="
+  bench $BF16_TIMEOUT bfloat16 $OUT/packing_bench_bf16.json $OUT/bench_bf16.log $BF16_MODES
+fi
+if [ "${PART2:-1}" = 0 ]; then echo "done at ${SECONDS}s (PART2=0)"; exit 0; fi
 echo "== part 2: stage 3 demo, packing off / on =="
 $PY -c "from ma2mba_jax import demo; demo.make_data('$D/data')" > $OUT/data.log 2>&1 || { tail $OUT/data.log; exit 1; }
 echo "data at ${SECONDS}s"

@@ -3,8 +3,8 @@ to max_tokens, length buckets, and packing (issue 17).
 
     python -m ma2mba_jax.bench.packing [--model tiny] [--max_tokens 2048] [--examples 48]
         [--batch 4] [--repeats 2] [--modes padded,buckets,packing] [--padded_batches 0]
-        [--bucket_multiple 256] [--bucket_ratio 2] [--compute_dtype bfloat16]
-        [--json packing.json]
+        [--bucket_multiple 256] [--bucket_ratio 2] [--pack_window 32]
+        [--compute_dtype bfloat16] [--json packing.json]
 
 The examples are text only (random tokens, every token a target), with lengths drawn like
 SceneWalk's videos (`synthetic.scenewalk_lengths`: lognormal, mean 8 minutes, at most an
@@ -27,7 +27,11 @@ Modes:
                   the cost of the resets when every row is one segment
   buckets         one example a row, each batch cut to the smallest bucket
                   (`batching.bucket_ladder(max_tokens, --bucket_multiple, --bucket_ratio)`)
-  packing         examples packed greedily into rows of max_tokens, resets at their starts
+  packing         examples packed into rows of max_tokens from a lookahead window of
+                  --pack_window examples (oldest first, then best fit: data.pack_window),
+                  resets at their starts
+  packing_greedy  the same with a window of 1: greedy, in order (a row ends at the first
+                  example that does not fit; the packer before data.pack_window)
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-MODES = ("padded", "padded+resets", "buckets", "packing")
+MODES = ("padded", "padded+resets", "buckets", "packing", "packing_greedy")
+PACKED_MODES = ("padded+resets", "packing", "packing_greedy")
 
 
 class _TextModel(nnx.Module):
@@ -63,14 +68,16 @@ def _examples(lengths, vocab: int, seed: int) -> list[dict]:
            "frames": np.zeros((0, 1, 1, 3), np.uint8)} for i, n in enumerate(lengths)]
 
 
-def _batches(examples, *, batch: int, max_tokens: int, pack: bool, buckets) -> list[dict]:
+def _batches(examples, *, batch: int, max_tokens: int, pack: bool, buckets,
+             pack_window: int = 1) -> list[dict]:
   import grain
 
   from ma2mba_jax.data.batching import PadBatchIterDataset
   ds = PadBatchIterDataset(grain.MapDataset.source(examples).to_iter_dataset(),
                            batch_size=batch, max_tokens=max_tokens, max_frames=1,
                            image_size=1, tokens_per_frame=1, pad_id=0, pack=pack,
-                           drop_remainder=False, bucket_lengths=buckets)
+                           drop_remainder=False, bucket_lengths=buckets,
+                           pack_window=pack_window)
   keys = ("tokens", "loss_mask", "segment_ids", "vision_index")
   return [{k: b[k] for k in keys} for b in ds]
 
@@ -115,11 +122,14 @@ def run(args) -> dict:
              compute_dtype=args.compute_dtype, max_tokens=args.max_tokens,
              examples=args.examples, batch=args.batch, mean_length=float(np.mean(lengths)),
              buckets=list(ladder), magc_l=remat_cfg.l, magc_s=remat_cfg.s,
+             pack_window=args.pack_window,
              padded_batches=args.padded_batches, results={})
   for mode in modes:
     batches = _batches(examples, batch=args.batch, max_tokens=args.max_tokens,
-                       pack=mode == "packing", buckets=ladder if mode == "buckets" else None)
-    step = steps[mode in ("padded+resets", "packing")]
+                       pack=mode.startswith("packing"),
+                       buckets=ladder if mode == "buckets" else None,
+                       pack_window=args.pack_window if mode == "packing" else 1)
+    step = steps[mode in PACKED_MODES]
     shapes = sorted({b["tokens"].shape for b in batches})
     t0 = time.perf_counter()
     for shape in shapes:  # compile (and run once) every shape before timing
@@ -155,7 +165,7 @@ def format_table(out: dict) -> str:
            f"{out['examples']} examples (mean "
            f"{out['mean_length']:.0f} tokens), batch {out['batch']}, max_tokens "
            f"{out['max_tokens']}, buckets {out['buckets']}, MA-GC l={out['magc_l']} "
-           f"s={out['magc_s']}"]
+           f"s={out['magc_s']}, pack_window {out.get('pack_window', 1)} (packing mode)"]
   lines.append(f"{'mode':<14} {'batches':>7} {'shapes':>6} {'real tok':>9} {'padded tok':>10} "
                f"{'padding':>7} {'compile s':>9} {'time s':>7} {'real tok/s':>11} "
                f"{'padded tok/s':>12} {'vs padded':>9} {'vs fixed':>8}")
@@ -190,6 +200,8 @@ def main(argv=None) -> None:
   parser.add_argument("--bucket_multiple", type=int, default=256)
   parser.add_argument("--bucket_ratio", type=float, default=2.0,
                       help="ratio between bucket lengths (under 2: less padding, more shapes)")
+  parser.add_argument("--pack_window", type=int, default=32,
+                      help="the packing mode's lookahead window (data.pack_window)")
   parser.add_argument("--time_block", type=int, default=512, help="MA-GC s")
   parser.add_argument("--layers_per_cell", type=int, default=0, help="MA-GC l (0: all)")
   parser.add_argument("--loss_block", type=int, default=1024)
