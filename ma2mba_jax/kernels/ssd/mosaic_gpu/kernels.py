@@ -199,9 +199,17 @@ def state_pass(inc, decay, init, other=None, *, reverse: bool, out_dtype,
   n_sb = size // bs
   br = bs // _LANES                 # rows of 128 state elements per block
   with_other = other is not None
-  # Decays padded to a multiple of 16 values (a TMA copy moves multiples of 16 bytes).
-  c_pad = -(-n_chunks // 16) * 16
+  # Per-chunk scalars (decays, dots) as [c_rows, c_cols] tiles: a TMA copy moves a
+  # multiple of 16 bytes and at most 256 values along each dim (C = 512 at 128K tokens).
+  c_cols = -(-n_chunks // 16) * 16 if n_chunks <= _LANES else _LANES
+  c_rows = -(-n_chunks // c_cols)
+  if c_rows > 256:
+    raise ValueError(f"ssd mosaic_gpu: state_pass takes at most {256 * _LANES} chunks, got "
+                     f"{n_chunks}")
+  c_pad = c_rows * c_cols
   decay_p = jnp.pad(decay.astype(F32), ((0, 0), (0, 0), (0, c_pad - n_chunks)))
+  decay_p = decay_p.reshape(batch, n_heads, c_rows, c_cols)
+  at = lambda c: (lax.div(c, c_cols), lax.rem(c, c_cols))
   # [..., P, N] -> [..., P*N/128, 128]: a TMA copy moves at most 256 along each dim.
   rows = lambda a: a.reshape(a.shape[:-2] + (size // _LANES, _LANES))
   chunk_of = (lambda i: n_chunks - 1 - i) if reverse else (lambda i: i)
@@ -233,8 +241,8 @@ def state_pass(inc, decay, init, other=None, *, reverse: bool, out_dtype,
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(out_s.at[slot], carries_ref.at[b, c, h, block])
       if with_other:
-        dots_s[c] = jnp.sum(carry * other_s[...].astype(F32))
-      return dec_s[c] * carry + inc_s[...]
+        dots_s[at(c)] = jnp.sum(carry * other_s[...].astype(F32))
+      return dec_s[at(c)] * carry + inc_s[...]
 
     chunk_spec = _spec((None, br, _LANES), lambda i: (chunk_of(i), 0, 0))
     in_specs = [chunk_spec] + ([chunk_spec] if with_other else [])
@@ -255,12 +263,12 @@ def state_pass(inc, decay, init, other=None, *, reverse: bool, out_dtype,
   n_rows = size // _LANES
   out_type = [jax.ShapeDtypeStruct((batch, n_chunks, n_heads, n_rows, _LANES), out_dtype),
               jax.ShapeDtypeStruct((batch, n_heads, n_rows, _LANES), F32)]
-  scratch = [plgpu.SMEM((c_pad,), F32), plgpu.SMEM((br, _LANES), F32),
+  scratch = [plgpu.SMEM((c_rows, c_cols), F32), plgpu.SMEM((br, _LANES), F32),
              plgpu.SMEM((_OUT_SLOTS, br, _LANES), out_dtype)]
   args = [rows(inc), decay_p, rows(init).astype(F32)]
   if with_other:
-    out_type.append(jax.ShapeDtypeStruct((batch, n_heads, n_sb, c_pad), F32))
-    scratch.append(plgpu.SMEM((c_pad,), F32))
+    out_type.append(jax.ShapeDtypeStruct((batch, n_heads, n_sb, c_rows, c_cols), F32))
+    scratch.append(plgpu.SMEM((c_rows, c_cols), F32))
     args.append(rows(other))
   scratch.append(plgpu.Barrier(num_arrivals=2))
   outs = plgpu.kernel(
@@ -271,7 +279,9 @@ def state_pass(inc, decay, init, other=None, *, reverse: bool, out_dtype,
   )(*args)
   carries = outs[0].reshape(inc.shape)
   final = outs[1].reshape(init.shape)
-  return carries, final, (outs[2][..., :n_chunks] if with_other else None)
+  dots = (outs[2].reshape(batch, n_heads, n_sb, c_pad)[..., :n_chunks] if with_other
+          else None)
+  return carries, final, dots
 
 
 # ------------------------------------------------------------------------------------
