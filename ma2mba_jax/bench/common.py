@@ -5,6 +5,7 @@ too), re-exported here for the scripts."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import subprocess
 import time
@@ -14,8 +15,8 @@ import jax
 
 from ma2mba_jax.reporting import environment, print_table, write_json
 
-__all__ = ["block", "median_ms", "device_memory_stats", "is_oom", "time_steps", "oom_row",
-           "run_child", "environment", "print_table", "write_json"]
+__all__ = ["block", "median_ms", "kernel_counts", "device_memory_stats", "is_oom", "time_steps",
+           "oom_row", "run_child", "environment", "print_table", "write_json"]
 
 
 def block(tree: Any) -> Any:
@@ -75,3 +76,26 @@ def run_child(cmd: Sequence[str], *, timeout: int, identity: dict[str, Any]) -> 
       return json.loads(line[len("RESULT "):])
   tail = (proc.stderr or proc.stdout)[-2000:]
   return {**identity, "error": "OOM" if is_oom(Exception(tail)) else f"failed: {tail[-300:]}"}
+
+
+# Ops of an optimized HLO module that launch no kernel of their own.
+_NO_KERNEL = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while",
+              "conditional", "call", "after-all", "partition-id", "replica-id"}
+
+
+def kernel_counts(hlo_text: str) -> dict[str, int]:
+  """Ops that launch work per computation of an optimized HLO module (fusions, library
+  calls, unfused copies ...), fused computations and reducers left out: what one run of
+  each computation (e.g. a while body: one layer of a scan) launches."""
+  called = set(re.findall(r"(?:calls|to_apply)=(%[\w.\-]+)", hlo_text))
+  counts: dict[str, int] = {}
+  name = None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY )?(%[\w.\-]+) .*\{$", line)
+    if head:
+      name = None if head.group(1) in called else head.group(1)
+      continue
+    op = re.match(r"^\s+(?:ROOT )?%\S+ = .*? ([a-z][\w\-]*)\(", line)
+    if name and op and op.group(1) not in _NO_KERNEL:
+      counts[name] = counts.get(name, 0) + 1
+  return counts

@@ -11,6 +11,8 @@ Ways (infer/answering.py's ModelAnswerer):
   all_batched    the questions also read together (Streamer.ask_many), every option of
                  every question scored in a few calls (Streamer.token_logprobs_rows), and
                  the system turn read once for all videos (Streamer reuse_system_turn).
+  all_batched_fused  all_batched with the fused decode step (Sampler step_impl="fused":
+                 models/decode.fused_decode_step, one kernel for each layer's middle).
 Each way runs the whole set 1 + --timed_runs times (the first compiles) with the methods
 likelihood and generate; the fastest timed run counts (the CPU is shared). Columns:
 questions/s, x (speed-up over decode_batch), same choices (likelihood and generate choices
@@ -37,6 +39,11 @@ from ma2mba_jax.infer.stream import Streamer
 from ma2mba_jax.models.video_lm import VideoMa2mba
 from ma2mba_jax.models.video_presets import video_config
 
+WAYS = {"per_question": dict(batch=False), "decode_batch": dict(batch=True, batch_text=False),
+        "all_batched": dict(batch=True, batch_text=True),
+        "all_batched_fused": dict(batch=True, batch_text=True)}
+METHODS = ("likelihood", "generate")
+
 _PRESET = flags.DEFINE_string("model_preset", "tiny", "Video-Ma2mba preset.")
 _DATA = flags.DEFINE_string("synthetic_dir", None, "Synthetic dataset folder (written when "
                             "missing).", required=True)
@@ -49,10 +56,8 @@ _COMPUTE_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                                    "Matmul / SSD input dtype.")
 _TIMED = flags.DEFINE_integer("timed_runs", 3, "Timed runs of the whole set per way.")
 _JSON = flags.DEFINE_string("json_out", None, "Write the results here.")
-
-WAYS = {"per_question": dict(batch=False), "decode_batch": dict(batch=True, batch_text=False),
-        "all_batched": dict(batch=True, batch_text=True)}
-METHODS = ("likelihood", "generate")
+_WAYS = flags.DEFINE_list("ways", list(WAYS), "Ways to run (decode_batch, the reference, "
+                          "always runs).")
 
 
 def main(argv):
@@ -68,11 +73,18 @@ def main(argv):
                                                                     rngs=nnx.Rngs(0))))())
   items = evaluate.load_items("synthetic", data)
   rows, records = [], {}
+  unknown = set(_WAYS.value) - set(WAYS)
+  if unknown:
+    raise app.UsageError(f"--ways: unknown {sorted(unknown)}; expected some of {list(WAYS)}")
   for way, kwargs in WAYS.items():
+    if way not in _WAYS.value and way != "decode_batch":
+      continue
     # Before issue 19 every video read the system turn again.
     streamer = Streamer(model, tokenizer, frames_per_step=_FRAMES_PER_STEP.value,
-                        reuse_system_turn=way == "all_batched")
-    answerer = ModelAnswerer(streamer, make_sampler(model, streamer), target=_TARGET.value,
+                        reuse_system_turn=way.startswith("all_batched"))
+    sampler = make_sampler(model, streamer,
+                           step_impl="fused" if way.endswith("_fused") else "unrolled")
+    answerer = ModelAnswerer(streamer, sampler, target=_TARGET.value,
                              mc_max_new_tokens=_MAX_NEW.value, **kwargs)
     seconds = []
     for _ in range(1 + _TIMED.value):

@@ -24,6 +24,8 @@ Columns:
                             unrolled over per-layer weights (models/decode.py);
   decode tok/s device_scan the same loop with `Mamba2LM.step` (a scan over the stacked
                             layers) as its step: the device loop before issue 19's fix;
+  decode tok/s device_fused the device loop with `models/decode.fused_decode_step` (one
+                            kernel for each layer's middle; host_fused: the host loop);
   same tokens               whether the host and device loops of the same step decoded the
                             same greedy tokens;
   scan parts at             the first token where the scanned step's greedy answer differs
@@ -47,7 +49,6 @@ import itertools
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Iterator
 
@@ -85,7 +86,7 @@ _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "bfloat16", ["float32", "bfloat1
 _SSD_IMPL = flags.DEFINE_string("ssd_impl", "auto", "SSD backend: auto | xla | pallas | triton.")
 _DECODE_IMPLS = flags.DEFINE_list("decode_impls", ["host", "device"], "Decoding loops to "
                                   "time (infer/sample.py), each from the same state: host, "
-                                  "device, host_scan, device_scan.")
+                                  "device, host_scan, device_scan, host_fused, device_fused.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls of each step part (median).")
 _JSON = flags.DEFINE_string("json", None, "Write the results here.")
 
@@ -139,36 +140,13 @@ def time_step_parts(model: VideoMa2mba, m: int, repeats: int) -> dict[str, float
           "LM layers tok/s": m * k / (layers_ms / 1e3), "LM layers ms/step": layers_ms}
 
 
-# Ops of an optimized HLO module that launch no kernel of their own.
-_NO_KERNEL = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while",
-              "conditional", "call", "after-all", "partition-id", "replica-id"}
-
-
-def kernel_counts(hlo_text: str) -> dict[str, int]:
-  """Ops that launch work per computation of an optimized HLO module (fusions, library
-  calls, unfused copies ...), fused computations and reducers left out: what one run of
-  each computation (e.g. a while body: one layer of a scan) launches."""
-  called = set(re.findall(r"(?:calls|to_apply)=(%[\w.\-]+)", hlo_text))
-  counts: dict[str, int] = {}
-  name = None
-  for line in hlo_text.splitlines():
-    head = re.match(r"^(?:ENTRY )?(%[\w.\-]+) .*\{$", line)
-    if head:
-      name = None if head.group(1) in called else head.group(1)
-      continue
-    op = re.match(r"^\s+(?:ROOT )?%\S+ = .*? ([a-z][\w\-]*)\(", line)
-    if name and op and op.group(1) not in _NO_KERNEL:
-      counts[name] = counts.get(name, 0) + 1
-  return counts
-
-
 def dump_hlo(directory: str, name: str, jitted, *args) -> dict[str, int]:
   """Writes jitted(*args)'s optimized HLO to directory/name.hlo; returns kernel_counts."""
   os.makedirs(directory, exist_ok=True)
   text = jitted.lower(*args).compile().as_text()
   with open(os.path.join(directory, f"{name}.hlo"), "w") as f:
     f.write(text)
-  counts = kernel_counts(text)
+  counts = common.kernel_counts(text)
   with open(os.path.join(directory, f"{name}.kernels.json"), "w") as f:
     json.dump(counts, f, indent=1)
   return counts
@@ -223,16 +201,18 @@ def run_length(streamer: Streamer, samplers: dict[str, Sampler], tokens: int,
     sampled[impl] = generation.sampled
   by_step = {}
   for impl, tokens in sampled.items():
-    by_step.setdefault(impl.endswith("_scan"), []).append(tokens)
+    by_step.setdefault(impl.partition("_")[2] or "unrolled", []).append(tokens)
   same = all(t == group[0] for group in by_step.values() for t in group)
-  parts_at = "-"
-  if len(by_step) == 2:
-    unrolled, scan = by_step[False][0], by_step[True][0]
-    parts_at = next((i for i, (a, b) in enumerate(zip(unrolled, scan)) if a != b), "-")
+  parts = {}
+  for step in ("scan", "fused"):
+    if step in by_step and "unrolled" in by_step:
+      unrolled, other = by_step["unrolled"][0], by_step[step][0]
+      parts[f"{step} parts at"] = next(
+          (i for i, (a, b) in enumerate(zip(unrolled, other)) if a != b), "-")
   peak = common.device_memory_stats().get("peak_bytes_in_use")
   return {"M": m, "tokens": frames * k, "frames": frames, "prefill s": prefill_s,
           "frames/s": frames / prefill_s, "prefill tok/s": frames * k / prefill_s,
-          **decoded, "same tokens": same, "scan parts at": parts_at,
+          **decoded, "same tokens": same, **parts,
           "peak GB": None if peak is None else peak / _GB,
           "live GB": None if live is None else live / _GB}
 
@@ -258,8 +238,10 @@ def main(argv):
   impls = _DECODE_IMPLS.value
   sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer))
   scan_sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer), step_impl="scan")
+  fused_sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer), step_impl="fused")
   samplers = {"host": sampler, "device": sampler, "host_scan": scan_sampler,
-              "device_scan": scan_sampler}
+              "device_scan": scan_sampler, "host_fused": fused_sampler,
+              "device_fused": fused_sampler}
   unknown = set(impls) - set(samplers)
   if unknown:
     raise app.UsageError(f"--decode_impls: unknown {sorted(unknown)}; expected some of "
@@ -305,6 +287,7 @@ def main(argv):
   print()
   columns = ["loop", "M", "tokens", "frames", "prefill s", "frames/s", "prefill tok/s",
              *[f"decode tok/s {impl}" for impl in impls], "same tokens", "scan parts at",
+             "fused parts at",
              "peak GB", "live GB"]
   write_results(rows, parts, impls)
   common.print_table(rows, columns)

@@ -17,9 +17,13 @@ Two loops compute the same tokens (tests/infer/test_decode.py checks it):
 Both loops run the same LM step: `models/decode.py`'s (step_impl="unrolled", the default),
 the layer loop unrolled over weights split per layer and cast to the compute dtype once,
 when the Sampler first decodes (a copy of the LM's matrices kept on the device); or
-`Mamba2LM.step` (step_impl="scan": a scan over the stacked layers, no copy). The two steps
-compute the same function (bit for bit on CPU; on GPU XLA fuses them differently, so their
-last bits may differ and long greedy answers of a random model may part).
+`Mamba2LM.step` (step_impl="scan": a scan over the stacked layers, no copy); or
+step_impl="fused": the unrolled loop with each layer's middle (conv, dt, SSM update,
+readout, gating) one kernel (`models/decode.fused_decode_step`, a Pallas kernel on GPU)
+and the RMS norms folded around the matmuls. The unrolled and scanned steps compute the
+same function (bit for bit on CPU; on GPU XLA fuses them differently, so their last bits
+may differ and long greedy answers of a random model may part); the fused one the same up
+to rounding.
 
 Choosing a token from the logits [B, V] (the same function in both loops):
   * ids >= vocab_size (the embedding's padding rows) and `banned_ids` (e.g. `<|frame|>`,
@@ -58,14 +62,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ma2mba_jax.models.decode import decode_step, decode_weights
+from ma2mba_jax.models.decode import decode_step, decode_weights, fused_decode_step
 from ma2mba_jax.models.mamba2 import LayerStates, Mamba2LM
 
 Array = jax.Array
 
 
 DECODE_IMPLS = ("device", "host")
-STEP_IMPLS = ("unrolled", "scan")  # the device loop's LM step (see the module docstring)
+STEP_IMPLS = ("unrolled", "scan", "fused")  # both loops' LM step (module docstring)
 STOP_REASONS = ("", "eos", "repeat", "length")  # the device loop's codes 0..3
 
 
@@ -347,8 +351,8 @@ class Sampler:
   decode_impl: 'device' (the on-device loop) or 'host' (one dispatch per token, the
   reference). block_tokens: tokens per dispatch of the device loop (None: the whole answer
   in one, or 8 when tokens are streamed to an `on_tokens` callback). step_impl: the LM step
-  of both loops, 'unrolled' (per-layer weights, made at the first decode) or 'scan'
-  (`Mamba2LM.step`).
+  of both loops, 'unrolled' (per-layer weights, made at the first decode), 'fused' (the
+  same weights, one kernel per layer's middle) or 'scan' (`Mamba2LM.step`).
   """
 
   def __init__(self, llm: Mamba2LM, *, vocab_size: int, stop_ids: Sequence[int] = (),
@@ -379,9 +383,11 @@ class Sampler:
 
     def lm_step(weights, token, cache):
       """token int32 [B] -> (logits [B, V], cache) with the step of `step_impl`; weights:
-      the DecodeWeights ('unrolled') or the LM's params ('scan')."""
+      the DecodeWeights ('unrolled', 'fused') or the LM's params ('scan')."""
       if step_impl == "unrolled":
         return decode_step(config, block_graphdef, weights, token, cache)
+      if step_impl == "fused":
+        return fused_decode_step(config, weights, token, cache)
       return nnx.merge(graphdef, weights).step(token, cache)
 
     def advance(weights, cache, token, seen, key, knobs, allowed, mode):

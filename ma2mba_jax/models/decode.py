@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ma2mba_jax.kernels import decode as mixer_kernels
 from ma2mba_jax.models.mamba2 import (LayerStates, Mamba2Config, Mamba2LM, rms_normalize,
                                       block_apply, block_step)
 
@@ -80,14 +81,62 @@ def decode_step(config: Mamba2Config, block_graphdef: nnx.GraphDef, weights: Dec
     h, conv_i, ssm_i = block_step(block_graphdef, layer, h, conv[i], ssm[i])
     conv = jax.lax.dynamic_update_index_in_dim(conv, conv_i, i, 0)
     ssm = jax.lax.dynamic_update_index_in_dim(ssm, ssm_i, i, 0)
-  # Mamba2LM.head: final norm (f32), then the projection in the compute dtype.
+  return _head(config, weights, h), LayerStates(conv=conv, ssm=ssm)
+
+
+def _head(config: Mamba2Config, weights: DecodeWeights, h: Array) -> Array:
+  """Mamba2LM.head: final norm (f32), then the projection in the compute dtype."""
   x = (rms_normalize(h, config.norm_eps) * weights.final_norm.astype(f32)
        ).astype(config.compute_dtype)
   if config.tie_embeddings:
-    logits = jnp.einsum("...d,vd->...v", x, weights.head, preferred_element_type=f32)
-  else:
-    logits = jnp.einsum("...d,dv->...v", x, weights.head, preferred_element_type=f32)
-  return logits, LayerStates(conv=conv, ssm=ssm)
+    return jnp.einsum("...d,vd->...v", x, weights.head, preferred_element_type=f32)
+  return jnp.einsum("...d,dv->...v", x, weights.head, preferred_element_type=f32)
+
+
+def fused_decode_step(config: Mamba2Config, weights: DecodeWeights, token: Array,
+                      cache: LayerStates, impl: str = "auto") -> tuple[Array, LayerStates]:
+  """`decode_step` with the middle of every layer (conv, dt, SSM update and readout, gating)
+  as one `kernels.decode.mixer_step` call (a Pallas kernel on GPU, impl="auto") and both
+  RMS norms folded around the matmuls, so that no normalised copy of an activation is made:
+
+    in_proj(rmsnorm(h) * w)    = (1/rms(h)) * ((h * w) @ W_in)      the scale applied inside
+                                                                    the kernel
+    out_proj(gatednorm(y, z))  = (1/rms(g)) * ((g * w') @ W_out)    for one group (G = 1);
+                                                                    per group before W_out
+                                                                    otherwise
+  The same function as `decode_step` up to rounding: h * w and g * w' are rounded to the
+  compute dtype before their matmul instead of the normalised values (tests/infer/
+  test_fused_decode.py bounds the difference). token int32 [B] -> (logits [B, V] f32, cache).
+  """
+  c = config
+  cd, eps = c.compute_dtype, c.norm_eps
+  dims = mixer_kernels.dims_of(c)
+  group = c.d_inner // c.n_groups
+  h = jnp.take(weights.embedding, token, axis=0).astype(f32)      # [B, D]
+  conv, ssm = cache
+  for i, layer in enumerate(weights.layers):
+    mixer = layer["mixer"]
+    in_scale = jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1) + eps)          # [B]
+    u = (h * layer["norm"]["weight"][...].astype(f32)).astype(cd)
+    raw = jnp.einsum("bd,dk->bk", u, mixer["in_proj"]["kernel"][...],
+                     preferred_element_type=f32)                               # [B, 2E+2GN+H]
+    params = mixer_kernels.MixerParams(
+        mixer["conv_weight"][...], mixer["conv_bias"][...], mixer["dt_bias"][...],
+        mixer["A_log"][...], mixer["D"][...], mixer["norm"]["weight"][...])
+    yw, ss, conv_i, ssm = mixer_kernels.mixer_step(jnp.int32(i), raw, in_scale, params, conv,
+                                                   ssm, dims=dims, impl=impl)
+    conv = jax.lax.dynamic_update_index_in_dim(conv, conv_i, i, 0)
+    ss = ss.reshape(ss.shape[0], c.n_groups, -1).sum(-1)                      # [B, G]
+    out_scale = jax.lax.rsqrt(ss / group + eps)                               # [B, G]
+    w_out = mixer["out_proj"]["kernel"][...]
+    if c.n_groups == 1:
+      out = jnp.einsum("be,ed->bd", yw, w_out, preferred_element_type=f32) * out_scale
+    else:
+      scaled = (yw.astype(f32).reshape(yw.shape[0], c.n_groups, group)
+                * out_scale[:, :, None]).reshape(yw.shape).astype(cd)
+      out = jnp.einsum("be,ed->bd", scaled, w_out, preferred_element_type=f32)
+    h = h + out.astype(cd).astype(f32)                            # Linear's output dtype
+  return _head(c, weights, h), LayerStates(conv=conv, ssm=ssm)
 
 
 def apply_layers(block_graphdef: nnx.GraphDef, weights: DecodeWeights, h: Array,

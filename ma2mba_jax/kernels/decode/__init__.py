@@ -1,0 +1,106 @@
+"""The middle of one Mamba-2 layer's single-token step, from the in_proj output to the
+out_proj input, as one function with two backends:
+
+    yw, ss, conv_i, ssm = mixer_step(layer, raw, in_scale, params, conv, ssm,
+                                     config=..., impl="auto")
+
+  * "xla": plain JAX (`reference.py`), the oracle and the CPU path;
+  * "pallas": one Pallas kernel (Triton lowering on GPU; `interpret=True` elsewhere), one
+    program per (batch row, head) (`pallas.py`).
+"auto" picks pallas on GPU, xla elsewhere. What the function computes (f32 inside, values
+rounded to the compute dtype cd where `Mamba2Mixer.step` rounds them):
+
+  zxbcdt = (raw * in_scale[:, None]) rounded to cd   (the in_proj output; raw = (h * w) @ W,
+                                                      in_scale the RMS norm's 1/rms(h))
+  xBC    = silu(conv over [conv state, xBC]) rounded to cd; new conv state = its last K-1
+           inputs
+  dt     = clip(softplus(dt + dt_bias), dt_limit); A = -exp(A_log)
+  h      = exp(dt A) h + dt x B^T;  y = h C + D x, rounded to cd      (per head, [P, N])
+  g      = y * silu(z)
+  yw     = g * norm_weight rounded to cd   [B, E]  (out_proj's input before the gated norm's
+                                                    per-group 1 / rms(g), applied by the caller)
+  ss     = sum of g^2 per head             [B, H]  (the caller sums a group's heads)
+
+Layouts: raw [B, 2E + 2GN + H] f32; in_scale [B] f32; conv [L, B, C, K-1] f32 and ssm
+[L, B, H, P, N] f32 are the whole LayerStates stacks; layer: int32 scalar (which layer's
+slices are read). Returns yw, ss, the layer's new conv state [B, C, K-1] f32 and the ssm
+stack with the layer's slice updated (in place in the pallas backend: the stack is aliased
+to the output).
+
+Axis legend: B batch, L layers, E inner width, C conv channels (E + 2GN), H heads, P head
+dim, N state size, G groups, K conv width.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+
+Array = jax.Array
+IMPLS = ("auto", "xla", "pallas")
+
+
+class MixerParams(NamedTuple):
+  """One layer's mixer vectors, as stored (f32 or bf16; read as f32)."""
+  conv_weight: Array   # [K, C]
+  conv_bias: Array     # [C]
+  dt_bias: Array       # [H]
+  A_log: Array         # [H]
+  D: Array             # [H]
+  norm_weight: Array   # [E]
+
+
+class Dims(NamedTuple):
+  """The static shape and numerics of the step (from Mamba2Config)."""
+  d_inner: int       # E
+  n_heads: int       # H
+  head_dim: int      # P
+  d_state: int       # N
+  n_groups: int      # G
+  d_conv: int        # K
+  dt_limit: tuple[float, float]
+  compute_dtype: object
+
+
+def dims_of(config) -> Dims:
+  """Dims of a Mamba2Config."""
+  return Dims(config.d_inner, config.n_heads, config.head_dim, config.d_state,
+              config.n_groups, config.d_conv, tuple(config.dt_limit), config.compute_dtype)
+
+
+def resolve_impl(impl: str, dims: Dims, platform: str | None = None) -> str:
+  """'auto' -> 'pallas' on GPU when the kernel's loads are powers of two (P and N), else
+  'xla'. An explicit name is checked and returned."""
+  if impl not in IMPLS:
+    raise ValueError(f"mixer_step: impl must be one of {IMPLS}, got {impl!r}")
+  if impl != "auto":
+    if impl == "pallas" and not _pallas_fits(dims):
+      raise ValueError(f"mixer_step: impl='pallas' needs head_dim and d_state to be powers "
+                       f"of two, got head_dim={dims.head_dim}, d_state={dims.d_state}")
+    return impl
+  platform = platform or jax.default_backend()
+  return "pallas" if platform == "gpu" and _pallas_fits(dims) else "xla"
+
+
+def _pallas_fits(dims: Dims) -> bool:
+  return all(n & (n - 1) == 0 for n in (dims.head_dim, dims.d_state))
+
+
+def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, conv: Array,
+               ssm: Array, *, dims: Dims, impl: str = "auto", interpret: bool | None = None
+               ) -> tuple[Array, Array, Array, Array]:
+  """See the module docstring. interpret (pallas only): run the kernel in the Pallas
+  interpreter (default: when not on GPU)."""
+  impl = resolve_impl(impl, dims)
+  if impl == "xla":
+    from ma2mba_jax.kernels.decode import reference
+    return reference.mixer_step(layer, raw, in_scale, params, conv, ssm, dims=dims)
+  from ma2mba_jax.kernels.decode import pallas
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  return pallas.mixer_step(layer, raw, in_scale, params, conv, ssm, dims=dims,
+                           interpret=interpret)
+
+
+__all__ = ["IMPLS", "MixerParams", "Dims", "dims_of", "resolve_impl", "mixer_step"]

@@ -1,0 +1,44 @@
+"""`mixer_step` in plain JAX (impl="xla"): the oracle of the Pallas kernel and the CPU path.
+The same operations as `Mamba2Mixer.step` between in_proj and out_proj (its conv, dt and
+SSM update functions), with the in_proj output scaled by the pre-norm's 1/rms first and the
+gated norm's per-group 1/rms left to the caller (see the package docstring)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ma2mba_jax.kernels.decode import Dims, MixerParams
+from ma2mba_jax.kernels.ssd import process_dt
+from ma2mba_jax.models.mamba2 import causal_conv_step
+
+Array = jax.Array
+f32 = jnp.float32
+
+
+def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, conv: Array,
+               ssm: Array, *, dims: Dims) -> tuple[Array, Array, Array, Array]:
+  """raw [B, 2E+2GN+H] f32, in_scale [B] -> yw [B, E] cd, ss [B, H] f32, conv state of the
+  layer [B, C, K-1] f32, ssm stack [L, B, H, P, N] f32 (the layer's slice replaced)."""
+  cd = dims.compute_dtype
+  e, h, p, n, g = dims.d_inner, dims.n_heads, dims.head_dim, dims.d_state, dims.n_groups
+  b = raw.shape[0]
+  zxbcdt = (raw * in_scale[:, None]).astype(cd)
+  z, xBC, dt = jnp.split(zxbcdt, [e, e + e + 2 * g * n], axis=-1)
+  conv_state = jax.lax.dynamic_index_in_dim(conv, layer, 0, keepdims=False)
+  xBC, conv_state = causal_conv_step(xBC, conv_state, params.conv_weight, params.conv_bias)
+  x, B, C = jnp.split(xBC, [e, e + g * n], axis=-1)
+  x = x.reshape(b, h, p).astype(f32)
+  B = jnp.repeat(B.reshape(b, g, n).astype(f32), h // g, axis=1)        # [B, H, N]
+  C = jnp.repeat(C.reshape(b, g, n).astype(f32), h // g, axis=1)        # [B, H, N]
+  dt = process_dt(dt, params.dt_bias, True, dims.dt_limit)             # [B, H] f32
+  A = -jnp.exp(params.A_log.astype(f32))                                # [H]
+  state = jax.lax.dynamic_index_in_dim(ssm, layer, 0, keepdims=False)  # [B, H, P, N]
+  state = (jnp.exp(dt * A)[:, :, None, None] * state
+           + (dt[:, :, None] * x)[..., None] * B[:, :, None, :])
+  y = jnp.sum(state * C[:, :, None, :], axis=-1) + params.D.astype(f32)[:, None] * x
+  gated = y.astype(cd).astype(f32) * jax.nn.silu(z.astype(f32).reshape(b, h, p))
+  ss = jnp.sum(jnp.square(gated), axis=-1)                             # [B, H]
+  yw = (gated.reshape(b, e) * params.norm_weight.astype(f32)).astype(cd)
+  ssm = jax.lax.dynamic_update_index_in_dim(ssm, state, layer, 0)
+  return yw, ss, conv_state, ssm

@@ -1,0 +1,62 @@
+"""Decoding on the GPU (marker `gpu`: skipped without an NVIDIA GPU; run through the device
+tool: `pytest -q -m gpu tests/gpu/test_decode_gpu.py`).
+
+  * the decode kernel (kernels/decode, Pallas -> Triton) against its float64 oracle;
+  * the fused decode step against the reference step, float32, over many tokens;
+  * greedy decoding by the host loop (one dispatch per token) and by the device loop
+    (lax.while_loop) give the same tokens on small random models, for the unrolled and the
+    fused step, float32 and bfloat16 compute.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ma2mba_jax.infer.sample import Sampler, SamplingParams
+from ma2mba_jax.models.mamba2 import Mamba2Config, Mamba2LM
+from tests.infer.test_fused_decode import step_errors
+from tests.kernels.decode_mixer_cases import CASES, TOLERANCES, errors
+
+pytestmark = pytest.mark.gpu
+
+# The fused step against the reference step in float32 on the GPU: XLA's f32 matmuls there
+# may run on TF32 units, which both steps use in different places (the folded norms), so
+# the bound is that of TF32 rounding, not of the CPU test's 2e-6.
+GPU_STEP_TOL = {"logits": 1e-2, "conv": 1e-2, "ssm": 1e-2}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kernel_matches_the_float64_oracle_on_gpu(name):
+  case = CASES[name]
+  errs = errors(case, seed=7, impl="pallas", interpret=False)
+  print(name, errs)
+  assert all(err < TOLERANCES[case.dtype] for err in errs.values()), (name, errs)
+
+
+@pytest.mark.parametrize("variant", ["g1_tied", "g2_untied"])
+def test_fused_step_equals_the_reference_step_on_gpu(variant):
+  worst = step_errors(seed=3, impl="auto", variant=variant)
+  print(variant, worst)
+  assert all(worst[k] < GPU_STEP_TOL[k] for k in GPU_STEP_TOL), worst
+
+
+SMALL = Mamba2Config(d_model=256, n_layers=4, vocab_size=1000, d_state=128, head_dim=64,
+                     chunk_len=64)
+
+
+@pytest.mark.parametrize("step_impl", ["unrolled", "fused"])
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_greedy_host_and_device_loops_give_the_same_tokens(step_impl, compute_dtype):
+  config = SMALL.replace(compute_dtype=compute_dtype)
+  llm = Mamba2LM(config, rngs=nnx.Rngs(0))
+  sampler = Sampler(llm, vocab_size=config.vocab_size, step_impl=step_impl)
+  prompts = np.random.default_rng(0).integers(0, config.vocab_size, (3, 17))
+  params = SamplingParams(max_new_tokens=64, stop_on_repeat=False)
+  for prompt in prompts:
+    logits, states = jax.jit(lambda t: llm(t, return_states=True))(jnp.asarray(prompt)[None])
+    device = sampler.generate(states, logits[0, -1], params, decode_impl="device")
+    host = sampler.generate(states, logits[0, -1], params, decode_impl="host")
+    assert len(host.sampled) == 64
+    assert device.sampled == host.sampled

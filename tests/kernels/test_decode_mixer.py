@@ -1,0 +1,34 @@
+"""kernels/decode.mixer_step (the middle of a layer's single-token step) against its float64
+oracle: the plain-JAX backend and the Pallas kernel in interpret mode, several groups,
+float32 and bfloat16 compute; the other layers' states pass through untouched. The GPU run
+of the kernel is tests/gpu/test_decode_gpu.py; tolerances: decode_mixer_cases.TOLERANCES."""
+
+import jax.numpy as jnp
+import pytest
+
+from ma2mba_jax.kernels.decode import resolve_impl
+from tests.kernels.decode_mixer_cases import CASES, TOLERANCES, dims_of_case, errors
+
+
+# Every case with the kernel; the plain-JAX backend on two (it is also the fused decode
+# step's CPU path, tests/infer/test_fused_decode.py).
+@pytest.mark.parametrize("name,impl", [*((name, "pallas") for name in sorted(CASES)),
+                                       ("g2_f32", "xla"), ("g1_bf16", "xla")])
+def test_mixer_step_matches_the_float64_oracle(name, impl):
+  case = CASES[name]
+  errs = errors(case, seed=7, impl=impl, interpret=True if impl == "pallas" else None)
+  tol = TOLERANCES[case.dtype]
+  assert all(err < tol for err in errs.values()), (name, impl, errs)
+
+
+def test_impl_resolution():
+  dims = dims_of_case(CASES["g1_f32"])
+  assert resolve_impl("auto", dims, platform="gpu") == "pallas"
+  assert resolve_impl("auto", dims, platform="cpu") == "xla"
+  odd = dims._replace(head_dim=24)
+  assert resolve_impl("auto", odd, platform="gpu") == "xla"
+  with pytest.raises(ValueError, match="head_dim=24"):
+    resolve_impl("pallas", odd)
+  with pytest.raises(ValueError, match="impl must be one of"):
+    resolve_impl("triton", dims)
+  assert dims.compute_dtype == jnp.float32
