@@ -1,9 +1,11 @@
-"""Tolerance sweep for tests/gpu/test_ssd_mosaic_gpu.py (on a GPU) (a script, not a test).
+"""Tolerance sweep for the mosaic_gpu backend's oracle tests (a script, not a test).
 
     JAX_PLATFORMS=cuda python -m tests.gpu.ssd_mosaic_gpu_sweep [--seeds 20] [--cases a,b]
+    JAX_PLATFORMS=cpu python -m tests.gpu.ssd_mosaic_gpu_sweep \
+        --module tests.kernels.test_ssd_mosaic_gpu     # the CPU interpreter case
 
-Runs every case of test_ssd_mosaic_gpu.CASES (impl="mosaic_gpu")
-against the f64 oracle for seeds 0..N-1 and prints, per dtype and quantity, the worst
+Runs every case of the test module's CASES (impl="mosaic_gpu"; default
+tests/gpu/test_ssd_mosaic_gpu.py, on a GPU) against the f64 oracle for seeds 0..N-1 and prints, per dtype and quantity, the worst
 relative error and its case, and the tolerance the tests use (worst x 2, rounded up to 1,
 2 or 5 x 10^k). Each case compiles once; the seeds only change the inputs.
 """
@@ -11,10 +13,9 @@ relative error and its case, and the tolerance the tests use (worst x 2, rounded
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import time
-
-from tests.gpu.test_ssd_mosaic_gpu import CASES, TOLERANCES, errors_against_oracle
 
 
 def round_up(x: float) -> float:
@@ -29,8 +30,14 @@ def round_up(x: float) -> float:
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--seeds", type=int, default=20)
-  parser.add_argument("--cases", default=",".join(CASES), help="comma-separated names")
+  parser.add_argument("--module", default="tests.gpu.test_ssd_mosaic_gpu",
+                      help="test module with CASES, TOLERANCES, errors_against_oracle")
+  parser.add_argument("--cases", default=None, help="comma-separated names (default: all)")
   args = parser.parse_args()
+  module = importlib.import_module(args.module)
+  CASES, TOLERANCES = module.CASES, module.TOLERANCES
+  errors_against_oracle = module.errors_against_oracle
+  args.cases = args.cases or ",".join(CASES)
   n_seeds = args.seeds
   worst: dict[tuple[str, str], tuple[float, str, int]] = {}
   for name in args.cases.split(","):

@@ -1,9 +1,9 @@
 """The `mosaic_gpu` SSD backend (Pallas, Mosaic GPU lowering; Hopper) against the float64
 sequential oracle on the GPU: outputs and the gradients of every input.
 
-Marker `gpu`: skipped without an NVIDIA GPU (CI has none; the Mosaic GPU interpreter of
-jax 0.11.2 cannot run these kernels on CPU, see BUILD.md, "Mosaic GPU"). Run through the
-device tool:
+Marker `gpu`: skipped without an NVIDIA GPU (CI has none; there the same kernels run in
+the Mosaic GPU interpreter, tests/kernels/test_ssd_mosaic_gpu.py). Run through the device
+tool:
   JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu tests/gpu/test_ssd_mosaic_gpu.py
 The kernels need chunk length, head dim and state size multiples of 64; the cases cover
 T not a multiple of the chunk, several groups, an initial state, D per channel, no D,
@@ -25,17 +25,35 @@ pytestmark = pytest.mark.gpu
 
 # ‖out − ref‖ / ‖ref‖ allowed against the f64 oracle. From
 # `python -m tests.gpu.ssd_mosaic_gpu_sweep` (H100, jax 0.11.2, 2026-11-26, seeds 0..19 of
-# every case in CASES): the worst error seen, times 2, rounded up to 1, 2 or 5 x 10^k.
-# f32 inputs run bf16 matmul operands (f32 accumulation), so both dtypes land near bf16
-# rounding. Worst seen (case, seed):
+# every case in CASES, at commit 4fff035; later kernel commits changed only how tiles are
+# copied, not the arithmetic): the worst error seen, times 2, rounded up to 1, 2 or 5 x
+# 10^k. f32 inputs run bf16 matmul operands (f32 accumulation), so both dtypes land near
+# bf16 rounding. dD sums dy * x in XLA in f32 (no kernel). Worst seen (case, seed):
 TOLERANCES = {
     "float32": {
-        "y": 1e-2, "final_state": 1e-2, "dx": 1e-2, "dB": 1e-2, "dC": 1e-2, "ddt": 1e-2,
-        "dinitial_state": 1e-2, "dA": 5e-2, "dD": 1e-2, "ddt_bias": 5e-2,
+        "y": 1e-2,               # 3.2e-03 f32_q128_noD (18)
+        "final_state": 1e-2,     # 3.4e-03 f32_q128_noD (5)
+        "dx": 1e-2,              # 3.0e-03 f32_q128_noD (16)
+        "dB": 1e-2,              # 2.7e-03 f32_q128_noD (11)
+        "dC": 1e-2,              # 2.7e-03 f32_q128_noD (19)
+        "ddt": 1e-2,             # 3.9e-03 f32_q128_noD (3)
+        "dinitial_state": 1e-2,  # 3.0e-03 f32_q128_noD (1)
+        "dA": 1e-1,              # 2.7e-02 f32_q128_noD (2)
+        "ddt_bias": 5e-2,        # 1.5e-02 f32_q128_noD (0)
     },
     "bfloat16": {
-        "y": 1e-2, "final_state": 1e-2, "dx": 1e-2, "dB": 1e-2, "dC": 1e-2, "ddt": 1e-2,
-        "dinitial_state": 1e-2, "dA": 2e-1, "dD": 2e-2, "ddt_bias": 5e-2,
+        "y": 1e-2,               # 3.4e-03 bf16_reset (18)
+        "final_state": 5e-3,     # 1.8e-03 bf16_reset (11)
+        "dx": 1e-2,              # 3.3e-03 bf16_reset (13)
+        "dB": 1e-2,              # 2.7e-03 bf16_reset (8)
+        "dC": 1e-2,              # 2.7e-03 bf16_reset (9)
+        "ddt": 1e-2,             # 3.4e-03 bf16_reset (4)
+        "dinitial_state": 1e-2,  # 2.6e-03 bf16_reset (12)
+        "dA": 5e-2,              # 2.1e-02 bf16_reset (7)
+        # XLA on the GPU keeps dy in f32 for dD (it drops the bf16 round trip of the
+        # cotangent); the CPU test's interpreter run sees 2.1e-3 for the same sum.
+        "dD": 5e-6,              # 1.3e-06 bf16_reset (8)
+        "ddt_bias": 5e-2,        # 1.6e-02 bf16_reset (17)
     },
 }
 

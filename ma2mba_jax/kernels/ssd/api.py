@@ -124,7 +124,7 @@ def ssd(x: Array, dt: Array, A: Array, B: Array, C: Array, *,
     dt_bias: [H], optional.
     initial_state: [B, H, P, N] state before the first step (zeros if None).
     chunk_len: SSD chunk length Q; any T is accepted.
-    impl: "auto" | "xla" | "pallas" | "triton" | "tpu" (see registry.py).
+    impl: "auto" | "xla" | "pallas" | "triton" | "tpu" | "mosaic_gpu" (see registry.py).
     reset: [B, T] bool or int (nonzero = True), optional: True at the first step of each
       packed segment (see `reset_from_segment_ids`). None (the default) costs nothing.
     **backend_options: passed to the backend (e.g. interpret=True, block sizes).

@@ -8,8 +8,10 @@ Mosaic GPU kernel too.
 
 Options: `interpret` (None, the default: the Mosaic GPU interpreter off GPU, compiled
 kernels on GPU), `state_f32`, `cb_f32`, `dcb_heads`, `contract_heads`, `block_s` (as in
-chunked.Options). The Triton-only options (warps, stages, block_l/p/r) are accepted and
-ignored: tiles here are 64 rows. Needs chunk_len, head dim and state size multiples of 64.
+chunked.Options), `num_stages` (chunk_scan_fwd / bwd_dx: >= 2 copies only the causal
+tiles and overlaps them with the matmuls, 1 copies every tile first). The Triton-only
+options (warps, block_l/p/r) are accepted and ignored: tiles here are 64 rows. Needs
+chunk_len, head dim and state size multiples of 64. f32 inputs run bf16 matmul operands.
 """
 
 from __future__ import annotations
