@@ -3,7 +3,9 @@
 The paper's memory model (planner.py, Table 7 constants) counts checkpoints and one cell. XLA
 keeps more beside them (parameter-sized gradient buffers per loop level, f32 copies of the
 residual stream around the scans, whatever a block's autodiff saves: BENCHMARKS.md, issue
-15), so `auto` built on the model alone can pick a cell that does not fit. Here each
+15; remat/magc_fused.py removes the first two for fused blocks without offload, 55.5 -> 39.6
+GB at 2^19 for l=64 s=8192), so `auto` built on the model alone can pick a cell that does
+not fit. Here each
 candidate is lowered and compiled -- the forward and backward of the LM layers under MA-GC,
 the very function the trainer runs (remat/lm.py `apply_layers_with_remat`), on abstract
 parameters -- and `compiled.memory_analysis()` says what it needs. Nothing is executed.
@@ -61,7 +63,9 @@ from ma2mba_jax.xla_memory import tree_bytes
 PLANNERS = ("measure", "model")
 # Bumped when what is measured changes, so that old disk-cache entries are not reused.
 MEASURE_VERSION = 1
-# Forwards a cell's backward replays, per cell_saves (see the module docstring).
+# Forwards a cell's backward replays, per cell_saves (see the module docstring). Through
+# remat/magc_fused.py `layers` replays one forward plus each layer's in_proj (not two
+# forwards); it still sorts after `nothing`, which is what the choice depends on.
 RECOMPUTED_FORWARDS = {"dots": 0.5, "nothing": 1.0, "names": 1.0, "layers": 2.0}
 OFFLOAD_RANK = {name: i for i, name in enumerate(OFFLOAD_CHOICES)}  # none, sequence, all
 # What `cell_saves='auto'` / `offload='auto'` explore.
