@@ -70,8 +70,9 @@ def get_base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   # Pack several short examples into one row.
   c.data.packing = False
   # With packing: decoded examples the packer looks ahead over to fill a row (best fit);
-  # 1 is the greedy in-order packer (rows of SceneWalk-like lengths ~85% full, 32: ~99%).
-  c.data.pack_window = 32
+  # 1 is the greedy in-order packer (rows of SceneWalk-like lengths ~85% full, 16: ~99%).
+  # Held in host memory; a resume decodes again about 4x this many (data/batching.py).
+  c.data.pack_window = 16
   # Length buckets without packing (issue 17): None pads every batch to max_tokens; "auto"
   # to the smallest of 256, 512, ... max_tokens holding its longest row; or a list.
   c.data.bucket_lengths = None

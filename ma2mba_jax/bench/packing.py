@@ -3,7 +3,7 @@ to max_tokens, length buckets, and packing (issue 17).
 
     python -m ma2mba_jax.bench.packing [--model tiny] [--max_tokens 2048] [--examples 48]
         [--batch 4] [--repeats 2] [--modes padded,buckets,packing] [--padded_batches 0]
-        [--bucket_multiple 256] [--bucket_ratio 2] [--pack_window 32]
+        [--bucket_multiple 256] [--bucket_ratio 2] [--pack_window 16]
         [--compute_dtype bfloat16] [--json packing.json]
 
 The examples are text only (random tokens, every token a target), with lengths drawn like
@@ -200,7 +200,7 @@ def main(argv=None) -> None:
   parser.add_argument("--bucket_multiple", type=int, default=256)
   parser.add_argument("--bucket_ratio", type=float, default=2.0,
                       help="ratio between bucket lengths (under 2: less padding, more shapes)")
-  parser.add_argument("--pack_window", type=int, default=32,
+  parser.add_argument("--pack_window", type=int, default=16,
                       help="the packing mode's lookahead window (data.pack_window)")
   parser.add_argument("--time_block", type=int, default=512, help="MA-GC s")
   parser.add_argument("--layers_per_cell", type=int, default=0, help="MA-GC l (0: all)")

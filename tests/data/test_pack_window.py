@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ma2mba_jax.data import synthetic
-from ma2mba_jax.data.batching import EMPTY, SKIPPED, PadBatchIterDataset
+from ma2mba_jax.data.batching import DEFAULT_PACK_WINDOW, EMPTY, SKIPPED, PadBatchIterDataset
 from ma2mba_jax.data.errors import DataError
 from ma2mba_jax.data.pipeline import data_settings
 
@@ -208,7 +208,7 @@ def test_bad_window_and_oversized_example_are_named():
   with pytest.raises(ValueError, match="pack_window"):
     _batcher([], window=0)
   base = {"stage": 1, "sources": {}, "max_frames": 4, "max_tokens": 1024, "batch_size": 2}
-  assert data_settings(base)["pack_window"] == 32
+  assert data_settings(base)["pack_window"] == DEFAULT_PACK_WINDOW == 16
   with pytest.raises(ValueError, match="data.pack_window"):
     data_settings({**base, "pack_window": 0})
   with pytest.raises(ValueError, match="ex0 does not fit .*max_tokens=8"):
