@@ -163,7 +163,7 @@ def get_base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   # Sequence parallel: each sample's tokens split over this many devices (train/sequence.py;
-  # MA-GC then needs remat.s >= max_tokens / seq).
+  # MA-GC time blocks inside a piece run as a wavefront over them, remat/pipeline.py).
   c.mesh.seq = 1
   # ZeRO-1 (the paper's layout): optimizer state also sharded over `data`, params replicated.
   c.mesh.zero1 = False

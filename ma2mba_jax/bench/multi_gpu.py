@@ -11,7 +11,8 @@
    GPUs, with the highest peak memory of any card;
 4. (`--parts=seq`) the longest sample (of `--seq_lengths`, tried in order until one fails)
    on one GPU (MA-GC `--one_gpu_remat`) and split over all GPUs by the `seq` mesh axis
-   (MA-GC with one time block per piece: l=`--seq_l`, s = T / GPUs, cell_saves=layers).
+   (MA-GC l=`--seq_l`, s=`--seq_s`: time blocks inside each piece run as a wavefront over
+   the GPUs, remat/pipeline.py; `--seq_s=0`: one block per piece, s = T / GPUs).
 
 `--trainer_mesh=data,fsdp,zero1,seq` runs part 1 in that layout instead of FSDP over the
 GPUs (e.g. 2,1,1,2 on 4 GPUs: ZeRO-1 over 2 rows, each sample in 2 pieces).
@@ -59,6 +60,8 @@ _SEQ_LENGTHS = flags.DEFINE_list("seq_lengths", ["262144", "524288", "1048576", 
 _SEQ_MESHES = flags.DEFINE_list("seq_meshes", ["one", "seq"], "Part 4: one (one GPU), seq (all "
                                 "GPUs on one sample); each may be run in its own call.")
 _SEQ_L = flags.DEFINE_integer("seq_l", 8, "Part 4: MA-GC layers per group with the seq axis.")
+_SEQ_S = flags.DEFINE_integer("seq_s", 0, "Part 4: MA-GC tokens per time block with the seq "
+                              "axis (0: one block per piece).")
 _SEQ_REMAT = flags.DEFINE_list("seq_remat", ["--cell_saves=layers"], "Part 4: more bench.train "
                                "remat flags of the seq rows, e.g. --offload=all.")
 _ONE_GPU_REMAT = flags.DEFINE_list("one_gpu_remat", ["--l=64", "--s=16384",
@@ -187,7 +190,8 @@ def longest_row(mesh: str, visible: str | None, clock: Clock) -> dict:
       best.setdefault("error", f"stopped: {clock.left()}s left before T={tokens}")
       break
     if n_seq > 1:
-      remat = ["--policy=magc", f"--l={_SEQ_L.value}", f"--s={-(-tokens // n_seq)}",
+      remat = ["--policy=magc", f"--l={_SEQ_L.value}",
+               f"--s={_SEQ_S.value or -(-tokens // n_seq)}",
                *_SEQ_REMAT.value]
     else:
       remat = list(_ONE_GPU_REMAT.value)

@@ -160,15 +160,26 @@ def _forward(config: Mamba2Config, p: BlockParams, h: Array, conv_state: Array,
 
 # `reset` ([B, T] bool or None) is an ordinary argument, not a nondiff_argnum (it is traced);
 # the backward returns None for it: it has no cotangent.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(config: Mamba2Config, p: BlockParams, h: Array, conv_state: Array,
-           ssm_state: Array, reset: Array | None) -> tuple[Array, Array, Array]:
+# `context` is the `sequence_axis` the forward ran under (None: none): the backward rule is
+# traced later, when the context around it may differ (MA-GC's pipeline switches it off
+# for its groups, remat/pipeline.py), and must recompute what the forward computed.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(config: Mamba2Config, context: tuple[str, int] | None, p: BlockParams, h: Array,
+           conv_state: Array, ssm_state: Array, reset: Array | None
+           ) -> tuple[Array, Array, Array]:
+  del context  # the current one
   return _forward(config, p, h, conv_state, ssm_state, reset, tag_all=True)[0]
 
 
-def _fused_fwd(config, p, h, conv_state, ssm_state, reset):
+def _fused_fwd(config, context, p, h, conv_state, ssm_state, reset):
+  del context
   outs, zxbcdt = _forward(config, p, h, conv_state, ssm_state, reset, tag_all=False)
   return outs, (p, h, zxbcdt, conv_state, ssm_state, reset)
+
+
+def _fused_bwd_in_context(config, context, residuals, cotangents):
+  with seq_par.sequence_axis(*(context or (None, 1))):
+    return _fused_bwd(config, residuals, cotangents)
 
 
 def _fused_bwd(config, residuals, cotangents):
@@ -192,7 +203,7 @@ def _fused_bwd(config, residuals, cotangents):
   return dp, dh_out + dh_norm, dconv, dssm, None
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused.defvjp(_fused_fwd, _fused_bwd_in_context)
 
 
 def fused_block_apply(config: Mamba2Config, p: BlockParams, h: Array, conv_state: Array,
@@ -213,5 +224,5 @@ def fused_block_apply(config: Mamba2Config, p: BlockParams, h: Array, conv_state
   if reset is not None:
     reset = jnp.asarray(reset)
     reset = reset if reset.dtype == jnp.bool_ else reset != 0
-  return _fused(config, p, h.astype(f32), conv_state.astype(f32), ssm_state.astype(f32),
-                reset)
+  return _fused(config, seq_par.current_axis(), p, h.astype(f32), conv_state.astype(f32),
+                ssm_state.astype(f32), reset)

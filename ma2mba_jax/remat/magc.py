@@ -25,8 +25,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from ma2mba_jax.kernels.ssd import sequence_parallel as seq_par
 from ma2mba_jax.remat.cells import (cell_checkpoint, cell_layer_fn, offload_choice,
                                     scan_layers)
+from ma2mba_jax.remat.pipeline import apply_magc_pipeline
 from ma2mba_jax.remat.planner import MemoryConstants, magc_memory, plan_magc
 from ma2mba_jax.remat.settings import RematSettings
 
@@ -125,6 +127,11 @@ def apply_magc(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
   parameter-sized loop buffers (for the 2.7B model at 16K tokens the compiled temp memory
   was 41.3 GB against 33.2 GB this way); with groups outside, a group's gradient is
   accumulated over its time blocks in a group-sized buffer and lands once in the output.
+
+  Under a `seq` mesh axis (`sequence_axis`, h this device's piece [b, t, D]) with time
+  blocks shorter than the piece, the groups run as a wavefront over the axis
+  (remat/pipeline.py); with one block per piece every device runs each group at once, the
+  SSD and conv stitching the pieces.
   """
   l, s = remat_cfg.l, remat_cfg.s
   if not (isinstance(l, int) and isinstance(s, int)) or l < 1 or s < 1:
@@ -133,8 +140,10 @@ def apply_magc(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
   inner_fn = cell_layer_fn(layer_fn, remat_cfg)
   cell = cell_checkpoint(remat_cfg)(
       lambda p, h, c, m, r: scan_layers(inner_fn, p, h, c, m, r))
-  return _over_layer_groups(
-      lambda p, h, c, m: _group_over_time(cell, p, h, c, m, s, reset), params, h, conv, ssm, l)
+  group = lambda p, h, c, m: _group_over_time(cell, p, h, c, m, s, reset)
+  if seq_par.current_axis() is not None and s < h.shape[1]:
+    return apply_magc_pipeline(group, params, h, conv, ssm, l)
+  return _over_layer_groups(group, params, h, conv, ssm, l)
 
 
 def resolve(remat_cfg: RematSettings, model_cfg: Any, seqlen: int, *,

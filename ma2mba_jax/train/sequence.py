@@ -10,7 +10,8 @@ F/n of their frames) and runs the whole model on it:
     all F*K vision tokens.
   * LM: inside `kernels.ssd.sequence_parallel.sequence_axis`, each layer's conv takes its
     K-1-token halo from the previous piece and the SSD passes states between pieces (only
-    [b, H, P, N] per device per layer); the remat policies run unchanged on the piece.
+    [b, H, P, N] per device per layer); none/layer/sqrt remat and MA-GC with one time
+    block per piece run unchanged on the piece.
   * loss: targets and weights are computed before the shard_map on the whole rows (the
     target of a piece's last token is the next piece's first), and the sums are psummed.
 
@@ -18,9 +19,9 @@ Parameters enter in their FSDP/ZeRO-1 layout: those split over `fsdp` are all-ga
 the loss function, so their gradients come back reduce-scattered (the all_gather's
 transpose); all gradients are then summed over the other axes. Replicated over `seq`.
 
-MA-GC's time blocks inside a piece would need the pieces' states before the blocks run
-(a pipeline over devices): with a `seq` axis MA-GC runs one time block per piece (remat.s
-at least the piece length), see trainer.resolved_remat.
+MA-GC with time blocks shorter than a piece needs, for each layer, the states leaving the
+previous piece before its blocks run: its layer groups then run as a wavefront over the
+`seq` devices (remat/pipeline.py), each device on its own piece's time blocks.
 
 Letters: A micro-batches, b rows per device, T tokens, t = T/n per piece, F frames, K vision
 tokens per frame, C LM width.

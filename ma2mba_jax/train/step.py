@@ -81,12 +81,9 @@ def piece_loss_sums(model: Any, piece: Batch, remat_cfg: RematSettings, n_seq: i
                     loss_block_len: int = 4096) -> tuple[jax.Array, jax.Array]:
   """`loss_sums` of this device's piece of a micro-batch, inside the sequence-parallel
   shard_map (train/sequence.py): `piece` holds [b, T/n] tokens with their targets,
-  weights (and reset), and [b, F/n] frames. The caller enters `sequence_axis`."""
-  piece_len = piece.tokens.shape[1]
-  if remat_cfg.policy == "magc" and remat_cfg.s < piece_len:
-    raise ValueError(f"MA-GC time blocks of config.remat.s={remat_cfg.s} tokens would split "
-                     f"a sequence piece of {piece_len} tokens (config.mesh.seq={n_seq}): "
-                     f"states pass between pieces only whole")
+  weights (and reset), and [b, F/n] frames. The caller enters `sequence_axis`. MA-GC with
+  time blocks shorter than the piece runs its layer groups as a wavefront over the pieces
+  (remat/pipeline.py)."""
   h = sequence.embed_pieces(model, piece.tokens, piece.vision_index, piece.frames,
                             piece.frame_mask, n_seq)                 # [b, T/n, C] f32
   return _sums_from_embeddings(model, h, piece, remat_cfg, loss_block_len)

@@ -183,7 +183,9 @@ def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any,
   tokens = config.data.max_tokens if tokens is None else tokens
   remat_cfg = RematSettings.from_config(config.remat)
   n_seq = check_sequence_remat(config, model_cfg)
-  # With a seq axis MA-GC runs one time block per piece: l comes from the memory model.
+  # With a seq axis the measuring planner (which compiles a one-device step) is not run:
+  # 'auto' l and s come from the memory model on a piece (the wavefront pipeline keeps
+  # (G+n-1)/G of its checkpoints, remat/pipeline.py, which the model leaves out).
   measured = (remat_cfg.policy == RematPolicy.MAGC and n_seq == 1
               and remat_cfg.planner == "measure")
   if not measured:  # 'auto' is the measuring planner's to resolve; otherwise the defaults
@@ -218,8 +220,10 @@ def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any,
 
 
 def check_sequence_remat(config: ml_collections.ConfigDict, model_cfg: Any) -> int:
-  """config.mesh.seq (1: no sequence axis), after checking that the remat settings can run
-  on its pieces: MA-GC's time blocks may not split a piece (train/sequence.py)."""
+  """config.mesh.seq (1: no sequence axis), after checking that its pieces hold the conv's
+  halo. Every remat setting runs on the pieces: MA-GC with time blocks shorter than a piece
+  as a wavefront of layer groups over the devices (remat/pipeline.py), with one block per
+  piece all devices at once (train/sequence.py)."""
   n_seq = config.mesh.get("seq", 1)
   if n_seq == 1:
     return 1
@@ -228,14 +232,6 @@ def check_sequence_remat(config: ml_collections.ConfigDict, model_cfg: Any) -> i
     raise ConfigError(f"config.mesh.seq={n_seq}: pieces of {piece} tokens (config.data."
                       f"max_tokens={config.data.max_tokens}) are shorter than the conv's "
                       f"{model_cfg.llm_config.d_conv - 1}-token halo")
-  s = config.remat.s
-  if config.remat.policy == "magc" and (s == "auto" or int(s) < piece):
-    chunk = model_cfg.llm_config.chunk_len
-    raise ConfigError(
-        f"config.remat.policy='magc' with config.remat.s={s!r} cannot split the "
-        f"config.mesh.seq={n_seq} pieces of {piece} tokens into time blocks yet: set "
-        f"config.remat.s={-(-piece // chunk) * chunk} (one block per piece) or "
-        f"config.remat.policy=layer")
   return n_seq
 
 

@@ -8,7 +8,8 @@ by test_sharding.py in a subprocess, since the device count is fixed when JAX st
       # data,fsdp,zero1,seq,remat policy,packed   [--seed=N]
 
 remat: magc is l=1 x s=20 (T=40: two time blocks on one device, one per piece with seq 2
-or 4); layer is per-layer remat. packed: rows of three segments whose boundaries fall on,
+or 4); magc:L:S is l=L x s=S (S below the piece length: time blocks inside each piece, the
+wavefront pipeline of remat/pipeline.py); layer is per-layer remat. packed: rows of three segments whose boundaries fall on,
 just after and a few tokens after the middle (a piece boundary under seq 2).
 """
 
@@ -77,7 +78,8 @@ def run_layout(data: int, fsdp: int, zero1: bool, seq: int = 1, policy: str = "m
   replicated = sharding.replicated(mesh)
   state_shardings = TrainState(step=replicated, trainable=param_shardings, frozen={},
                                opt_state=opt_shardings, rng=replicated)
-  remat = RematSettings(policy=policy, l=1, s=20)
+  name, l, s = (policy.split(":") + ["1", "20"])[:3]
+  remat = RematSettings(policy=name, l=int(l), s=int(s))
   # Micro-batches of 4 rows: 2 accumulation steps whatever the layout. The optimizer is
   # wrapped to hand out the gradients it is given (a side output of the same trace).
   grads = {}

@@ -1,7 +1,7 @@
 """One train step on 8 simulated CPU devices under each layout, in ONE subprocess: FSDP and
 the sequence axis, alone and combined with data parallel and ZeRO-1 (data 2 x fsdp 2 x seq 2
-with ZeRO-1), per-layer remat and MA-GC, packed rows with segment boundaries at and near a
-piece boundary. Each gives the loss, the gradients (per leaf: sum of squares and a random
+with ZeRO-1), per-layer remat and MA-GC (time blocks inside each piece: the wavefront
+pipeline), packed rows with segment boundaries at and near a piece boundary. Each gives the loss, the gradients (per leaf: sum of squares and a random
 projection), the updated parameters and the eval step's loss of one device, and leaves
 every parameter and optimizer-state array with the layout's sharding and bytes per
 device. Data parallel and ZeRO-1 alone run through the real trainer in
@@ -19,13 +19,16 @@ from jax.sharding import PartitionSpec as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # name: "data,fsdp,zero1,seq,remat policy,packed" (tests/train/multi_device_step.py)
+# magc:1:S: MA-GC with l=1 (the tiny model's 2 layers: 2 groups) and time blocks of S
+# tokens, 2 per piece under seq: the wavefront pipeline over the pieces (remat/pipeline.py).
+# MA-GC with one block per piece runs in test_multi_device_trainer.py's data2 x fsdp2 x seq2.
 LAYOUTS = {
     "one": "1,1,0,1,magc,0",
     "fsdp": "2,2,0,1,magc,0",               # XLA-partitioned FSDP
     "data_seq": "2,1,0,4,layer,0",          # plain data parallel x 4 sequence pieces
-    "all": "2,2,1,2,magc,0",                # data x fsdp x seq with ZeRO-1, 8 devices
+    "all": "2,2,1,2,magc:1:10,0",           # data x fsdp x seq with ZeRO-1, 8 devices
     "one_packed": "1,1,0,1,magc,1",
-    "fsdp_seq_packed": "1,2,0,4,layer,1",   # resets at and near the piece boundaries
+    "fsdp_seq_packed": "1,2,0,4,magc:1:5,1",  # resets at and near the piece boundaries
 }
 REFERENCE = {"fsdp": "one", "data_seq": "one", "all": "one",
              "fsdp_seq_packed": "one_packed"}
@@ -33,10 +36,11 @@ COMPARED = tuple(REFERENCE)
 # ZeRO-1 over data alone (the shard_map data-parallel step) is checked through the real
 # trainer in test_multi_device_trainer.py (losses, grad norms, parameters, bytes held).
 # Worst relative errors over 20 seeds, any layout (python -m tests.train.sharding_sweep
-# --seeds=20, 2026-11-26): loss 2.3e-7, eval loss 2.4e-7, grad norm 1.2e-7, per-leaf
-# gradient sum of squares 2.3e-6, per-leaf random projection 3.3e-6 (data_seq); updated
-# parameters: sums of |p| at most 0.10 of (rtol 1e-5, atol 1e-4), sums of p within 3.7e-5.
-# Tolerances: about 10x.
+# --seeds=20, 2026-11-26, with the wavefront layouts "all" and "fsdp_seq_packed"): loss
+# 2.3e-7, eval loss 2.4e-7, grad norm 1.2e-7, per-leaf gradient sum of squares 2.7e-6
+# ("all"), per-leaf random projection 3.4e-6 ("all", "fsdp_seq_packed"); updated
+# parameters: sums of |p| at most 0.11 of (rtol 1e-5, atol 1e-4), sums of p within 4.0e-5
+# ("fsdp_seq_packed"). Tolerances: about 10x.
 TOL = {"loss": 3e-6, "eval_loss": 3e-6, "grad_norm": 2e-6, "grad_ssq": 3e-5,
        "grad_dot": 4e-5}
 PARAM_SUM_ATOL = 4e-4
@@ -153,23 +157,24 @@ def test_combined_layout_splits_params_over_fsdp_and_optimizer_state_over_all(re
   check_tree(row, "opt", ("fsdp", "data", "seq"), 8)
 
 
-def test_magc_time_blocks_inside_a_sequence_piece_are_refused():
+def test_sequence_axis_takes_magc_time_blocks_and_refuses_pieces_shorter_than_the_halo():
   from configs import stage2
   from ma2mba_jax.models.video_presets import video_config
   from ma2mba_jax.errors import ConfigError
-  from ma2mba_jax.train.trainer import check_sequence_remat
+  from ma2mba_jax.train.trainer import check_sequence_remat, resolved_remat
   c = stage2.get_config("demo")                   # max_tokens 512, MA-GC with s auto
   model_cfg = video_config("tiny")
   c.mesh.seq = 2
-  for s in ("auto", "128"):                       # pieces of 256 tokens
+  for s in ("auto", "128", "256"):                # pieces of 256 tokens
     c.remat.s = s
-    with pytest.raises(ConfigError, match=r"config\.remat\.s=.*config\.mesh\.seq=2") as err:
-      check_sequence_remat(c, model_cfg)
-    assert "\n" not in str(err.value) and "config.remat.s=256" in str(err.value)
-  c.remat.s = "256"
-  assert check_sequence_remat(c, model_cfg) == 2
-  c.remat.policy, c.remat.s = "layer", "auto"
-  assert check_sequence_remat(c, model_cfg) == 2
+    assert check_sequence_remat(c, model_cfg) == 2
+  c.remat.s = "auto"
+  remat = resolved_remat(c, model_cfg)            # the memory model, on a piece
+  assert remat.s <= 256 and remat.s % model_cfg.llm_config.chunk_len == 0
+  c.data.max_tokens, c.mesh.seq = 8, 4            # pieces of 2 tokens, halo of 3
+  with pytest.raises(ConfigError, match=r"config\.mesh\.seq=4: pieces of 2 tokens") as err:
+    check_sequence_remat(c, model_cfg)
+  assert "\n" not in str(err.value)
 
 
 def test_tokens_are_padded_to_whole_pieces_as_padding():

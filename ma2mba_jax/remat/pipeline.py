@@ -1,0 +1,137 @@
+"""MA-GC with time blocks inside each device's piece of a sequence: a wavefront pipeline.
+
+Under a `seq` mesh axis (train/sequence.py) device k of n holds tokens [k t, (k+1) t) of
+every row. MA-GC's time blocks inside a piece need, for each layer, the states that leave
+the previous piece, i.e. the previous device must have run that layer first. With the L
+layers in G groups of l, the devices run as a wavefront:
+
+    tick u = 0 .. G+n-2:  device k runs group g = u - k (when 0 <= g < G) over its own
+                          piece, one time block (checkpointed cell) after another, from the
+                          conv + SSM states of group g that device k-1 left at tick u-1
+                          (ppermute; device 0 starts from the row's initial states), and
+                          hands its final states to device k+1.
+
+    ticks ->   0    1    2    3    4          (G = 4 groups, n = 2 devices)
+    device 0   g0   g1   g2   g3   .
+    device 1   .    g0   g1   g2   g3
+
+The group is MA-GC's own (remat/magc.py `_group_over_time`: a scan over time blocks of
+checkpointed cells taking initial states), run on one device's piece with the ordinary
+one-device SSD and conv (the `sequence_axis` context is switched off while it is traced),
+so the forward keeps per device MA-GC's grid on its piece: layer checkpoints h [b, s, D] and
+sequence checkpoints (each cell's input states). The backward is autodiff of the tick scan:
+it runs the ticks in reverse, each active device back-propagating its group over its time
+blocks, and the transpose of the ppermute hands d(states) back to device k-1 one tick
+earlier, which is exactly when that device back-propagates the same group.
+
+Costs against MA-GC on one device with the same piece: a device is busy G of the G+n-1
+ticks (the bubble: G/(G+n-1) of ideal, e.g. 8/9 with 8 groups over 2 devices), forward and
+backward alike; the per-tick residuals are stacked over G+n-1 ticks (idle ticks keep zeros),
+(G+n-1)/G of the grid's checkpoints; L not a multiple of l runs the last, smaller group as a
+second wavefront (n-1 more idle ticks). A group's parameters are sliced out of the stack at
+each tick and recomputed in the backward (an outer jax.checkpoint saves everything but
+them), so no per-tick copy of the parameters is kept.
+
+Letters: L layers, G groups, l layers a group, n devices on the axis, b rows, t tokens a
+piece, s tokens a time block, D width.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from ma2mba_jax.kernels.ssd import sequence_parallel as seq_par
+
+def _leading(tree: Any) -> int:
+  return jax.tree.leaves(tree)[0].shape[0]
+
+
+def _recomputes_slices(prim, *_, **__) -> bool:
+  """The tick's checkpoint policy: save everything but dynamic slices, i.e. a group's
+  parameters taken out of the stack (and the small initial states of a group)."""
+  return prim.name != "dynamic_slice"
+
+
+def _wavefront(group_fn: Callable, params: Any, group_size: int, h: jax.Array,
+               conv: jax.Array, ssm: jax.Array, axis: str, n: int) -> tuple:
+  """group_fn(group params, h, conv, ssm) -> (h, conv, ssm) for the G groups of
+  `group_size` layers of `params` (leaves [G*l, ...]) as a wavefront over the n devices of
+  `axis` (inside the shard_map).
+
+  h [b, t, D] this device's piece; conv [G, l, b, C, K-1], ssm [G, l, b, H, P, N]: the row's
+  initial states (device 0 starts from them). Returns h after the last group and the states
+  leaving this device's piece, [G, l, ...] each.
+  """
+  n_groups = _leading(params) // group_size
+  me = jax.lax.axis_index(axis)
+  to_next = [(i, i + 1) for i in range(n - 1)]
+
+  def run(h, conv_in, ssm_in, g):
+    group_params = jax.tree.map(
+        lambda a: jax.lax.dynamic_slice_in_dim(a, g * group_size, group_size), params)
+    return group_fn(group_params, h, conv_in, ssm_in)
+
+  def idle(h, conv_in, ssm_in, g):
+    del g
+    return h, conv_in, ssm_in
+
+  def tick(carry, u):
+    h, conv_out, ssm_out = carry                    # conv_out/ssm_out: this device's last
+    conv_in = jax.lax.ppermute(conv_out, axis, to_next)   # device k-1's, from tick u-1
+    ssm_in = jax.lax.ppermute(ssm_out, axis, to_next)
+    g = u - me
+    clipped = jnp.clip(g, 0, n_groups - 1)
+    conv_in = jnp.where(me == 0, conv[clipped], conv_in)
+    ssm_in = jnp.where(me == 0, ssm[clipped], ssm_in)
+    # Collectives stay outside the cond: every device takes part in every ppermute.
+    h, conv_out, ssm_out = jax.lax.cond((g >= 0) & (g < n_groups), run, idle,
+                                        h, conv_in, ssm_in, clipped)
+    return (h, conv_out, ssm_out), (conv_out, ssm_out)
+
+  # A policy that named the slices (save_anything_except_these_names) would save the
+  # dynamic_slice beneath the name instead: [G+n-1, l, ...] copies of the parameters.
+  tick = jax.checkpoint(tick, prevent_cse=False, policy=_recomputes_slices)
+  carry = (h, jnp.zeros_like(conv[0]), jnp.zeros_like(ssm[0]))
+  (h, _, _), (convs, ssms) = jax.lax.scan(tick, carry, jnp.arange(n_groups + n - 1))
+  # This device finished group g at tick g + me: its states leaving the piece.
+  take = lambda a: jax.lax.dynamic_slice_in_dim(a, me, n_groups, axis=0)
+  return h, take(convs), take(ssms)
+
+
+def apply_magc_pipeline(group_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
+                        ssm: jax.Array, group_size: int) -> tuple:
+  """MA-GC's layer groups as a wavefront over the enclosing `sequence_axis` (inside the
+  shard_map that splits T over it; see the module docstring).
+
+  group_fn(group params, h, conv, ssm) -> (h, conv, ssm): one group over this device's
+  piece, one time block after another, from the given states. params leaves [L, ...];
+  h [b, t, D]; conv [L, b, C, K-1], ssm [L, b, H, P, N] the row's initial states.
+  Returns h and every layer's final states of the whole rows (the last piece's), on every
+  device, as the layers do under the context.
+  """
+  context = seq_par.current_axis()
+  if context is None:
+    raise ValueError("apply_magc_pipeline runs inside sequence_axis (a seq mesh axis)")
+  axis, n = context
+  n_layers = _leading(params)
+  n_full, n_rest = divmod(n_layers, group_size)
+  parts = [(0, n_full * group_size, group_size)] if n_full else []
+  if n_rest:
+    parts.append((n_full * group_size, n_layers, n_rest))
+  convs, ssms = [], []
+  for start, stop, size in parts:
+    def grouped(a):                 # [L, ...] -> [(stop-start) / size, size, ...]
+      a = a[start:stop]
+      return a.reshape((-1, size) + a.shape[1:])
+    part = jax.tree.map(lambda a: a[start:stop], params)   # free when start:stop is all
+    # The group runs on this piece alone: the one-device SSD and conv from given states.
+    with seq_par.sequence_axis(axis, 1):
+      h, c, m = _wavefront(group_fn, part, size, h, grouped(conv), grouped(ssm), axis, n)
+    convs.append(c.reshape((-1,) + c.shape[2:]))
+    ssms.append(m.reshape((-1,) + m.shape[2:]))
+  conv_out = convs[0] if len(convs) == 1 else jnp.concatenate(convs, axis=0)
+  ssm_out = ssms[0] if len(ssms) == 1 else jnp.concatenate(ssms, axis=0)
+  return h, seq_par.last_piece_state(conv_out), seq_par.last_piece_state(ssm_out)
