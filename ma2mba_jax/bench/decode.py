@@ -10,7 +10,8 @@ Run it under different XLA_FLAGS (e.g. --xla_gpu_enable_command_buffer=...) in s
 processes to compare XLA's command buffers (CUDA graphs) on the while loop.
 
 Columns: step (unrolled: models/decode.decode_step; fused: fused_decode_step, one kernel
-per layer's middle; scan: Mamba2LM.step), loop (device: one dispatch for the answer; host:
+per layer's middle; fused_gemv: the same with the matmuls and norms as Pallas kernels too;
+scan: Mamba2LM.step), loop (device: one dispatch for the answer; host:
 one per token), tok/s (median of --repeats answers of --tokens greedy tokens, no stop
 rule), ms/token, same as host (the device loop's tokens equal the host loop's of the same
 step), parts from unrolled at (first token where this step's greedy answer differs from the
@@ -69,8 +70,9 @@ def step_kernels(llm: Mamba2LM, sampler: Sampler, impl: str) -> int | None:
   if impl == "scan":
     graphdef, params = nnx.split(llm)
     fn, first = jax.jit(lambda p, t, c: nnx.merge(graphdef, p).step(t, c)), params
-  elif impl == "fused":
-    fn = jax.jit(lambda w, t, c: fused_decode_step(llm.config, w, t, c))
+  elif impl.startswith("fused"):
+    matmul = "pallas" if impl == "fused_gemv" else "xla"
+    fn = jax.jit(lambda w, t, c: fused_decode_step(llm.config, w, t, c, matmul=matmul))
     first = sampler.device_weights()
   else:
     bg = llm.split_layers()[0]

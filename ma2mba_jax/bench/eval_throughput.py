@@ -12,7 +12,8 @@ Ways (infer/answering.py's ModelAnswerer):
                  every question scored in a few calls (Streamer.token_logprobs_rows), and
                  the system turn read once for all videos (Streamer reuse_system_turn).
   all_batched_fused  all_batched with the fused decode step (Sampler step_impl="fused":
-                 models/decode.fused_decode_step, one kernel for each layer's middle).
+                 models/decode.fused_decode_step, one kernel for each layer's middle);
+                 all_batched_fused_gemv: step_impl="fused_gemv" (three kernels a layer).
 Each way runs the whole set 1 + --timed_runs times (the first compiles) with the methods
 likelihood and generate; the fastest timed run counts (the CPU is shared). Columns:
 questions/s, x (speed-up over decode_batch), same choices (likelihood and generate choices
@@ -41,7 +42,8 @@ from ma2mba_jax.models.video_presets import video_config
 
 WAYS = {"per_question": dict(batch=False), "decode_batch": dict(batch=True, batch_text=False),
         "all_batched": dict(batch=True, batch_text=True),
-        "all_batched_fused": dict(batch=True, batch_text=True)}
+        "all_batched_fused": dict(batch=True, batch_text=True),
+        "all_batched_fused_gemv": dict(batch=True, batch_text=True)}
 METHODS = ("likelihood", "generate")
 
 _PRESET = flags.DEFINE_string("model_preset", "tiny", "Video-Ma2mba preset.")
@@ -82,8 +84,8 @@ def main(argv):
     # Before issue 19 every video read the system turn again.
     streamer = Streamer(model, tokenizer, frames_per_step=_FRAMES_PER_STEP.value,
                         reuse_system_turn=way.startswith("all_batched"))
-    sampler = make_sampler(model, streamer,
-                           step_impl="fused" if way.endswith("_fused") else "unrolled")
+    step = way.partition("all_batched_")[2] or "unrolled"
+    sampler = make_sampler(model, streamer, step_impl=step)
     answerer = ModelAnswerer(streamer, sampler, target=_TARGET.value,
                              mc_max_new_tokens=_MAX_NEW.value, **kwargs)
     seconds = []

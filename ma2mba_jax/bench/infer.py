@@ -25,7 +25,8 @@ Columns:
   decode tok/s device_scan the same loop with `Mamba2LM.step` (a scan over the stacked
                             layers) as its step: the device loop before issue 19's fix;
   decode tok/s device_fused the device loop with `models/decode.fused_decode_step` (one
-                            kernel for each layer's middle; host_fused: the host loop);
+                            kernel for each layer's middle; host_fused: the host loop;
+                            _fused_gemv: the matmuls and norms as kernels too);
   same tokens               whether the host and device loops of the same step decoded the
                             same greedy tokens;
   scan parts at             the first token where the scanned step's greedy answer differs
@@ -204,7 +205,7 @@ def run_length(streamer: Streamer, samplers: dict[str, Sampler], tokens: int,
     by_step.setdefault(impl.partition("_")[2] or "unrolled", []).append(tokens)
   same = all(t == group[0] for group in by_step.values() for t in group)
   parts = {}
-  for step in ("scan", "fused"):
+  for step in ("scan", "fused", "fused_gemv"):
     if step in by_step and "unrolled" in by_step:
       unrolled, other = by_step["unrolled"][0], by_step[step][0]
       parts[f"{step} parts at"] = next(
@@ -238,14 +239,17 @@ def main(argv):
   impls = _DECODE_IMPLS.value
   sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer))
   scan_sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer), step_impl="scan")
-  fused_sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer), step_impl="fused")
   samplers = {"host": sampler, "device": sampler, "host_scan": scan_sampler,
-              "device_scan": scan_sampler, "host_fused": fused_sampler,
-              "device_fused": fused_sampler}
+              "device_scan": scan_sampler}
+  for step in ("fused", "fused_gemv"):
+    if f"host_{step}" in impls or f"device_{step}" in impls:
+      samplers[f"host_{step}"] = samplers[f"device_{step}"] = Sampler(
+          model.llm, vocab_size=vocab_size(tokenizer), step_impl=step)
   unknown = set(impls) - set(samplers)
   if unknown:
     raise app.UsageError(f"--decode_impls: unknown {sorted(unknown)}; expected some of "
-                         f"{sorted(samplers)}")
+                         f"host, device, host_scan, device_scan, host_fused, device_fused, "
+                         f"host_fused_gemv, device_fused_gemv")
   # The unrolled frame step reads the weights the Sampler already split per layer.
   weights = sampler.device_weights() if "unrolled" in _LAYER_LOOPS.value else None
   rows, parts = [], {}
@@ -287,7 +291,7 @@ def main(argv):
   print()
   columns = ["loop", "M", "tokens", "frames", "prefill s", "frames/s", "prefill tok/s",
              *[f"decode tok/s {impl}" for impl in impls], "same tokens", "scan parts at",
-             "fused parts at",
+             "fused parts at", "fused_gemv parts at",
              "peak GB", "live GB"]
   write_results(rows, parts, impls)
   common.print_table(rows, columns)

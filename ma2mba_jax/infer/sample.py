@@ -20,7 +20,9 @@ when the Sampler first decodes (a copy of the LM's matrices kept on the device);
 `Mamba2LM.step` (step_impl="scan": a scan over the stacked layers, no copy); or
 step_impl="fused": the unrolled loop with each layer's middle (conv, dt, SSM update,
 readout, gating) one kernel (`models/decode.fused_decode_step`, a Pallas kernel on GPU)
-and the RMS norms folded around the matmuls. The unrolled and scanned steps compute the
+and the RMS norms folded around the matmuls; or step_impl="fused_gemv": the same with the
+matmuls also Pallas kernels that compute the norms inside (three kernels a layer; in_proj
+padded once; at most 16 rows). The unrolled and scanned steps compute the
 same function (bit for bit on CPU; on GPU XLA fuses them differently, so their last bits
 may differ and long greedy answers of a random model may part); the fused one the same up
 to rounding.
@@ -62,14 +64,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ma2mba_jax.models.decode import decode_step, decode_weights, fused_decode_step
+from ma2mba_jax.models.decode import (decode_step, decode_weights, fused_decode_step,
+                                      padded_decode_weights)
 from ma2mba_jax.models.mamba2 import LayerStates, Mamba2LM
 
 Array = jax.Array
 
 
 DECODE_IMPLS = ("device", "host")
-STEP_IMPLS = ("unrolled", "scan", "fused")  # both loops' LM step (module docstring)
+STEP_IMPLS = ("unrolled", "scan", "fused", "fused_gemv")  # both loops' LM step (docstring)
 STOP_REASONS = ("", "eos", "repeat", "length")  # the device loop's codes 0..3
 
 
@@ -352,7 +355,8 @@ class Sampler:
   reference). block_tokens: tokens per dispatch of the device loop (None: the whole answer
   in one, or 8 when tokens are streamed to an `on_tokens` callback). step_impl: the LM step
   of both loops, 'unrolled' (per-layer weights, made at the first decode), 'fused' (the
-  same weights, one kernel per layer's middle) or 'scan' (`Mamba2LM.step`).
+  same weights, one kernel per layer's middle), 'fused_gemv' (three kernels a layer) or
+  'scan' (`Mamba2LM.step`).
   """
 
   def __init__(self, llm: Mamba2LM, *, vocab_size: int, stop_ids: Sequence[int] = (),
@@ -373,7 +377,8 @@ class Sampler:
     self.step_impl = step_impl
     config, block_graphdef = llm.config, llm.split_layers()[0]
     # The unrolled step's weights: made by the first device decode, then kept.
-    self._make_weights = jax.jit(lambda params: decode_weights(nnx.merge(graphdef, params)))
+    make = padded_decode_weights if step_impl == "fused_gemv" else decode_weights
+    self._make_weights = jax.jit(lambda params: make(nnx.merge(graphdef, params)))
     self._weights: Any = None
 
     # ---- the host loop: one dispatch per token
@@ -388,6 +393,8 @@ class Sampler:
         return decode_step(config, block_graphdef, weights, token, cache)
       if step_impl == "fused":
         return fused_decode_step(config, weights, token, cache)
+      if step_impl == "fused_gemv":
+        return fused_decode_step(config, weights, token, cache, matmul="pallas")
       return nnx.merge(graphdef, weights).step(token, cache)
 
     def advance(weights, cache, token, seen, key, knobs, allowed, mode):

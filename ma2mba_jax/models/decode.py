@@ -93,8 +93,26 @@ def _head(config: Mamba2Config, weights: DecodeWeights, h: Array) -> Array:
   return jnp.einsum("...d,dv->...v", x, weights.head, preferred_element_type=f32)
 
 
+def padded_decode_weights(llm: Mamba2LM, multiple: int = 256) -> DecodeWeights:
+  """`decode_weights` with every in_proj kernel's output columns padded with zeros to a
+  multiple of `multiple` (what `kernels.decode.gemv.in_proj` splits over its programs)."""
+  weights = decode_weights(llm)
+  width = llm.config.d_in_proj
+  pad = -width % multiple
+
+  def layer(state: nnx.State) -> nnx.State:
+    def widen(path, a):
+      if "in_proj" in jax.tree_util.keystr(path):
+        return jnp.pad(a, ((0, 0), (0, pad)))
+      return a
+    return jax.tree_util.tree_map_with_path(widen, state)
+
+  return weights._replace(layers=tuple(layer(s) for s in weights.layers))
+
+
 def fused_decode_step(config: Mamba2Config, weights: DecodeWeights, token: Array,
-                      cache: LayerStates, impl: str = "auto") -> tuple[Array, LayerStates]:
+                      cache: LayerStates, impl: str = "auto", matmul: str = "xla"
+                      ) -> tuple[Array, LayerStates]:
   """`decode_step` with the middle of every layer (conv, dt, SSM update and readout, gating)
   as one `kernels.decode.mixer_step` call (a Pallas kernel on GPU, impl="auto") and both
   RMS norms folded around the matmuls, so that no normalised copy of an activation is made:
@@ -107,7 +125,16 @@ def fused_decode_step(config: Mamba2Config, weights: DecodeWeights, token: Array
   The same function as `decode_step` up to rounding: h * w and g * w' are rounded to the
   compute dtype before their matmul instead of the normalised values (tests/infer/
   test_fused_decode.py bounds the difference). token int32 [B] -> (logits [B, V] f32, cache).
+
+  matmul="pallas": the matmuls too are Pallas kernels with the norms inside
+  (`kernels.decode.gemv`: rmsnorm + in_proj; gated norm + out_proj + residual), three kernels
+  and a conv-state update a layer, the norms computed as `decode_step` does; needs
+  `padded_decode_weights` and B <= 16 (the rows are padded to 16 once per token).
   """
+  if matmul == "pallas":
+    return _pallas_matmul_step(config, weights, token, cache)
+  if matmul != "xla":
+    raise ValueError(f"fused_decode_step: matmul must be 'xla' or 'pallas', got {matmul!r}")
   c = config
   cd, eps = c.compute_dtype, c.norm_eps
   dims = mixer_kernels.dims_of(c)
@@ -137,6 +164,38 @@ def fused_decode_step(config: Mamba2Config, weights: DecodeWeights, token: Array
       out = jnp.einsum("be,ed->bd", scaled, w_out, preferred_element_type=f32)
     h = h + out.astype(cd).astype(f32)                            # Linear's output dtype
   return _head(c, weights, h), LayerStates(conv=conv, ssm=ssm)
+
+
+def _pallas_matmul_step(config: Mamba2Config, weights: DecodeWeights, token: Array,
+                       cache: LayerStates) -> tuple[Array, LayerStates]:
+  """fused_decode_step(matmul="pallas"): see there."""
+  from ma2mba_jax.kernels.decode import gemv
+  c = config
+  batch = token.shape[0]
+  if batch > gemv.ROWS:
+    raise ValueError(f"fused_decode_step(matmul='pallas') decodes at most {gemv.ROWS} rows, "
+                     f"got a batch of {batch}")
+  interpret = jax.default_backend() != "gpu"
+  dims = mixer_kernels.dims_of(c)
+  h = jnp.take(weights.embedding, token, axis=0).astype(f32)      # [B, D]
+  h = jnp.pad(h, ((0, gemv.ROWS - batch), (0, 0)))                 # [R, D], rows >= B zero
+  ones = jnp.ones((batch,), f32)
+  conv, ssm = cache
+  for i, layer in enumerate(weights.layers):
+    mixer = layer["mixer"]
+    zx = gemv.in_proj(h, layer["norm"]["weight"][...], mixer["in_proj"]["kernel"][...],
+                      eps=c.norm_eps, interpret=interpret)                     # [R, Np] cd
+    params = mixer_kernels.MixerParams(
+        mixer["conv_weight"][...], mixer["conv_bias"][...], mixer["dt_bias"][...],
+        mixer["A_log"][...], mixer["D"][...], mixer["norm"]["weight"][...])
+    gated, ss, conv_i, ssm = mixer_kernels.mixer_step(
+        jnp.int32(i), zx, ones, params, conv, ssm, dims=dims, impl="pallas",
+        interpret=interpret, gated_rows=gemv.ROWS)
+    conv = jax.lax.dynamic_update_index_in_dim(conv, conv_i, i, 0)
+    h = gemv.out_proj(gated, ss, mixer["norm"]["weight"][...], mixer["out_proj"]["kernel"][...],
+                      h, eps=c.norm_eps, n_groups=c.n_groups, rows=batch,
+                      interpret=interpret)                                     # [R, D] f32
+  return _head(c, weights, h[:batch]), LayerStates(conv=conv, ssm=ssm)
 
 
 def apply_layers(block_graphdef: nnx.GraphDef, weights: DecodeWeights, h: Array,

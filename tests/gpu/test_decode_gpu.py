@@ -5,7 +5,7 @@ tool: `pytest -q -m gpu tests/gpu/test_decode_gpu.py`).
   * the fused decode step against the reference step, float32, over many tokens;
   * greedy decoding by the host loop (one dispatch per token) and by the device loop
     (lax.while_loop) give the same tokens on small random models, for the unrolled and the
-    fused step, float32 and bfloat16 compute.
+    fused steps, float32 and bfloat16 compute.
 """
 
 import jax
@@ -35,10 +35,12 @@ def test_kernel_matches_the_float64_oracle_on_gpu(name):
   assert all(err < TOLERANCES[case.dtype] for err in errs.values()), (name, errs)
 
 
+@pytest.mark.parametrize("matmul", ["xla", "pallas"])
 @pytest.mark.parametrize("variant", ["g1_tied", "g2_untied"])
-def test_fused_step_equals_the_reference_step_on_gpu(variant):
-  worst = step_errors(seed=3, impl="auto", variant=variant)
-  print(variant, worst)
+def test_fused_step_equals_the_reference_step_on_gpu(variant, matmul):
+  worst = step_errors(seed=3, impl="auto" if matmul == "xla" else "pallas", variant=variant,
+                      matmul=matmul)
+  print(variant, matmul, worst)
   assert all(worst[k] < GPU_STEP_TOL[k] for k in GPU_STEP_TOL), worst
 
 
@@ -46,7 +48,7 @@ SMALL = Mamba2Config(d_model=256, n_layers=4, vocab_size=1000, d_state=128, head
                      chunk_len=64)
 
 
-@pytest.mark.parametrize("step_impl", ["unrolled", "fused"])
+@pytest.mark.parametrize("step_impl", ["unrolled", "fused", "fused_gemv"])
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
 def test_greedy_host_and_device_loops_give_the_same_tokens(step_impl, compute_dtype):
   config = SMALL.replace(compute_dtype=compute_dtype)

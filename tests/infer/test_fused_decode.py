@@ -1,8 +1,8 @@
 """models/decode.fused_decode_step (each layer's middle one kernels/decode.mixer_step call,
-the RMS norms folded around the matmuls) against the reference step `decode_step`, in
-float32 from random states, token after token: logits and both states. Both backends of
-the middle on CPU (xla; pallas in interpret mode); one and two groups, tied and untied
-head. The Sampler's host and device loops on the fused step give the same tokens.
+the RMS norms folded around the matmuls; or, matmul="pallas", the matmuls and norms as
+kernels/decode.gemv kernels) against the reference step `decode_step`, in float32 from
+random states, token after token: logits and both states. Both backends of the middle on
+CPU (xla; pallas in interpret mode); one and two groups, tied and untied head. The Sampler's host and device loops on the fused step give the same tokens.
 Sweep: `python -m tests.infer.test_fused_decode` (seeds 0-19)."""
 
 import functools
@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from ma2mba_jax.infer.sample import Sampler, SamplingParams
-from ma2mba_jax.models.decode import decode_step, decode_weights, fused_decode_step
+from ma2mba_jax.models.decode import (decode_step, decode_weights, fused_decode_step,
+                                      padded_decode_weights)
 from ma2mba_jax.models.mamba2 import Mamba2LM
 from ma2mba_jax.models.presets import mamba2_config
 from ma2mba_jax.testing import rel_err
@@ -24,14 +25,16 @@ TOKENS = 24
 # Worst relative error over model/input seeds 0-19 of the sweep below (CPU, 2026-11-26,
 # every variant and both backends, over the 24 tokens): logits 8.9e-7 (g1_tied pallas seed
 # 2), conv state 4.4e-7 (g1_tied pallas seed 18), ssm state 2.4e-7 (g2_untied pallas seed
-# 11); the folded norms round in a different order. Tolerances: 2x, rounded up to 1, 2, 5.
+# 11); the folded norms round in a different order. The gemv variant (matmul="pallas",
+# pallas interpret): logits 6.8e-7, conv 2.9e-7, ssm 2.3e-7. Tolerances: 2x the worst,
+# rounded up to 1, 2 or 5 x 10^k.
 TOL = {"logits": 2e-6, "conv": 1e-6, "ssm": 5e-7}
 VARIANTS = {"g1_tied": dict(n_groups=1, tie_embeddings=True),
             "g2_untied": dict(n_groups=2, tie_embeddings=False)}
 
 
 @functools.lru_cache(maxsize=None)
-def _steps(variant: str, impl: str):
+def _steps(variant: str, impl: str, matmul: str = "xla"):
   """(config, jitted weights maker, jitted reference step, jitted fused step), compiled once
   per variant and backend (the seeds only change the arguments)."""
   config = mamba2_config("tiny", compute_dtype="float32", **VARIANTS[variant])
@@ -39,17 +42,21 @@ def _steps(variant: str, impl: str):
   graphdef = nnx.split(llm)[0]
   block_graphdef = llm.split_layers()[0]
   weights = jax.jit(lambda p: decode_weights(nnx.merge(graphdef, p)))
+  padded = jax.jit(lambda p: padded_decode_weights(nnx.merge(graphdef, p)))
   ref_step = jax.jit(lambda w, t, c: decode_step(config, block_graphdef, w, t, c))
-  fused = jax.jit(lambda w, t, c: fused_decode_step(config, w, t, c, impl=impl))
-  return config, weights, ref_step, fused
+  fused = jax.jit(lambda w, t, c: fused_decode_step(config, w, t, c, impl=impl,
+                                                     matmul=matmul))
+  return config, weights, padded if matmul == "pallas" else weights, ref_step, fused
 
 
-def step_errors(seed: int, impl: str, variant: str) -> dict[str, float]:
+def step_errors(seed: int, impl: str, variant: str, matmul: str = "xla") -> dict[str, float]:
   """Worst relative error of the fused step's logits and states against decode_step's,
-  over TOKENS tokens from the same random states (batch 2, float32)."""
-  config, make_weights, ref_step, fused = _steps(variant, impl)
+  over TOKENS tokens from the same random states (batch 2, float32). matmul="pallas": the
+  step with the gemv kernels (impl is then pallas)."""
+  config, make_weights, make_fused_weights, ref_step, fused = _steps(variant, impl, matmul)
   llm = Mamba2LM(config, rngs=nnx.Rngs(seed))
   weights = make_weights(nnx.split(llm)[1])
+  fused_weights = make_fused_weights(nnx.split(llm)[1])
   rng = np.random.default_rng(seed)
   states = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.5, a.shape), jnp.float32),
                         llm.init_states(2))
@@ -58,24 +65,26 @@ def step_errors(seed: int, impl: str, variant: str) -> dict[str, float]:
   for token in rng.integers(0, config.vocab_size, (TOKENS, 2)):
     token = jnp.asarray(token, jnp.int32)
     logits_ref, ref = ref_step(weights, token, ref)
-    logits_new, new = fused(weights, token, new)
+    logits_new, new = fused(fused_weights, token, new)
     for name, a, b in (("logits", logits_new, logits_ref), ("conv", new.conv, ref.conv),
                        ("ssm", new.ssm, ref.ssm)):
       worst[name] = max(worst[name], rel_err(a, b))
   return worst
 
 
-@pytest.mark.parametrize("impl,variant", [("xla", "g1_tied"), ("xla", "g2_untied"),
-                                          ("pallas", "g1_tied")])
-def test_fused_step_equals_the_reference_step(impl, variant):
-  worst = step_errors(seed=3, impl=impl, variant=variant)
+@pytest.mark.parametrize("impl,variant,matmul", [
+    ("xla", "g1_tied", "xla"), ("xla", "g2_untied", "xla"), ("pallas", "g1_tied", "xla"),
+    ("pallas", "g2_untied", "pallas")])
+def test_fused_step_equals_the_reference_step(impl, variant, matmul):
+  worst = step_errors(seed=3, impl=impl, variant=variant, matmul=matmul)
   assert all(worst[k] < TOL[k] for k in TOL), worst
 
 
-def test_fused_host_and_device_loops_give_the_same_tokens():
+@pytest.mark.parametrize("step_impl", ["fused", "fused_gemv"])
+def test_fused_host_and_device_loops_give_the_same_tokens(step_impl):
   config = mamba2_config("tiny", compute_dtype="bfloat16")
   llm = Mamba2LM(config, rngs=nnx.Rngs(1))
-  sampler = Sampler(llm, vocab_size=config.vocab_size, step_impl="fused")
+  sampler = Sampler(llm, vocab_size=config.vocab_size, step_impl=step_impl)
   prompt = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (1, 9)))
   logits, states = llm(prompt, return_states=True)
   params = SamplingParams(max_new_tokens=20, stop_on_repeat=False)
@@ -86,14 +95,14 @@ def test_fused_host_and_device_loops_give_the_same_tokens():
 
 def main(seeds: int = 20) -> None:
   for variant in VARIANTS:
-    for impl in ("xla", "pallas"):
+    for impl, matmul in (("xla", "xla"), ("pallas", "xla"), ("pallas", "pallas")):
       worst = dict.fromkeys(TOL, (0.0, -1))
       for seed in range(seeds):
-        for k, v in step_errors(seed, impl, variant).items():
+        for k, v in step_errors(seed, impl, variant, matmul).items():
           if v > worst[k][0]:
             worst[k] = (v, seed)
-      print(variant, impl, {k: f"{v:.2e} (seed {s})" for k, (v, s) in worst.items()},
-            flush=True)
+      print(variant, impl, matmul,
+            {k: f"{v:.2e} (seed {s})" for k, (v, s) in worst.items()}, flush=True)
 
 
 if __name__ == "__main__":

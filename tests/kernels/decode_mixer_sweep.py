@@ -2,7 +2,7 @@
 (a script, not a test): every case of decode_mixer_cases.CASES against the float64 oracle
 for seeds 0..N-1, per backend, the worst relative error per (dtype, output).
 
-  JAX_PLATFORMS=cpu python -m tests.kernels.decode_mixer_sweep [--seeds 20]   # xla, pallas interpret
+  JAX_PLATFORMS=cpu python -m tests.kernels.decode_mixer_sweep [--seeds 20]  # xla, interpret
   JAX_PLATFORMS=cuda python -m tests.kernels.decode_mixer_sweep --impls pallas  # the GPU kernel
 """
 

@@ -88,19 +88,23 @@ def _pallas_fits(dims: Dims) -> bool:
 
 
 def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, conv: Array,
-               ssm: Array, *, dims: Dims, impl: str = "auto", interpret: bool | None = None
-               ) -> tuple[Array, Array, Array, Array]:
-  """See the module docstring. interpret (pallas only): run the kernel in the Pallas
-  interpreter (default: when not on GPU)."""
+               ssm: Array, *, dims: Dims, impl: str = "auto", interpret: bool | None = None,
+               gated_rows: int | None = None) -> tuple[Array, Array, Array, Array]:
+  """See the module docstring. raw may have more rows and columns than read (the batch is
+  in_scale's length). gated_rows: instead of yw and ss, return g [gated_rows, E] f32 and ss
+  [gated_rows, H] (rows >= B: zero in xla, never written in pallas), as `gemv.out_proj`
+  reads them. interpret (pallas only): run the kernel in the Pallas interpreter (default:
+  when not on GPU)."""
   impl = resolve_impl(impl, dims)
   if impl == "xla":
     from ma2mba_jax.kernels.decode import reference
-    return reference.mixer_step(layer, raw, in_scale, params, conv, ssm, dims=dims)
+    return reference.mixer_step(layer, raw, in_scale, params, conv, ssm, dims=dims,
+                                gated_rows=gated_rows)
   from ma2mba_jax.kernels.decode import pallas
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   return pallas.mixer_step(layer, raw, in_scale, params, conv, ssm, dims=dims,
-                           interpret=interpret)
+                           interpret=interpret, gated_rows=gated_rows)
 
 
 __all__ = ["IMPLS", "MixerParams", "Dims", "dims_of", "resolve_impl", "mixer_step"]

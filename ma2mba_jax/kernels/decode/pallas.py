@@ -34,7 +34,7 @@ def _softplus(v):
 
 def _kernel(layer_ref, raw_ref, scale_ref, conv_w_ref, conv_b_ref, dt_bias_ref, a_log_ref,
             d_ref, norm_w_ref, conv_ref, ssm_ref,
-            yw_ref, ss_ref, conv_out_ref, ssm_out_ref, *, dims: Dims):
+            yw_ref, ss_ref, conv_out_ref, ssm_out_ref, *, dims: Dims, gated_out: bool):
   e, p, n, g, k = dims.d_inner, dims.head_dim, dims.d_state, dims.n_groups, dims.d_conv
   hpg = dims.n_heads // g
   cd = dims.compute_dtype
@@ -45,7 +45,7 @@ def _kernel(layer_ref, raw_ref, scale_ref, conv_w_ref, conv_b_ref, dt_bias_ref, 
 
   def proj(start, size):
     """The in_proj output's [start, start + size) of row b, as Linear rounds it."""
-    return (raw_ref[b, pl.ds(start, size)] * scale).astype(cd).astype(f32)
+    return (raw_ref[b, pl.ds(start, size)].astype(f32) * scale).astype(cd).astype(f32)
 
   def conv(c0, size, write: bool):
     """silu(conv) of conv channels [c0, c0 + size), rounded to cd; writes their new
@@ -86,26 +86,33 @@ def _kernel(layer_ref, raw_ref, scale_ref, conv_w_ref, conv_b_ref, dt_bias_ref, 
   y = jnp.sum(state * cmat[None, :], axis=1) + d_ref[h].astype(f32) * x
   gated = y.astype(cd).astype(f32) * _silu(proj(h * p, p))        # [P]
   ss_ref[b, h] = jnp.sum(gated * gated)
-  yw_ref[b, pl.ds(h * p, p)] = (gated * norm_w_ref[pl.ds(h * p, p)].astype(f32)).astype(cd)
+  if gated_out:
+    yw_ref[b, pl.ds(h * p, p)] = gated
+  else:
+    yw_ref[b, pl.ds(h * p, p)] = (gated * norm_w_ref[pl.ds(h * p, p)].astype(f32)).astype(cd)
 
 
-@functools.partial(jax.jit, static_argnames=("dims", "interpret", "num_warps"))
+@functools.partial(jax.jit, static_argnames=("dims", "interpret", "num_warps", "gated_rows"))
 def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, conv: Array,
-               ssm: Array, *, dims: Dims, interpret: bool = False, num_warps: int = 4
-               ) -> tuple[Array, Array, Array, Array]:
-  """See the package docstring; the ssm stack is updated in place (aliased)."""
-  batch = raw.shape[0]
+               ssm: Array, *, dims: Dims, interpret: bool = False, num_warps: int = 4,
+               gated_rows: int | None = None) -> tuple[Array, Array, Array, Array]:
+  """See the package docstring; the ssm stack is updated in place (aliased). raw: [R, >=
+  2E+2GN+H] in any float dtype, rows >= B = in_scale's length never read."""
+  batch = in_scale.shape[0]
   c = dims.d_inner + 2 * dims.n_groups * dims.d_state
   layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
-  out_shape = [jax.ShapeDtypeStruct((batch, dims.d_inner), dims.compute_dtype),  # yw
-               jax.ShapeDtypeStruct((batch, dims.n_heads), f32),                 # ss
+  rows = batch if gated_rows is None else gated_rows
+  first = (jax.ShapeDtypeStruct((rows, dims.d_inner), dims.compute_dtype) if gated_rows is None
+           else jax.ShapeDtypeStruct((rows, dims.d_inner), f32))
+  out_shape = [first,                                                            # yw | g
+               jax.ShapeDtypeStruct((rows, dims.n_heads), f32),                  # ss
                jax.ShapeDtypeStruct((batch, c, dims.d_conv - 1), f32),           # conv
                jax.ShapeDtypeStruct(ssm.shape, f32)]                             # ssm
-  inputs = (layer, raw.astype(f32), in_scale.astype(f32), *params, conv, ssm)
+  inputs = (layer, raw, in_scale.astype(f32), *params, conv, ssm)
   kwargs = {}
   if not interpret:
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
   return tuple(pl.pallas_call(
-      functools.partial(_kernel, dims=dims), grid=(batch, dims.n_heads),
-      out_shape=out_shape, input_output_aliases={len(inputs) - 1: 3},
-      interpret=interpret, **kwargs)(*inputs))
+      functools.partial(_kernel, dims=dims, gated_out=gated_rows is not None),
+      grid=(batch, dims.n_heads), out_shape=out_shape,
+      input_output_aliases={len(inputs) - 1: 3}, interpret=interpret, **kwargs)(*inputs))

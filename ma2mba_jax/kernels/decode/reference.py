@@ -17,14 +17,18 @@ f32 = jnp.float32
 
 
 def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, conv: Array,
-               ssm: Array, *, dims: Dims) -> tuple[Array, Array, Array, Array]:
-  """raw [B, 2E+2GN+H] f32, in_scale [B] -> yw [B, E] cd, ss [B, H] f32, conv state of the
-  layer [B, C, K-1] f32, ssm stack [L, B, H, P, N] f32 (the layer's slice replaced)."""
+               ssm: Array, *, dims: Dims, gated_rows: int | None = None
+               ) -> tuple[Array, Array, Array, Array]:
+  """raw [>=B, >=2E+2GN+H] (the first B rows and 2E+2GN+H columns are read), in_scale [B] ->
+  yw [B, E] cd, ss [B, H] f32, conv state of the layer [B, C, K-1] f32, ssm stack
+  [L, B, H, P, N] f32 (the layer's slice replaced). gated_rows: return g [gated_rows, E] f32
+  and ss [gated_rows, H] instead (rows >= B zero)."""
   cd = dims.compute_dtype
   e, h, p, n, g = dims.d_inner, dims.n_heads, dims.head_dim, dims.d_state, dims.n_groups
-  b = raw.shape[0]
-  zxbcdt = (raw * in_scale[:, None]).astype(cd)
-  z, xBC, dt = jnp.split(zxbcdt, [e, e + e + 2 * g * n], axis=-1)
+  b = in_scale.shape[0]
+  zxbcdt = (raw[:b].astype(jnp.float32) * in_scale[:, None]).astype(cd)
+  z, xBC = zxbcdt[:, :e], zxbcdt[:, e:2 * e + 2 * g * n]
+  dt = zxbcdt[:, 2 * e + 2 * g * n:2 * e + 2 * g * n + h]              # (raw may be padded)
   conv_state = jax.lax.dynamic_index_in_dim(conv, layer, 0, keepdims=False)
   xBC, conv_state = causal_conv_step(xBC, conv_state, params.conv_weight, params.conv_bias)
   x, B, C = jnp.split(xBC, [e, e + g * n], axis=-1)
@@ -39,6 +43,9 @@ def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, c
   y = jnp.sum(state * C[:, :, None, :], axis=-1) + params.D.astype(f32)[:, None] * x
   gated = y.astype(cd).astype(f32) * jax.nn.silu(z.astype(f32).reshape(b, h, p))
   ss = jnp.sum(jnp.square(gated), axis=-1)                             # [B, H]
-  yw = (gated.reshape(b, e) * params.norm_weight.astype(f32)).astype(cd)
   ssm = jax.lax.dynamic_update_index_in_dim(ssm, state, layer, 0)
+  if gated_rows is not None:  # g itself in f32, rows padded with zeros
+    pad = ((0, gated_rows - b), (0, 0))
+    return jnp.pad(gated.reshape(b, e), pad), jnp.pad(ss, pad), conv_state, ssm
+  yw = (gated.reshape(b, e) * params.norm_weight.astype(f32)).astype(cd)
   return yw, ss, conv_state, ssm
