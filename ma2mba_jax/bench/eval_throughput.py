@@ -84,7 +84,7 @@ def main(argv):
     # Before issue 19 every video read the system turn again.
     streamer = Streamer(model, tokenizer, frames_per_step=_FRAMES_PER_STEP.value,
                         reuse_system_turn=way.startswith("all_batched"))
-    step = way.partition("all_batched_")[2] or "unrolled"
+    step = way.partition("all_batched_")[2] or "unrolled"  # the ways before the fused step
     sampler = make_sampler(model, streamer, step_impl=step)
     answerer = ModelAnswerer(streamer, sampler, target=_TARGET.value,
                              mc_max_new_tokens=_MAX_NEW.value, **kwargs)

@@ -237,7 +237,7 @@ def main(argv):
   model = build_model(_PRESET.value, _COMPUTE_DTYPE.value, _PARAM_DTYPE.value, _SSD_IMPL.value,
                       vocab_size(tokenizer))
   impls = _DECODE_IMPLS.value
-  sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer))
+  sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer), step_impl="unrolled")
   scan_sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer), step_impl="scan")
   samplers = {"host": sampler, "device": sampler, "host_scan": scan_sampler,
               "device_scan": scan_sampler}

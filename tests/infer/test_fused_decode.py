@@ -93,6 +93,13 @@ def test_fused_host_and_device_loops_give_the_same_tokens(step_impl):
   assert device.sampled == host.sampled and len(host.sampled) == 20
 
 
+def test_auto_step_is_the_unrolled_one_on_cpu():
+  llm = Mamba2LM(mamba2_config("tiny"), rngs=nnx.Rngs(0))
+  assert Sampler(llm, vocab_size=250).step_impl == "unrolled"  # "fused" on GPU
+  with pytest.raises(ValueError, match="step_impl must be one of"):
+    Sampler(llm, vocab_size=250, step_impl="fast")
+
+
 def main(seeds: int = 20) -> None:
   for variant in VARIANTS:
     for impl, matmul in (("xla", "xla"), ("pallas", "xla"), ("pallas", "pallas")):
