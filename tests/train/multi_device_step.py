@@ -4,8 +4,9 @@ gradients (their sum of squares per leaf, and a projection on a fixed random dir
 checksum of the parameters, every leaf's PartitionSpec and the bytes each device holds (used
 by test_sharding.py in a subprocess, since the device count is fixed when JAX starts).
 
-  python -m tests.train.multi_device_step 1,1,0,1,magc,0 2,2,1,2,layer,1 ...
+  python -m tests.train.multi_device_step 1,1,0,1,magc,0 2,2,1,2,layer,1 ... [pipeline]
       # data,fsdp,zero1,seq,remat policy,packed   [--seed=N]
+      # pipeline: tests/remat/pipeline_check.py's toy wavefront against one device
 
 remat: magc is l=1 x s=20 (T=40: two time blocks on one device, one per piece with seq 2
 or 4); magc:L:S is l=L x s=S (S below the piece length: time blocks inside each piece, the
@@ -163,5 +164,11 @@ if __name__ == "__main__":
     if a.startswith("--seed="):
       seeds = [int(v) for v in a[len("--seed="):].split(",")]
   for arg in args:
+    if arg == "pipeline":   # MA-GC's wavefront on a toy stack (tests/remat/pipeline_check.py)
+      from tests.remat.pipeline_check import check
+      for seed in seeds:
+        print("RESULT " + json.dumps({"pipeline": check(seed, jax.devices()), "seed": seed}),
+              flush=True)
+      continue
     for result in run_layout(**parse_layout(arg), seeds=tuple(seeds)):
       print("RESULT " + json.dumps(result), flush=True)

@@ -1,0 +1,90 @@
+"""MA-GC's wavefront over a `seq` axis (remat/pipeline.py) against MA-GC on one device, on
+a toy layer stack with a conv-like and an SSM-like state: L=5 layers in groups of l=2 (the
+last group, of 1, is a second wavefront), 4 pieces of 12 tokens in time blocks of 5 (a
+shorter last block), nonzero initial states. Compares the outputs, every layer's final
+states and the gradients of a random projection of them with respect to the parameters,
+the input and the initial states. Needs 4 devices: run by tests/train/multi_device_step.py
+(`pipeline` argument) in test_sharding.py's 8-device subprocess.
+
+Letters: L layers, B batch, T time, D width, K-1 carried conv inputs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ma2mba_jax.kernels.ssd import sequence_parallel as seq_par
+from ma2mba_jax.remat import magc
+from ma2mba_jax.remat.settings import RematSettings
+
+N_LAYERS, GROUP, N_PIECES, PIECE, BLOCK, WIDTH, BATCH, KEEP = 5, 2, 4, 12, 5, 8, 2, 2
+
+
+def toy_layer(p, h, conv, ssm):
+  """h [B, t, D]; conv [B, D, K-1] (the K-1 inputs before h); ssm [B, D]."""
+  x = jnp.tanh(h @ p["w"])                                         # [B, t, D]
+  xin = jnp.concatenate([jnp.swapaxes(conv, 1, 2), x], axis=1)     # [B, K-1+t, D]
+  z = xin[:, 2:] + 0.5 * xin[:, 1:-1] + 0.25 * xin[:, :-2]         # [B, t, D]
+  decay = jax.nn.sigmoid(p["a"])                                   # [D]
+
+  def step(m, zt):
+    m = decay * m + zt
+    return m, m
+  ssm, ms = jax.lax.scan(step, ssm, jnp.swapaxes(z, 0, 1))
+  return h + 0.3 * jnp.swapaxes(ms, 0, 1), jnp.swapaxes(xin[:, -KEEP:], 1, 2), ssm
+
+
+def _inputs(seed: int):
+  rng = np.random.default_rng(seed)
+  f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  params = {"w": f(N_LAYERS, WIDTH, WIDTH) / np.sqrt(WIDTH), "a": f(N_LAYERS, WIDTH)}
+  h = f(BATCH, N_PIECES * PIECE, WIDTH)
+  conv, ssm = f(N_LAYERS, BATCH, WIDTH, KEEP), f(N_LAYERS, BATCH, WIDTH)
+  probes = (f(BATCH, N_PIECES * PIECE, WIDTH), f(N_LAYERS, BATCH, WIDTH, KEEP),
+            f(N_LAYERS, BATCH, WIDTH))
+  return (params, h, conv, ssm), probes
+
+
+def _rel(got, want) -> float:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def check(seed: int, devices) -> dict[str, float]:
+  """Largest relative error (by the reference's largest entry) of the outputs and of each
+  gradient, wavefront against one device."""
+  (params, h, conv, ssm), probes = _inputs(seed)
+  remat = RematSettings(policy="magc", l=GROUP, s=BLOCK)
+
+  def objective(outs):
+    return sum(jnp.sum(o * p) for o, p in zip(outs, probes))
+
+  def one_device(params, h, conv, ssm):
+    return magc.apply_magc(toy_layer, params, h, conv, ssm, remat)
+
+  mesh = jax.make_mesh((N_PIECES,), ("seq",), devices=devices[:N_PIECES])
+
+  def piece(params, h, conv, ssm):
+    with seq_par.sequence_axis("seq", N_PIECES):
+      return magc.apply_magc(toy_layer, params, h, conv, ssm, remat)
+
+  split = jax.shard_map(piece, mesh=mesh, in_specs=(P(), P(None, "seq"), P(), P()),
+                        out_specs=(P(None, "seq"), P(), P()), check_vma=False)
+  put = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))
+  args = (put(params, P()), put(h, P(None, "seq")), put(conv, P()), put(ssm, P()))
+  errors = {}
+  for name, fn, inputs in (("one", one_device, (params, h, conv, ssm)),
+                           ("wavefront", split, args)):
+    outs = jax.jit(fn)(*inputs)
+    grads = jax.jit(jax.grad(lambda *a: objective(fn(*a)), argnums=(0, 1, 2, 3)))(*inputs)
+    errors[name] = (outs, grads)
+  (outs_1, grads_1), (outs_n, grads_n) = errors["one"], errors["wavefront"]
+  result = {f"out_{k}": _rel(a, b) for k, a, b in zip(("h", "conv", "ssm"), outs_n, outs_1)}
+  names = ("params", "h", "conv", "ssm")
+  for name, got, want in zip(names, grads_n, grads_1):
+    result[f"grad_{name}"] = max(_rel(a, b) for a, b in
+                                 zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+  return result
