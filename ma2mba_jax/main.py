@@ -84,8 +84,27 @@ def _flag_error(error: Exception, argv: list[str]) -> str:
   return cause.removeprefix("flag ")
 
 
+def _add_config_root(argv: list[str]) -> None:
+  """Lets a stage config's `from configs import common` work from any directory.
+
+  configs/stageN.py imports its sibling configs/common.py as the package `configs`, which
+  Python finds only when the directory holding configs/ is on sys.path (the repository root,
+  when the command runs from there). A --config path given from elsewhere
+  (/path/to/repo/configs/stage2.py) puts its root there.
+  """
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if config_arg is None:
+    return
+  config_dir = os.path.dirname(os.path.abspath(config_arg.split(":", 1)[0]))
+  if os.path.isfile(os.path.join(config_dir, "common.py")):
+    root = os.path.dirname(config_dir)
+    if root not in sys.path:
+      sys.path.insert(0, root)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parse, and the config file loaded; an error ends in one line (exit status 2)."""
+  _add_config_root(argv)
   try:
     rest = flags.FLAGS(argv)
     _ = _CONFIG.value.keys()  # a config file that failed to load raises here

@@ -33,6 +33,24 @@ def test_stage_config_without_data_says_what_to_give(tmp_path):
   assert os.listdir(tmp_path) == []                      # nothing written, not even runs/
 
 
+def test_config_path_works_from_any_directory(tmp_path):
+  """An installed package, run outside the repository: configs/ is not importable from the
+  cwd, so the config file's own `from configs import common` needs main to find its root."""
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env["JAX_PLATFORMS"] = "cpu"
+  probe = subprocess.run([sys.executable, "-c", "import ma2mba_jax"], cwd=tmp_path, env=env,
+                         capture_output=True)
+  if probe.returncode != 0:
+    pytest.skip("ma2mba_jax is not installed in this interpreter (only on PYTHONPATH)")
+  assert subprocess.run([sys.executable, "-c", "import configs"], cwd=tmp_path, env=env,
+                        capture_output=True).returncode != 0
+  result = subprocess.run([sys.executable, "-m", "ma2mba_jax.main",
+                           f"--config={ROOT}/configs/stage2.py"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr
+  assert "no training data" in error_lines(result)[-1], result.stderr
+
+
 @pytest.mark.parametrize("args,named", [
     (["--config=configs/stage9.py"], "configs/stage9.py"),
     (["--config=configs/stage2.py:demo", "--config.optim.bogus=1"],
