@@ -24,11 +24,14 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from ma2mba_jax.kernels.ssd import sequence_parallel as seq_par
-from ma2mba_jax.remat.cells import (cell_checkpoint, cell_layer_fn, offload_choice,
+from ma2mba_jax.remat.cells import (LAYER_CHECKPOINT, SEQUENCE_CHECKPOINT, cell_checkpoint,
+                                    cell_layer_fn, offload_choice, offloaded_names,
                                     scan_layers)
-from ma2mba_jax.remat.pipeline import apply_magc_pipeline
+from ma2mba_jax.remat.pipeline import (PIPELINE_LAYER, PIPELINE_SEQUENCE,
+                                       apply_magc_pipeline)
 from ma2mba_jax.remat.planner import MemoryConstants, magc_memory, plan_magc
 from ma2mba_jax.remat.settings import RematSettings
 
@@ -81,20 +84,30 @@ def apply_layer_groups(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.
 
 
 def _group_over_time(cell: Callable, group_params: Any, h: jax.Array, conv: jax.Array,
-                     ssm: jax.Array, s: int, reset: jax.Array | None = None) -> tuple:
+                     ssm: jax.Array, s: int, reset: jax.Array | None = None,
+                     tag: bool = False) -> tuple:
   """One group of layers over every token, one time block (cell) after another.
 
   The scan's carry is the group's states: what it keeps for the backward at each block
   boundary are the sequence checkpoints; its xs are the layer checkpoints (h [B, s, D])
   and, with packed segments, the block's slice of reset [B, s].
+  tag: name each cell's inputs (pipeline.PIPELINE_LAYER / PIPELINE_SEQUENCE) for a
+  checkpoint around the whole group that saves only them (remat/pipeline.py).
   """
+  def tagged_cell(p, h_blk, c, m, r):
+    if tag:
+      h_blk = checkpoint_name(h_blk, PIPELINE_LAYER)
+      c = checkpoint_name(c, PIPELINE_SEQUENCE)
+      m = checkpoint_name(m, PIPELINE_SEQUENCE)
+    return cell(p, h_blk, c, m, r)
+
   batch, seqlen, width = h.shape
   n_blocks, n_rest = divmod(seqlen, s)
   outputs = []
   if n_blocks:
     def block_step(states, xs):
       h_blk, reset_blk = xs
-      h_blk, c, m = cell(group_params, h_blk, *states, reset_blk)
+      h_blk, c, m = tagged_cell(group_params, h_blk, *states, reset_blk)
       return (c, m), h_blk
 
     blocks = jnp.moveaxis(h[:, :n_blocks * s].reshape(batch, n_blocks, s, width), 1, 0)
@@ -104,7 +117,7 @@ def _group_over_time(cell: Callable, group_params: Any, h: jax.Array, conv: jax.
     outputs.append(jnp.moveaxis(h_out, 0, 1).reshape(batch, n_blocks * s, width))
   if n_rest:
     reset_rest = None if reset is None else reset[:, n_blocks * s:]
-    h_rest, conv, ssm = cell(group_params, h[:, n_blocks * s:], conv, ssm, reset_rest)
+    h_rest, conv, ssm = tagged_cell(group_params, h[:, n_blocks * s:], conv, ssm, reset_rest)
     outputs.append(h_rest)
   return _concat(outputs, axis=1), conv, ssm
 
@@ -142,7 +155,9 @@ def apply_magc(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
       lambda p, h, c, m, r: scan_layers(inner_fn, p, h, c, m, r))
   group = lambda p, h, c, m: _group_over_time(cell, p, h, c, m, s, reset)
   if seq_par.current_axis() is not None and s < h.shape[1]:
-    return apply_magc_pipeline(group, params, h, conv, ssm, l)
+    tagged = lambda p, h, c, m: _group_over_time(cell, p, h, c, m, s, reset, tag=True)
+    return apply_magc_pipeline(tagged, params, h, conv, ssm, l,
+                               offload=offloaded_names(remat_cfg))
   return _over_layer_groups(group, params, h, conv, ssm, l)
 
 

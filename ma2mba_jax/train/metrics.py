@@ -15,9 +15,20 @@ from absl import logging
 
 
 def device_memory_gib() -> float | None:
-  stats = jax.local_devices()[0].memory_stats() or {}
-  peak = stats.get("peak_bytes_in_use")
-  return None if peak is None else peak / 2**30
+  """Peak bytes in use (GiB) on the fullest of this process's devices."""
+  peaks = device_peaks_gib()
+  return max(peaks) if peaks else None
+
+
+def device_peaks_gib() -> list[float]:
+  """Peak bytes in use (GiB) of each of this process's devices ([] where not reported)."""
+  peaks = []
+  for device in jax.local_devices():
+    peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
+    if peak is None:
+      return []
+    peaks.append(peak / 2**30)
+  return peaks
 
 
 class MetricWriter:
@@ -78,7 +89,7 @@ class Progress:
 
   def report(self, step: int) -> dict[str, float]:
     """step_time_s, tokens_per_s, eta_s (none before two steps have run after `start`) and
-    peak_memory_gib."""
+    peak_memory_gib (the fullest local device; with several, peak_memory_gib/<i> each)."""
     out = {}
     now = time.perf_counter()
     if self._last_time is not None and step > self._last_step:
@@ -89,9 +100,11 @@ class Progress:
              "padding_frac": 1.0 - self._tokens / max(self._padded, 1),
              "eta_s": (self._total - step) * elapsed / steps}
       self._last_step, self._last_time, self._tokens, self._padded = step, now, 0, 0
-    mem = device_memory_gib()
-    if mem is not None:
-      out["peak_memory_gib"] = mem
+    peaks = device_peaks_gib()
+    if peaks:
+      out["peak_memory_gib"] = max(peaks)
+      if len(peaks) > 1:
+        out.update({f"peak_memory_gib/{i}": p for i, p in enumerate(peaks)})
     return out
 
 
@@ -107,7 +120,11 @@ def format_line(stage: int, step: int, total: int, scalars: dict[str, Any]) -> s
                    f"({100 * scalars['padding_frac']:.0f}% padding)")
     parts.append(f"{scalars['step_time_s']:.2f} s/step")
   if "peak_memory_gib" in scalars:
-    parts.append(f"mem {scalars['peak_memory_gib']:.1f} GiB")
+    per_device = [scalars[k] for k in sorted(
+        (k for k in scalars if k.startswith("peak_memory_gib/")),
+        key=lambda k: int(k.split("/")[1]))]
+    parts.append(f"mem {scalars['peak_memory_gib']:.1f} GiB" + (
+        " (" + "/".join(f"{p:.1f}" for p in per_device) + " per device)" if per_device else ""))
   parts.append(f"ETA {eta // 60}m{eta % 60:02d}s" if "eta_s" in scalars
                else "ETA after the first step")
   return " | ".join(parts)
