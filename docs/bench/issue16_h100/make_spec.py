@@ -45,8 +45,8 @@ else:
   seq = ["--config.mesh.data=1", "--config.mesh.seq=4", "--config.mesh.zero1=True",
          "--config.optim.global_batch=1", "--config.remat.l=16", "--config.remat.s=16384",
          "--config.remat.cell_saves=layers", "--config.optim.state_memory=host"]
-  phases = [[trainer("b_seq4_2p20", "/tmp/d20", "0,1,2,3", *seq, *L20, stop=3,
-                     fallback=trainer("b_seq4_2p19", "/tmp/d19", "0,1,2,3", *seq, stop=3))]]
+  phases = [[trainer("b_seq4_2p20", "/tmp/d20", "0,1,2,3", *seq, *L20, stop=2,
+                     fallback=trainer("b_seq4_2p19", "/tmp/d19", "0,1,2,3", *seq, stop=2))]]
 json.dump({"phases": phases, "mem_fraction": frac, "total_mib": total}, open(path, "w"),
           indent=1)
 print(f"spec {which}: memory fraction {frac} of {total} MiB per card")
