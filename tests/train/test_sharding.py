@@ -92,6 +92,7 @@ def results() -> dict[str, dict]:
   by_layout = {",".join(map(str, r["layout"])): r for r in rows if "layout" in r}
   out = {name: by_layout[layout] for name, layout in LAYOUTS.items()}
   out["pipeline"] = next(r["pipeline"] for r in rows if "pipeline" in r)
+  out["pipeline_memory"] = next(r["pipeline_memory"] for r in rows if "pipeline_memory" in r)
   return out
 
 
@@ -100,6 +101,13 @@ def results() -> dict[str, dict]:
 # worst over seeds 0-19 (2026-11-26), outputs and every gradient but the parameters' 0,
 # parameter gradients 2.3e-7 (relative to the largest entry). Tolerance: about 10x.
 PIPELINE_TOL = 3e-6
+
+
+def test_magc_wavefront_keeps_no_per_tick_copy_of_the_group_parameters(results):
+  # pipeline_check.temp_bytes: 5.10 MB of temp for 2.10 MB of weights with the tick
+  # checkpoint, 8.87 MB when each tick's parameter slice was saved (7/4 of the weights more).
+  mem = results["pipeline_memory"]
+  assert mem["temp_bytes"] < 2.9 * mem["weight_bytes"], mem
 
 
 def test_magc_wavefront_with_a_smaller_last_group_matches_one_device(results):
