@@ -36,6 +36,7 @@ width, C conv channels, K conv kernel, H heads, P head dim, N state size, G grou
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -75,10 +76,22 @@ def block_params(block) -> BlockParams:
 # --------------------------------------------------------------------------- pieces
 
 
+# Whether the matmuls write their result in the compute dtype directly (the GEMM rounds its
+# f32 accumulator on output) instead of an f32 result that a separate op rounds: the same
+# numbers, half the bytes written and read back (issue 15, BENCHMARKS.md).
+_DOT_OUT_CD = "dot_cd" not in os.environ.get("MA2MBA_FUSED_OFF", "")
+
+
+def _dot_cd(spec: str, a: Array, b: Array, cd) -> Array:
+  """einsum of two cd operands with f32 accumulation, the result rounded to cd."""
+  if _DOT_OUT_CD:
+    return jnp.einsum(spec, a, b, preferred_element_type=cd)
+  return jnp.einsum(spec, a, b, preferred_element_type=f32).astype(cd)
+
+
 def _linear(x: Array, kernel: Array, cd) -> Array:
   """`Linear.__call__`: x [..., I] @ kernel [I, O] in cd, f32 accumulation, out in cd."""
-  return jnp.einsum("...i,io->...o", x.astype(cd), kernel.astype(cd),
-                    preferred_element_type=f32).astype(cd)
+  return _dot_cd("...i,io->...o", x.astype(cd), kernel.astype(cd), cd)
 
 
 def _linear_backward(x: Array, kernel: Array, g: Array, cd) -> tuple[Array, Array]:
@@ -86,11 +99,10 @@ def _linear_backward(x: Array, kernel: Array, g: Array, cd) -> tuple[Array, Arra
   dkernel [I, O] in kernel.dtype), computed as autodiff computes them: cd inputs, f32
   accumulation, each result rounded to cd (then dkernel to the parameter dtype)."""
   g = g.astype(cd)
-  dx = jnp.einsum("...o,io->...i", g, kernel.astype(cd),
-                  preferred_element_type=f32).astype(cd)
+  dx = _dot_cd("...o,io->...i", g, kernel.astype(cd), cd)
   lead = "".join("abcdefgh"[i] for i in range(x.ndim - 1))
-  dkernel = jnp.einsum(f"{lead}i,{lead}o->io", x.astype(cd), g, preferred_element_type=f32)
-  return dx, dkernel.astype(cd).astype(kernel.dtype)
+  dkernel = _dot_cd(f"{lead}i,{lead}o->io", x.astype(cd), g, cd)
+  return dx, dkernel.astype(kernel.dtype)
 
 
 def _norm_in(h: Array, weight: Array, eps: float, cd) -> Array:

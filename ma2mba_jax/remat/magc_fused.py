@@ -41,6 +41,7 @@ K conv kernel, H heads, P head dim, N state size, L layers, l layers per group, 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import jax
@@ -55,6 +56,14 @@ Array = jax.Array
 f32 = jnp.float32
 # cell_saves this path implements: what a cell's replay keeps for its layers' backward.
 CELL_SAVES = ("nothing", "layers")
+# Temporary switches for the A/B measurement of issue 15 (BENCHMARKS.md), all on by default:
+# cast_once: the matmul weights cast to the compute dtype once per forward and once per
+#   backward (not in each of the 3 x L x T/s layer calls);
+# state_cd: the SSM state checkpoints kept in the compute dtype;
+# skip_last: the replay computes of its last layer only the in_proj output.
+_OFF = os.environ.get("MA2MBA_FUSED_OFF", "")
+_CAST_ONCE, _STATE_CD, _SKIP_LAST = ("cast_once" not in _OFF, "state_cd" not in _OFF,
+                                     "skip_last" not in _OFF)
 
 
 def applies(model_cfg: Any, remat_cfg: RematSettings, n_layers: int, seqlen: int) -> bool:
@@ -67,6 +76,19 @@ def applies(model_cfg: Any, remat_cfg: RematSettings, n_layers: int, seqlen: int
 
 
 # --------------------------------------------------------------------------- indexing
+
+
+def _compute_weights(config, P: fb.BlockParams) -> fb.BlockParams:
+  """The stack with its matmul weights (in_proj, out_proj) in the compute dtype: one cast of
+  [L, ...] per pass instead of one per layer call (2.7B bf16: +5.2 GB while it lives)."""
+  if not _CAST_ONCE:
+    return P
+  cd = config.compute_dtype
+  return P._replace(in_proj=P.in_proj.astype(cd), out_proj=P.out_proj.astype(cd))
+
+
+def _state_checkpoint_dtype(config, dtype):
+  return config.compute_dtype if _STATE_CD else dtype
 
 
 def _layer(P: fb.BlockParams, k) -> fb.BlockParams:
@@ -110,9 +132,11 @@ def _grid_forward(config, l: int, s: int, P, h, conv, ssm, reset, *, keep: bool)
   `keep` the checkpoints (Hs [G-1, B, T, D], Sc [n_blocks, L, ...], Sm [n_blocks, L, ...])."""
   n_layers, seqlen = conv.shape[0], h.shape[1]
   n_groups, n_blocks = n_layers // l, seqlen // s
+  P = _compute_weights(config, P)
   Hs = jnp.zeros((n_groups - 1,) + h.shape, h.dtype) if keep else None
   Sc = jnp.zeros((n_blocks,) + conv.shape, conv.dtype) if keep else None
-  Sm = jnp.zeros((n_blocks,) + ssm.shape, ssm.dtype) if keep else None
+  Sm = (jnp.zeros((n_blocks,) + ssm.shape, _state_checkpoint_dtype(config, ssm.dtype))
+        if keep else None)
 
   def group(g, carry):
     h, conv, ssm, Sc, Sm = carry
@@ -124,8 +148,8 @@ def _grid_forward(config, l: int, s: int, P, h, conv, ssm, reset, *, keep: bool)
         start = lambda x: (j, k0) + (0,) * (x.ndim - 1)
         Sc = lax.dynamic_update_slice(Sc, lax.dynamic_slice_in_dim(conv, k0, l)[None],
                                       start(conv))
-        Sm = lax.dynamic_update_slice(Sm, lax.dynamic_slice_in_dim(ssm, k0, l)[None],
-                                      start(ssm))
+        Sm = lax.dynamic_update_slice(
+            Sm, lax.dynamic_slice_in_dim(ssm, k0, l).astype(Sm.dtype)[None], start(ssm))
       hb, conv, ssm = _cell(config, P, k0, _block(h, j, s), conv, ssm, _block(reset, j, s), l)
       return _put_block(h, hb, j, s), conv, ssm, Sc, Sm
     return lax.fori_loop(0, n_blocks, block, (h, conv, ssm, Sc, Sm))
@@ -156,13 +180,32 @@ def _magc_fwd(config, l, s, cell_saves, P, h, conv, ssm, reset):
 
 def _replay(config, P, k0, hb, conv_in, ssm_in, rb, l: int, keep_in_proj: bool):
   """The cell's forward again from its checkpoints, keeping each layer's input:
-  -> hs [l, B, s, D] f32 and (keep_in_proj) zxbcdts [l, B, s, F] (else None)."""
-  def layer(hb, xs):
-    i, conv_i, ssm_i = xs
-    (h_next, _, _), zx = fb._forward(config, _layer(P, k0 + i), hb, conv_i, ssm_i, rb,
-                                     tag_all=False)
-    return h_next, (hb, zx if keep_in_proj else None)
-  _, (hs, zxs) = lax.scan(layer, hb, (jnp.arange(l), conv_in, ssm_in))
+  -> hs [l, B, s, D] f32 and (keep_in_proj) zxbcdts [l, B, s, F] (else None).
+
+  The last layer's output is not needed: of it only the in_proj output is computed
+  (keep_in_proj), or nothing."""
+  if not _SKIP_LAST:
+    def layer(hb, xs):
+      i, conv_i, ssm_i = xs
+      (h_next, _, _), zx = fb._forward(config, _layer(P, k0 + i), hb, conv_i,
+                                       ssm_i.astype(f32), rb, tag_all=False)
+      return h_next, (hb, zx if keep_in_proj else None)
+    _, (hs, zxs) = lax.scan(layer, hb, (jnp.arange(l), conv_in, ssm_in))
+    return hs, zxs
+
+  hs = jnp.zeros((l,) + hb.shape, hb.dtype)
+  zxs = (jnp.zeros((l,) + hb.shape[:-1] + (config.d_in_proj,), config.compute_dtype)
+         if keep_in_proj else None)
+
+  def layer(i, carry):
+    hb, hs, zxs = carry
+    (h_next, _, _), zx = fb._forward(config, _layer(P, k0 + i), hb, _get(conv_in, i),
+                                     _get(ssm_in, i).astype(f32), rb, tag_all=False)
+    return h_next, _set(hs, hb, i), (_set(zxs, zx, i) if keep_in_proj else None)
+  hb, hs, zxs = lax.fori_loop(0, l - 1, layer, (hb, hs, zxs))
+  hs = _set(hs, hb, l - 1)
+  if keep_in_proj:
+    zxs = _set(zxs, _in_proj(config, _layer(P, k0 + l - 1), hb), l - 1)
   return hs, zxs
 
 
@@ -180,6 +223,7 @@ def _magc_bwd(config, l, s, cell_saves, residuals, cotangents):
   n_groups, n_blocks = n_layers // l, seqlen // s
   keep_in_proj = cell_saves == "nothing"
   grads = jax.tree.map(jnp.zeros_like, P)    # ONE [L, ...] buffer, added into in place
+  P = _compute_weights(config, P)            # what the layers read (their matmul weights in cd)
   dh = dh.astype(f32)
 
   def group_input(g, j):  # block j of group g's input h: [B, s, D]
@@ -212,7 +256,7 @@ def _magc_bwd(config, l, s, cell_saves, residuals, cotangents):
         hb = _get(hs, i)
         zx = _get(zxs, i) if keep_in_proj else _in_proj(config, p, hb)
         dp, dhb, dc, dm, _ = fb._fused_bwd(
-            config, (p, hb, zx, _get(conv_in, i), _get(ssm_in, i), rb),
+            config, (p, hb, zx, _get(conv_in, i), _get(ssm_in, i).astype(f32), rb),
             (dhb, _get(dconv, k), _get(dssm, k)))
         grads = jax.tree.map(lambda G, d: _set(G, _get(G, k) + d.astype(G.dtype), k),
                              grads, dp)
