@@ -36,7 +36,6 @@ width, C conv channels, K conv kernel, H heads, P head dim, N state size, G grou
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import jax
@@ -76,17 +75,13 @@ def block_params(block) -> BlockParams:
 # --------------------------------------------------------------------------- pieces
 
 
-# Whether the matmuls write their result in the compute dtype directly (the GEMM rounds its
-# f32 accumulator on output) instead of an f32 result that a separate op rounds: the same
-# numbers, half the bytes written and read back (issue 15, BENCHMARKS.md).
-_DOT_OUT_CD = "dot_cd" not in os.environ.get("MA2MBA_FUSED_OFF", "")
-
-
 def _dot_cd(spec: str, a: Array, b: Array, cd) -> Array:
-  """einsum of two cd operands with f32 accumulation, the result rounded to cd."""
-  if _DOT_OUT_CD:
-    return jnp.einsum(spec, a, b, preferred_element_type=cd)
-  return jnp.einsum(spec, a, b, preferred_element_type=f32).astype(cd)
+  """einsum of two cd operands, f32 accumulation, the result written in cd by the matmul
+  itself (cuBLAS and XLA's Triton GEMMs accumulate bf16 products in f32 and round on output):
+  the numbers of an f32 result rounded afterwards, without writing and reading back the f32
+  result (issue 15: 2.7B MA-GC at 2^19 on an H100, 2.945 -> 2.810 s a step at 16 layers,
+  BENCHMARKS.md)."""
+  return jnp.einsum(spec, a, b, preferred_element_type=cd)
 
 
 def _linear(x: Array, kernel: Array, cd) -> Array:

@@ -41,7 +41,6 @@ K conv kernel, H heads, P head dim, N state size, L layers, l layers per group, 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import jax
@@ -56,14 +55,12 @@ Array = jax.Array
 f32 = jnp.float32
 # cell_saves this path implements: what a cell's replay keeps for its layers' backward.
 CELL_SAVES = ("nothing", "layers")
-# Temporary switches for the A/B measurement of issue 15 (BENCHMARKS.md), all on by default:
-# cast_once: the matmul weights cast to the compute dtype once per forward and once per
-#   backward (not in each of the 3 x L x T/s layer calls);
-# state_cd: the SSM state checkpoints kept in the compute dtype;
-# skip_last: the replay computes of its last layer only the in_proj output.
-_OFF = os.environ.get("MA2MBA_FUSED_OFF", "")
-_CAST_ONCE, _STATE_CD, _SKIP_LAST = ("cast_once" not in _OFF, "state_cd" not in _OFF,
-                                     "skip_last" not in _OFF)
+# The SSM state checkpoints ([T/s, L, B, H, P, N]) in the compute dtype: half the bytes in
+# bf16 (5.4 GB at 2^19 for the 2.7B with s = 8192), which pays for the compute-dtype copy of
+# the matmul weights. The backward then replays each cell from the rounded state; the bf16
+# gradient error this adds is measured by tests/remat/magc_fused_sweep.py (which flips this
+# to compare) and bounded in test_magc_fused.py. In float32 nothing changes.
+STATE_CHECKPOINTS_IN_COMPUTE_DTYPE = True
 
 
 def applies(model_cfg: Any, remat_cfg: RematSettings, n_layers: int, seqlen: int) -> bool:
@@ -81,14 +78,12 @@ def applies(model_cfg: Any, remat_cfg: RematSettings, n_layers: int, seqlen: int
 def _compute_weights(config, P: fb.BlockParams) -> fb.BlockParams:
   """The stack with its matmul weights (in_proj, out_proj) in the compute dtype: one cast of
   [L, ...] per pass instead of one per layer call (2.7B bf16: +5.2 GB while it lives)."""
-  if not _CAST_ONCE:
-    return P
   cd = config.compute_dtype
   return P._replace(in_proj=P.in_proj.astype(cd), out_proj=P.out_proj.astype(cd))
 
 
 def _state_checkpoint_dtype(config, dtype):
-  return config.compute_dtype if _STATE_CD else dtype
+  return config.compute_dtype if STATE_CHECKPOINTS_IN_COMPUTE_DTYPE else dtype
 
 
 def _layer(P: fb.BlockParams, k) -> fb.BlockParams:
@@ -184,15 +179,6 @@ def _replay(config, P, k0, hb, conv_in, ssm_in, rb, l: int, keep_in_proj: bool):
 
   The last layer's output is not needed: of it only the in_proj output is computed
   (keep_in_proj), or nothing."""
-  if not _SKIP_LAST:
-    def layer(hb, xs):
-      i, conv_i, ssm_i = xs
-      (h_next, _, _), zx = fb._forward(config, _layer(P, k0 + i), hb, conv_i,
-                                       ssm_i.astype(f32), rb, tag_all=False)
-      return h_next, (hb, zx if keep_in_proj else None)
-    _, (hs, zxs) = lax.scan(layer, hb, (jnp.arange(l), conv_in, ssm_in))
-    return hs, zxs
-
   hs = jnp.zeros((l,) + hb.shape, hb.dtype)
   zxs = (jnp.zeros((l,) + hb.shape[:-1] + (config.d_in_proj,), config.compute_dtype)
          if keep_in_proj else None)

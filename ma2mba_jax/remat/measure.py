@@ -14,6 +14,11 @@ parameters -- and `compiled.memory_analysis()` says what it needs. Nothing is ex
 
 Choice ("fastest", by a cost model, since nothing runs): among the candidates whose measured
 device memory fits the budget, the one with the smallest `cost_key`, compared in order:
+  0. the hand-written MA-GC backward (remat/magc_fused.py: fused blocks, no offload, l | L,
+     s | T) before remat/magc.py: at 2^19 on an H100 (2.7B) it ran 13,024 tokens/s with
+     `nothing`, magc.py's best 9,418 with `layers` and host offload (BENCHMARKS.md); its
+     `layers` replays only each layer's in_proj beyond `nothing` (about a tenth more time, an
+     estimate), so it stays ahead of magc.py whatever magc.py recomputes;
   1. forwards recomputed per cell (RECOMPUTED_FORWARDS: dots 0.5 < nothing = names 1 <
      layers 2): the backward of a cell replays its forward once, `layers` once more per layer,
      `dots` keeps the matmul outputs and replays only the elementwise work;
@@ -54,6 +59,7 @@ import jax.numpy as jnp
 import jaxlib
 from absl import logging
 
+from ma2mba_jax.remat import magc_fused
 from ma2mba_jax.remat.cells import CELL_SAVES, OFFLOAD_CHOICES
 from ma2mba_jax.remat.planner import MemoryConstants, magc_memory, plan_magc
 from ma2mba_jax.remat.settings import RematPolicy, RematSettings
@@ -124,11 +130,18 @@ class Measurement:
             - self.param_bytes - self.grad_bytes)
 
 
-def cost_key(candidate: Candidate, n_layers: int, seqlen: int) -> tuple:
-  """Smaller is faster (module docstring): recompute, offload, number of cells, -l."""
+def cost_key(candidate: Candidate, n_layers: int, seqlen: int,
+             hand_written: bool = False) -> tuple:
+  """Smaller is faster (module docstring): the hand-written backward (`hand_written`: the
+  candidate runs remat/magc_fused.py), recompute, offload, number of cells, -l."""
   n_cells = math.ceil(n_layers / candidate.l) * math.ceil(seqlen / candidate.s)
-  return (RECOMPUTED_FORWARDS[candidate.cell_saves], OFFLOAD_RANK[candidate.offload],
-          n_cells, -candidate.l)
+  return (not hand_written, RECOMPUTED_FORWARDS[candidate.cell_saves],
+          OFFLOAD_RANK[candidate.offload], n_cells, -candidate.l)
+
+
+def _hand_written(model_cfg: Any, candidate: Candidate, seqlen: int) -> bool:
+  """Whether this candidate runs remat/magc_fused.py (else remat/magc.py)."""
+  return magc_fused.applies(model_cfg, candidate.remat_cfg(), model_cfg.n_layers, seqlen)
 
 
 # --------------------------------------------------------------------------- candidates
@@ -198,7 +211,8 @@ def candidates(model_cfg: Any, seqlen: int, *, l: Any = "auto", s: Any = "auto",
   The paper model's optimum (l0, s0) with every checkpoint on the device seeds a grid: l
   among divisors of L near l0 (and L), s among chunk multiples near s0 (x2, /2, x4); the same
   grid for every offload choice (the model's own optimum with offload degenerates to the
-  smallest block, the slowest), except that with offload l = L comes first. An explicit l
+  smallest block, the slowest), except that with offload, or with fused blocks (which
+  without offload run remat/magc_fused.py), l = L comes first. An explicit l
   or s (an int or a numeric string) is the only value on its axis. cell_saves / offload:
   one name, a list, or 'auto' (AUTO_CELL_SAVES / AUTO_OFFLOAD). When the grid is larger
   than max_candidates, every (cell_saves, offload) pair keeps its points nearest the seed,
@@ -224,12 +238,16 @@ def candidates(model_cfg: Any, seqlen: int, *, l: Any = "auto", s: Any = "auto",
   # 0.11.2) does not compile offload with several groups at all (BENCHMARKS.md, issue 15
   # part 2), so l < L would spend the candidates on settings that fail.
   ls_offload = ls if fixed_l is not None else [n_layers] + [x for x in ls if x != n_layers]
+  # Fused blocks without offload run remat/magc_fused.py, where each layer group past the
+  # first costs a full copy of h [B, T, D] f32 (its layer checkpoint) and nothing shrinks
+  # with l but the cell's replay: one group first there too.
+  ls_none = ls_offload if getattr(model_cfg, "block_impl", None) == "fused" else ls
 
   def grid(ls):  # nearest the seed first: by the sum of the two positions in the lists
     return [(l_, s_) for _, _, l_, s_ in
             sorted((i + j, i, l_, s_) for i, l_ in enumerate(ls) for j, s_ in enumerate(ss))]
   per_pair = [[Candidate(l_, s_, saves, off)
-               for l_, s_ in grid(ls if off == "none" else ls_offload)]
+               for l_, s_ in grid(ls_none if off == "none" else ls_offload)]
               for off in offload_list for saves in saves_list]
   out: list[Candidate] = []
   for rank in range(max(map(len, per_pair))):  # round robin over the (saves, offload) pairs
@@ -537,7 +555,7 @@ def plan(model_cfg: Any, seqlen: int, remat_cfg: RematSettings, *, budget_bytes:
   cands = candidates(model_cfg, seqlen, l=remat_cfg.l, s=remat_cfg.s,
                      cell_saves=remat_cfg.cell_saves, offload=remat_cfg.offload,
                      max_candidates=max_candidates)
-  rows = sorted((Row(c, cost_key(c, n_layers, seqlen),
+  rows = sorted((Row(c, cost_key(c, n_layers, seqlen, _hand_written(model_cfg, c, seqlen)),
                      magc_memory(n_layers, seqlen, c.l, c.s, constants, c.offload)
                      * itemsize * batch) for c in cands), key=lambda r: r.cost)
   choice = None

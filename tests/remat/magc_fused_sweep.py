@@ -1,33 +1,46 @@
-"""Seed sweep behind test_magc_fused.py's tolerance (a script, not a test).
+"""Seed sweep behind test_magc_fused.py's tolerances (a script, not a test).
 
   JAX_PLATFORMS=cpu python -m tests.remat.magc_fused_sweep --seeds=24
+  JAX_PLATFORMS=cpu python -m tests.remat.magc_fused_sweep --seeds=24 --compute_dtype=bfloat16
 
-Prints, per config, the largest relative error over the seeds and the worst leaf.
+Prints, per config, the largest relative error over the seeds and the worst leaf. In bfloat16
+it runs each config twice, with the SSM state checkpoints in the compute dtype (the default,
+`magc_fused.STATE_CHECKPOINTS_IN_COMPUTE_DTYPE`) and in float32, so that what the rounded
+checkpoints add shows beside what the blocking alone gives.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from ma2mba_jax.remat import magc_fused
 from ma2mba_jax.remat.settings import RematSettings
-from tests.remat.test_magc_fused import CONFIGS, errors, magc_cfg, problem, value_and_grads
+from tests.remat import test_magc_fused as t
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--seeds", type=int, default=24)
+  parser.add_argument("--compute_dtype", default="float32")
   args = parser.parse_args()
-  worst = {name: ("", 0.0) for name in CONFIGS}
+  variants = [True] if args.compute_dtype == "float32" else [True, False]
+  worst = {(name, v): ("", 0.0) for name in t.CONFIGS for v in variants}
   for seed in range(args.seeds):
-    prob = problem(seed)
-    reference = value_and_grads(prob, RematSettings(policy="none"))
-    for name, config in CONFIGS.items():
-      errs = errors(prob, reference, magc_cfg(*config))
-      leaf = max(errs, key=errs.get)
-      if errs[leaf] > worst[name][1]:
-        worst[name] = (f"{leaf} (seed {seed})", errs[leaf])
-  for name, (leaf, err) in worst.items():
-    print(f"{name} ({args.seeds} seeds): max {err:.2e} at {leaf}")
+    prob = t.problem(seed, args.compute_dtype)
+    reference = t.value_and_grads(prob, RematSettings(policy="none"))
+    for v in variants:
+      if magc_fused.STATE_CHECKPOINTS_IN_COMPUTE_DTYPE != v:
+        magc_fused.STATE_CHECKPOINTS_IN_COMPUTE_DTYPE = v
+        t._compiled.cache_clear()
+      for name, config in t.CONFIGS.items():
+        errs = t.errors(prob, reference, t.magc_cfg(*config))
+        leaf = max(errs, key=errs.get)
+        if errs[leaf] > worst[name, v][1]:
+          worst[name, v] = (f"{leaf} (seed {seed})", errs[leaf])
+  for (name, v), (leaf, err) in worst.items():
+    states = "compute dtype" if v else "float32"
+    print(f"{name} ({args.compute_dtype}, state checkpoints {states}, {args.seeds} seeds): "
+          f"max {err:.2e} at {leaf}")
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ def magc_cfg(l, s, cell_saves):
   return RematSettings(policy="magc", l=l, s=s, cell_saves=cell_saves, offload="none")
 
 
-def problem(seed: int):
-  cfg = mamba2_config("tiny", n_layers=N_LAYERS, ssd_impl="xla")
+def problem(seed: int, compute_dtype: str = "float32"):
+  cfg = mamba2_config("tiny", n_layers=N_LAYERS, ssd_impl="xla", compute_dtype=compute_dtype)
   graphdef, state = nnx.split(Mamba2LM(cfg, rngs=nnx.Rngs(seed)))
   params = dict(state.items())
   keys = jax.random.split(jax.random.key(1000 + seed), 5)

@@ -82,8 +82,13 @@ def test_candidates_are_a_small_grid_around_the_model_optimum():
   cands = measure.candidates(mamba2_config("2.7b"), 2**19, max_candidates=12)
   assert 1 < len(cands) <= 12 and len(set(cands)) == len(cands)
   # The paper model's optimum (l=32, s=4608) seeds the grid; s moves to 4096, which divides
-  # T (no last, shorter block outside the time scan).
-  assert cands[0] == measure.Candidate(32, 4096)
+  # T (no last, shorter block outside the time scan). Fused blocks (the preset's default) run
+  # remat/magc_fused.py without offload, where every extra layer group costs a copy of h:
+  # one group (l = L) first; the autodiff block keeps the model's l first.
+  assert cands[0] == measure.Candidate(64, 4096)
+  autodiff = measure.candidates(mamba2_config("2.7b", block_impl="autodiff"), 2**19,
+                                max_candidates=12)
+  assert autodiff[0] == measure.Candidate(32, 4096)
   assert all(64 % c.l == 0 and c.s % 256 == 0 and 2**19 % c.s == 0 for c in cands)
   # Blocks that divide T when one is within a factor 1.5 of the wanted size, else the
   # nearest multiple of the chunk.
@@ -110,6 +115,14 @@ def test_cost_model_orders_recompute_then_offload_then_cells():
   assert keys == sorted(keys) and len(set(keys)) == len(keys)
   # Equal numbers of cells: the larger l (fewer layer groups) first.
   assert measure.cost_key(C(64, 8192), 64, 2**19) < measure.cost_key(C(32, 4096 * 4), 64, 2**19)
+  # The hand-written backward (remat/magc_fused.py) before remat/magc.py, whatever each
+  # recomputes or offloads.
+  assert (measure.cost_key(C(64, 8192, "layers"), 64, 2**19, hand_written=True)
+          < measure.cost_key(C(64, 8192, "dots"), 64, 2**19))
+  cfg = mamba2_config("2.7b")
+  assert measure._hand_written(cfg, C(64, 8192, "layers"), 2**19)
+  assert not measure._hand_written(cfg, C(64, 8192, "nothing", "sequence"), 2**19)
+  assert not measure._hand_written(cfg.replace(block_impl="autodiff"), C(64, 8192), 2**19)
 
 
 def test_measurement_reads_the_compiled_layers(measured):
