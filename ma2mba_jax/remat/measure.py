@@ -133,7 +133,8 @@ class Measurement:
 def cost_key(candidate: Candidate, n_layers: int, seqlen: int,
              hand_written: bool = False) -> tuple:
   """Smaller is faster (module docstring): the hand-written backward (`hand_written`: the
-  candidate runs remat/magc_fused.py), recompute, offload, number of cells, -l."""
+  candidate runs remat/magc_fused.py), recompute, offload, number of cells, -l (the table
+  prints the cells as the key's second to last entry)."""
   n_cells = math.ceil(n_layers / candidate.l) * math.ceil(seqlen / candidate.s)
   return (not hand_written, RECOMPUTED_FORWARDS[candidate.cell_saves],
           OFFLOAD_RANK[candidate.offload], n_cells, -candidate.l)
@@ -525,7 +526,7 @@ def format_table(rows: Sequence[Row], budget_bytes: float | None,
     fits = ("not compiled" if m is None else "no (compile failed)" if m.failed
             else "-" if row.fits is None else "yes" if row.fits else "no")
     lines.append(["*" if c == choice else "", str(c.l), str(c.s), c.cell_saves, c.offload,
-                  str(row.cost[2]), f"{row.predicted_bytes / size:.3f}", fmt("device_bytes"),
+                  str(row.cost[-2]), f"{row.predicted_bytes / size:.3f}", fmt("device_bytes"),
                   fmt("temp_bytes"), fmt("host_bytes"), fits])
   widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(head)]
   out = [" | ".join(h.rjust(w) for h, w in zip(head, widths)),
@@ -572,7 +573,7 @@ def plan(model_cfg: Any, seqlen: int, remat_cfg: RematSettings, *, budget_bytes:
   if budget_bytes is None:
     # Nothing to fit: the model's optimum among the candidates, as planner='model' picks.
     # cell_saves='nothing' (the least memory per cell) when 'auto' leaves it open.
-    best = min(rows, key=lambda r: (r.cost[1], r.predicted_bytes,
+    best = min(rows, key=lambda r: (OFFLOAD_RANK[r.candidate.offload], r.predicted_bytes,
                                     r.candidate.cell_saves != "nothing", r.cost))
     result = MeasuredPlan(best.candidate, rows, None,
                           note="no memory budget known: the paper model's choice")
