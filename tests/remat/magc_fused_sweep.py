@@ -27,6 +27,15 @@ def main():
   worst = {(name, v): ("", 0.0) for name in t.CONFIGS for v in variants}
   problems = [t.problem(seed, args.compute_dtype) for seed in range(args.seeds)]
   references = [t.value_and_grads(prob, RematSettings(policy="none")) for prob in problems]
+  # Against the float32 plain stack (same parameters and inputs): how far each bf16 gradient
+  # is from the float32 one, the plain bf16 stack's own distance beside.
+  truth = ([t.value_and_grads(t.problem(seed), RematSettings(policy="none"))
+            for seed in range(args.seeds)] if args.compute_dtype != "float32" else None)
+  far = {}
+  if truth:
+    for seed, prob in enumerate(problems):
+      errs = t.errors(prob, truth[seed], RematSettings(policy="none"))
+      far["plain", None] = max(far.get(("plain", None), 0.0), max(errs.values()))
   for v in variants:  # the flag is read at trace time: compile each variant once
     magc_fused.STATE_CHECKPOINTS_IN_COMPUTE_DTYPE = v
     t._compiled.cache_clear()
@@ -36,11 +45,18 @@ def main():
         leaf = max(errs, key=errs.get)
         if errs[leaf] > worst[name, v][1]:
           worst[name, v] = (f"{leaf} (seed {seed})", errs[leaf])
+        if truth:
+          e = max(t.errors(prob, truth[seed], t.magc_cfg(*config)).values())
+          far[name, v] = max(far.get((name, v), 0.0), e)
   magc_fused.STATE_CHECKPOINTS_IN_COMPUTE_DTYPE = True
   for (name, v), (leaf, err) in worst.items():
     states = "compute dtype" if v else "float32"
     print(f"{name} ({args.compute_dtype}, state checkpoints {states}, {args.seeds} seeds): "
-          f"max {err:.2e} at {leaf}")
+          f"max {err:.2e} at {leaf} against the plain {args.compute_dtype} stack"
+          + (f"; {far[name, v]:.2e} against the float32 stack" if truth else ""))
+  if truth:
+    print(f"plain {args.compute_dtype} stack against the float32 stack: max "
+          f"{far['plain', None]:.2e}")
 
 
 if __name__ == "__main__":
