@@ -25,9 +25,11 @@ so that none of them exists:
 
 What stays on the device (B batch, T tokens, D width, L layers, G = L/l groups):
   h and dh [B, T, D] f32 (the primal input and the cotangent, updated in place), layer
-  checkpoints (G-1) x [B, T, D] f32, sequence checkpoints (T/s) x L x (conv + ssm state) f32,
-  one cell's replay (l x [B, s, D] f32, plus l x [B, s, F] compute dtype with
-  cell_saves=nothing), one layer's backward, and the parameter gradient (the output).
+  checkpoints (G-1) x [B, T, D] f32, sequence checkpoints (T/s) x L x (conv state f32 + ssm
+  state in the compute dtype), one cell's replay (l x [B, s, D] f32, plus l x [B, s, F]
+  compute dtype with cell_saves=nothing), a compute-dtype copy of the in_proj and out_proj
+  weights [L, ...] (cast once per pass: the 3 x L x T/s layer calls slice it instead of each
+  casting its f32 weights), one layer's backward, and the parameter gradient (the output).
 
 Applies (`applies`) to the fused block (`model.block_impl=fused`) with cell_saves nothing or
 layers, no offload, l dividing L and s dividing T, outside a sequence mesh axis; every other
