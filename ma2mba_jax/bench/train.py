@@ -98,7 +98,8 @@ def run_one(seqlen: int) -> dict:
   row = {"preset": _PRESET.value, "T": seqlen, "policy": _POLICY.value,
          "offload": _OFFLOAD.value, "mesh": _MESH.value, "devices": n_dev}
   if remat.policy == RematPolicy.MAGC:
-    cell_l, cell_s, _ = magc.resolve(remat, cfg.llm_config, -(-seqlen // seq))
+    cell_l, cell_s, _ = magc.resolve(remat, cfg.llm_config, -(-seqlen // seq),
+                                     pipeline_devices=seq)
     remat = remat.replace(l=cell_l, s=cell_s)
     row.update(l=cell_l, s=cell_s)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: VideoMa2mba(cfg, rngs=nnx.Rngs(0))),

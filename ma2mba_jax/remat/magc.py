@@ -162,8 +162,8 @@ def apply_magc(layer_fn: Callable, params: Any, h: jax.Array, conv: jax.Array,
 
 
 def resolve(remat_cfg: RematSettings, model_cfg: Any, seqlen: int, *,
-            bytes_per_element: int = 2, budget_bytes: float | None = None
-            ) -> tuple[int, int, float]:
+            bytes_per_element: int = 2, budget_bytes: float | None = None,
+            pipeline_devices: int = 1) -> tuple[int, int, float]:
   """Turns l/s = 'auto' into ints with the memory model; returns (l, s, predicted bytes).
 
   This is `remat.planner='model'`, the paper's Table 7 model, which misses what XLA keeps
@@ -172,13 +172,17 @@ def resolve(remat_cfg: RematSettings, model_cfg: Any, seqlen: int, *,
   `remat_cfg.offload` keeps on the host are left out of it (and of the choice).
 
   Explicit ints are kept (and checked); `s` must be a multiple of the SSD chunk length.
+  Under a `seq` mesh axis `seqlen` is one device's piece and `pipeline_devices` the axis
+  size: time blocks shorter than the piece run as a wavefront (remat/pipeline.py), whose
+  stacked checkpoints the model counts (remat/planner.py).
   """
   chunk = model_cfg.chunk_len
   constants = MemoryConstants.from_model(model_cfg)
   budget = None if budget_bytes is None else budget_bytes / bytes_per_element
   offload = offload_choice(remat_cfg)
   plan = plan_magc(model_cfg.n_layers, seqlen, constants, chunk_len=chunk,
-                   budget_elements=budget, offload=offload)
+                   budget_elements=budget, offload=offload,
+                   pipeline_devices=pipeline_devices)
   l = plan.l if remat_cfg.l == "auto" else int(remat_cfg.l)
   s = plan.s if remat_cfg.s == "auto" else int(remat_cfg.s)
   if not 1 <= l <= model_cfg.n_layers:
@@ -186,5 +190,6 @@ def resolve(remat_cfg: RematSettings, model_cfg: Any, seqlen: int, *,
   if s < 1 or s % chunk:
     raise ValueError(f"config.remat.s={s} must be a positive multiple of the SSD chunk "
                      f"length {chunk}")
-  predicted = magc_memory(model_cfg.n_layers, seqlen, l, s, constants, offload)
+  predicted = magc_memory(model_cfg.n_layers, seqlen, l, s, constants, offload,
+                          pipeline_devices)
   return l, s, predicted * bytes_per_element

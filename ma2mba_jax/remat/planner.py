@@ -14,6 +14,16 @@ chosen by brute force, as the paper does, optionally under a memory budget.
 
 Beyond the paper, checkpoints offloaded to host memory (`remat.offload`, remat/cells.py)
 leave the device-memory model: `sequence` drops the C_S term, `all` also the C_L term.
+
+Under a `seq` mesh axis of n devices, S is one device's piece; with s < S the layer groups
+run as a wavefront over the devices (remat/pipeline.py), which stacks each group's
+checkpoints over its ticks: G + n - 1 ticks for the G full groups of l layers (n - 1 idle,
+their stack entries zeros) and n more for a last group of r = L mod l layers. Per device:
+
+    layer checkpoints       (G + n - 1 + n [r > 0]) * S * C_L
+    sequence checkpoints    ((G + n - 1) * l + n * r) * (S/s) * C_S
+
+which is the paper's two terms at n = 1 (`pipeline_devices`).
 """
 
 from __future__ import annotations
@@ -43,16 +53,26 @@ class MemoryConstants:
 
 
 def magc_memory(n_layers: int, seqlen: int, l: int, s: int, k: MemoryConstants,
-                offload: str = "none") -> float:
-  """Eq. 12-16 in elements of device memory (multiply by bytes per element for bytes)."""
+                offload: str = "none", pipeline_devices: int = 1) -> float:
+  """Eq. 12-16 in elements of device memory (multiply by bytes per element for bytes).
+
+  pipeline_devices: n, the devices of a `seq` mesh axis, `seqlen` then one device's piece;
+  with s < seqlen the checkpoints are those of the wavefront (module docstring).
+  """
   if offload not in OFFLOAD_CHOICES:
     raise ValueError(f"offload={offload!r} is not one of {', '.join(OFFLOAD_CHOICES)}")
+  if pipeline_devices < 1:
+    raise ValueError(f"pipeline_devices={pipeline_devices} must be >= 1")
   on_host = OFFLOAD_CHOICES[offload]
-  n_groups = math.ceil(n_layers / l)
+  n = pipeline_devices if s < seqlen else 1    # one block a piece: no wavefront
+  n_full, rest = divmod(n_layers, l)
+  ticks_full = n_full + n - 1 if n_full else 0
+  ticks_rest = n if rest else 0
   n_blocks = math.ceil(seqlen / s)
-  layer_checkpoints = 0 if LAYER_CHECKPOINT in on_host else n_groups * seqlen * k.c_layer
+  layer_checkpoints = (0 if LAYER_CHECKPOINT in on_host
+                       else (ticks_full + ticks_rest) * seqlen * k.c_layer)
   sequence_checkpoints = (0 if SEQUENCE_CHECKPOINT in on_host
-                          else n_layers * n_blocks * k.c_seq)
+                          else (ticks_full * l + ticks_rest * rest) * n_blocks * k.c_seq)
   return layer_checkpoints + sequence_checkpoints + l * s * k.c_grid + s * k.c_state
 
 
@@ -79,7 +99,7 @@ def candidate_block_lengths(seqlen: int, chunk_len: int) -> list[int]:
 
 def plan_magc(n_layers: int, seqlen: int, constants: MemoryConstants, *, chunk_len: int,
               budget_elements: float | None = None, divisors_only: bool = True,
-              offload: str = "none") -> Plan:
+              offload: str = "none", pipeline_devices: int = 1) -> Plan:
   """Chooses (l, s).
 
   With `divisors_only`, l ranges over the divisors of L: then the layer groups are a free
@@ -90,7 +110,8 @@ def plan_magc(n_layers: int, seqlen: int, constants: MemoryConstants, *, chunk_l
   Without a budget: the (l, s) of least predicted memory. With a budget: among the (l, s)
   that fit, the one with the largest cells (fewest, largest kernel calls; ties: least
   memory). Raises ValueError when nothing fits, naming the smallest achievable memory.
-  `offload` counts only what stays on the device (see magc_memory).
+  `offload` counts only what stays on the device, `pipeline_devices` the wavefront's
+  checkpoints under a seq axis (`seqlen` one device's piece; see magc_memory).
   """
   if n_layers < 1 or seqlen < 1 or chunk_len < 1:
     raise ValueError(f"plan_magc: need n_layers, seqlen, chunk_len >= 1, got "
@@ -101,7 +122,7 @@ def plan_magc(n_layers: int, seqlen: int, constants: MemoryConstants, *, chunk_l
     for l in range(1, n_layers + 1):
       if divisors_only and n_layers % l:
         continue
-      m = magc_memory(n_layers, seqlen, l, s, constants, offload)
+      m = magc_memory(n_layers, seqlen, l, s, constants, offload, pipeline_devices)
       plan = Plan(l, s, m)
       if best is None or m < best.predicted_elements:
         best = plan

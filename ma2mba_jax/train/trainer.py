@@ -184,8 +184,8 @@ def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any,
   remat_cfg = RematSettings.from_config(config.remat)
   n_seq = check_sequence_remat(config, model_cfg)
   # With a seq axis the measuring planner (which compiles a one-device step) is not run:
-  # 'auto' l and s come from the memory model on a piece (the wavefront pipeline keeps
-  # (G+n-1)/G of its checkpoints, remat/pipeline.py, which the model leaves out).
+  # 'auto' l and s come from the memory model on a piece, counting the checkpoints the
+  # wavefront pipeline (remat/pipeline.py) stacks over its idle ticks (remat/planner.py).
   measured = (remat_cfg.policy == RematPolicy.MAGC and n_seq == 1
               and remat_cfg.planner == "measure")
   if not measured:  # 'auto' is the measuring planner's to resolve; otherwise the defaults
@@ -210,12 +210,16 @@ def resolved_remat(config: ml_collections.ConfigDict, model_cfg: Any,
     return remat_cfg
   budget = None if remat_cfg.budget_gb is None else remat_cfg.budget_gb * 1e9
   itemsize = jnp.dtype(config.model.compute_dtype).itemsize
-  l, s, predicted = magc.resolve(remat_cfg, model_cfg.llm_config,
-                                 -(-tokens // n_seq),
-                                 bytes_per_element=itemsize, budget_bytes=budget)
+  piece = -(-tokens // n_seq)
+  l, s, predicted = magc.resolve(remat_cfg, model_cfg.llm_config, piece,
+                                 bytes_per_element=itemsize, budget_bytes=budget,
+                                 pipeline_devices=n_seq)
   remat_cfg = remat_cfg.replace(l=l, s=s)
+  where = ("" if n_seq == 1 else f" (a piece of {piece} tokens on each of {n_seq} devices"
+           f"{', the wavefront pipeline' if s < piece else ''})")
   logging.info("MA-GC for %d tokens: l=%d layers x s=%d tokens per cell; memory model "
-               "predicts %.2f GB of activations per sequence", tokens, l, s, predicted / 1e9)
+               "predicts %.2f GB of activations per sequence%s", tokens, l, s,
+               predicted / 1e9, where)
   return remat_cfg
 
 

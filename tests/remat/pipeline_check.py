@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ma2mba_jax.kernels.ssd import sequence_parallel as seq_par
 from ma2mba_jax.remat import magc
+from ma2mba_jax.remat.planner import MemoryConstants, magc_memory
 from ma2mba_jax.remat.settings import RematSettings
 
 N_LAYERS, GROUP, N_PIECES, PIECE, BLOCK, WIDTH, BATCH, KEEP = 5, 2, 4, 12, 5, 8, 2, 2
@@ -116,3 +117,39 @@ def temp_bytes(devices) -> dict[str, float]:
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
   return {"temp_bytes": float(compiled.memory_analysis().temp_size_in_bytes),
           "weight_bytes": float(n_layers * width * width * 4)}
+
+
+def checkpoint_growth(devices) -> dict[str, float]:
+  """The wavefront's checkpoints against the memory model (remat/planner.py, which the
+  trainer's 'auto' l and s use under a seq axis): XLA's compiled temp memory of the toy's
+  gradient, activation-dominated (8 layers of width 64 in groups of 2, pieces of 1024
+  tokens, blocks of 16), on 2 and on 8 devices. The pieces are the same, so what grows is
+  the 6 more ticks of stacked checkpoints, which the model counts as magc_memory(n=8) -
+  magc_memory(n=2) with the toy's constants (C_L = D: h; C_S = D (K-1) + D: the conv and
+  SSM states; the cell's terms do not change with n). 2026-11-27, CPU: measured 2.172 MB
+  against the model's 2.163 MB (pieces of 2048: 2.89 vs 2.88 for n 2 -> 4 -> 8; l=4,
+  3.68 vs 3.67 MB for n 4 -> 8)."""
+  n_layers, group, t, s, width = 8, 2, 1024, 16, 64
+  k = MemoryConstants(c_layer=width, c_seq=width * (KEEP + 1), c_grid=0, c_state=0)
+  rng = np.random.default_rng(0)
+  f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  params = {"w": f(n_layers, width, width) / np.sqrt(width), "a": f(n_layers, width)}
+  remat = RematSettings(policy="magc", l=group, s=s)
+  temps = {}
+  for n in (2, 8):
+    h, conv, ssm = f(1, n * t, width), f(n_layers, 1, width, KEEP), f(n_layers, 1, width)
+    mesh = jax.make_mesh((n,), ("seq",), devices=devices[:n])
+
+    def piece(params, h, conv, ssm, n=n):
+      with seq_par.sequence_axis("seq", n):
+        return magc.apply_magc(toy_layer, params, h, conv, ssm, remat)
+
+    split = jax.shard_map(piece, mesh=mesh, in_specs=(P(), P(None, "seq"), P(), P()),
+                          out_specs=(P(None, "seq"), P(), P()), check_vma=False)
+    loss = lambda *a: sum(jnp.sum(o) for o in split(*a))
+    put = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))
+    args = (put(params, P()), put(h, P(None, "seq")), put(conv, P()), put(ssm, P()))
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
+    temps[n] = float(compiled.memory_analysis().temp_size_in_bytes)
+  model = lambda n: magc_memory(n_layers, t, group, s, k, pipeline_devices=n) * 4
+  return {"measured_growth": temps[8] - temps[2], "model_growth": model(8) - model(2)}

@@ -45,6 +45,51 @@ def test_one_value_worked_out_by_hand():
     magc_memory(L, S, 16, 4096, K, "disk")
 
 
+def test_wavefront_checkpoints_worked_out_by_hand():
+  """Under a seq axis of n devices (remat/pipeline.py) each group's checkpoints are stacked
+  over its ticks. 2.7B, a piece of S = 2^17 tokens on each of n = 4 devices, s = 4096:
+    l = 16: G = 4 groups, 4 + 3 = 7 ticks of 16 layers
+      layer checkpoints     7 ticks * 131,072 * 2,560                  = 2,348,810,240
+      sequence checkpoints  7 * 16 layers * 32 blocks * 671,488        = 2,406,612,992
+    l = 24 (ragged: 2 groups of 24, then 16 layers in a second wavefront of n ticks):
+      layer checkpoints     (2 + 3 + 4) ticks * 131,072 * 2,560        = 3,019,898,880
+      sequence checkpoints  (5 * 24 + 4 * 16) layers * 32 * 671,488    = 3,953,721,344
+  plus the cell (l * s * 15,696) and the state workspace (s * 660,736) as on one device.
+  One block a piece (s = S) runs no wavefront: the one-device model."""
+  piece, n, s = 2**17, 4, 4096
+  cell = lambda l: l * s * K.c_grid + s * K.c_state
+  assert magc_memory(L, piece, 16, s, K, pipeline_devices=n) == (
+      2_348_810_240 + 2_406_612_992 + cell(16))
+  assert magc_memory(L, piece, 24, s, K, pipeline_devices=n) == (
+      3_019_898_880 + 3_953_721_344 + cell(24))
+  # n = 1 is the paper's model; offload removes the same terms as on one device.
+  assert magc_memory(L, piece, 16, s, K, pipeline_devices=1) == magc_memory(L, piece, 16, s, K)
+  assert magc_memory(L, piece, 16, s, K, "all", pipeline_devices=n) == cell(16)
+  assert (magc_memory(L, piece, 16, piece, K, pipeline_devices=n)
+          == magc_memory(L, piece, 16, piece, K))
+  with pytest.raises(ValueError, match="pipeline_devices=0"):
+    magc_memory(L, piece, 16, s, K, pipeline_devices=0)
+
+
+def test_plan_under_a_seq_axis_counts_the_wavefront():
+  """The auto plan for a piece with the wavefront is the least-memory (l, s) of the
+  pipelined model (the exhaustive search with pipeline_devices), and its memory is what
+  magc.resolve reports; under a budget between the one-device and the pipelined minimum
+  of the same setting, the one-device plan would not fit."""
+  piece, n = 2**17, 4
+  best = min(((magc_memory(L, piece, l, s, K, pipeline_devices=n), l, s)
+              for l in range(1, L + 1) if L % l == 0
+              for s in range(CFG_27B.chunk_len, piece + 1, CFG_27B.chunk_len)))
+  plan = plan_magc(L, piece, K, chunk_len=CFG_27B.chunk_len, pipeline_devices=n)
+  assert (plan.predicted_elements, plan.l, plan.s) == best
+  one_device = plan_magc(L, piece, K, chunk_len=CFG_27B.chunk_len)
+  assert magc_memory(L, piece, one_device.l, one_device.s, K, pipeline_devices=n) > (
+      one_device.predicted_elements)
+  l, s, predicted = magc.resolve(RematSettings(l="auto", s="auto"), CFG_27B, piece,
+                                 pipeline_devices=n)
+  assert (l, s, predicted) == (plan.l, plan.s, 2 * plan.predicted_elements)
+
+
 @pytest.mark.parametrize("log2_len,paper_gb", [(14, 4.2), (16, 10.5), (19, 42.2)])
 def test_plan_is_below_the_papers_measured_memory(log2_len, paper_gb):
   """The model counts the activations it plans for, in bf16; the paper's measured MA-GC

@@ -165,11 +165,13 @@ if __name__ == "__main__":
       seeds = [int(v) for v in a[len("--seed="):].split(",")]
   for arg in args:
     if arg == "pipeline":   # MA-GC's wavefront on a toy stack (tests/remat/pipeline_check.py)
-      from tests.remat.pipeline_check import check, temp_bytes
+      from tests.remat.pipeline_check import check, checkpoint_growth, temp_bytes
       for seed in seeds:
         print("RESULT " + json.dumps({"pipeline": check(seed, jax.devices()), "seed": seed}),
               flush=True)
       print("RESULT " + json.dumps({"pipeline_memory": temp_bytes(jax.devices())}), flush=True)
+      print("RESULT " + json.dumps({"pipeline_growth": checkpoint_growth(jax.devices())}),
+            flush=True)
       continue
     for result in run_layout(**parse_layout(arg), seeds=tuple(seeds)):
       print("RESULT " + json.dumps(result), flush=True)

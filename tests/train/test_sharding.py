@@ -93,6 +93,7 @@ def results() -> dict[str, dict]:
   out = {name: by_layout[layout] for name, layout in LAYOUTS.items()}
   out["pipeline"] = next(r["pipeline"] for r in rows if "pipeline" in r)
   out["pipeline_memory"] = next(r["pipeline_memory"] for r in rows if "pipeline_memory" in r)
+  out["pipeline_growth"] = next(r["pipeline_growth"] for r in rows if "pipeline_growth" in r)
   return out
 
 
@@ -108,6 +109,15 @@ def test_magc_wavefront_keeps_no_per_tick_copy_of_the_group_parameters(results):
   # checkpoint, 8.87 MB when each tick's parameter slice was saved (7/4 of the weights more).
   mem = results["pipeline_memory"]
   assert mem["temp_bytes"] < 2.9 * mem["weight_bytes"], mem
+
+
+def test_magc_wavefront_checkpoints_are_what_the_memory_model_counts(results):
+  # pipeline_check.checkpoint_growth: the compiled temp memory from 2 to 8 devices at the
+  # same piece grows by the 6 more ticks of stacked checkpoints that remat/planner.py counts
+  # under a seq axis (2.172 vs 2.163 MB, 2026-11-27); the one-device model would say 0.
+  growth = results["pipeline_growth"]
+  measured, model = growth["measured_growth"], growth["model_growth"]
+  assert model > 2e6 and abs(measured - model) < 0.03 * model, growth
 
 
 def test_magc_wavefront_with_a_smaller_last_group_matches_one_device(results):
@@ -186,6 +196,8 @@ def test_sequence_axis_takes_magc_time_blocks_and_refuses_pieces_shorter_than_th
   from configs import stage2
   from ma2mba_jax.models.video_presets import video_config
   from ma2mba_jax.errors import ConfigError
+  from ma2mba_jax.remat import magc
+  from ma2mba_jax.remat.settings import RematSettings
   from ma2mba_jax.train.trainer import check_sequence_remat, resolved_remat
   c = stage2.get_config("demo")                   # max_tokens 512, MA-GC with s auto
   model_cfg = video_config("tiny")
@@ -196,6 +208,12 @@ def test_sequence_axis_takes_magc_time_blocks_and_refuses_pieces_shorter_than_th
   c.remat.s = "auto"
   remat = resolved_remat(c, model_cfg)            # the memory model, on a piece
   assert remat.s <= 256 and remat.s % model_cfg.llm_config.chunk_len == 0
+  # ... counting the wavefront's checkpoints stacked over its idle ticks (remat/planner.py),
+  # which moves the tiny model's plan on 256-token pieces off the one-device one.
+  auto = RematSettings(l="auto", s="auto")
+  llm = model_cfg.llm_config
+  assert (remat.l, remat.s) == magc.resolve(auto, llm, 256, pipeline_devices=2)[:2]
+  assert (remat.l, remat.s) != magc.resolve(auto, llm, 256)[:2]
   c.data.max_tokens, c.mesh.seq = 8, 4            # pieces of 2 tokens, halo of 3
   with pytest.raises(ConfigError, match=r"config\.mesh\.seq=4: pieces of 2 tokens") as err:
     check_sequence_remat(c, model_cfg)
