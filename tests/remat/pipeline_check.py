@@ -91,13 +91,11 @@ def check(seed: int, devices) -> dict[str, float]:
   return result
 
 
-def temp_bytes(devices) -> dict[str, float]:
-  """XLA's compiled temp memory of the wavefront's gradient on a toy whose weights dominate
-  (8 layers of 256 x 256 in 4 groups over 4 pieces of 64 tokens, blocks of 16), beside the
-  bytes of the weights. Saving the group parameters a tick slices out (what the wavefront
-  did before its tick checkpoint) adds (G+n-1)/G = 7/4 of the weights: 8.87 MB of temp
-  against 5.10 MB without (2026-11-26, CPU), 2.10 MB of weights."""
-  n_layers, group, n, t, s, width = 8, 2, 4, 64, 16, 256
+def _wavefront_grad_temp(devices, n_layers: int, group: int, n: int, t: int, s: int,
+                         width: int) -> float:
+  """XLA's compiled temp bytes of the gradient (parameters and input) of the toy stack's
+  wavefront: n_layers of width x width in groups of `group`, n pieces of t tokens, blocks of
+  s, batch 1."""
   rng = np.random.default_rng(0)
   f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
   params = {"w": f(n_layers, width, width) / np.sqrt(width), "a": f(n_layers, width)}
@@ -115,7 +113,18 @@ def temp_bytes(devices) -> dict[str, float]:
   put = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))
   args = (put(params, P()), put(h, P(None, "seq")), put(conv, P()), put(ssm, P()))
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
-  return {"temp_bytes": float(compiled.memory_analysis().temp_size_in_bytes),
+  return float(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def temp_bytes(devices) -> dict[str, float]:
+  """XLA's compiled temp memory of the wavefront's gradient on a toy whose weights dominate
+  (8 layers of 256 x 256 in 4 groups over 4 pieces of 64 tokens, blocks of 16), beside the
+  bytes of the weights. Saving the group parameters a tick slices out (what the wavefront
+  did before its tick checkpoint) adds (G+n-1)/G = 7/4 of the weights: 8.87 MB of temp
+  against 5.10 MB without (2026-11-26, CPU), 2.10 MB of weights."""
+  n_layers, width = 8, 256
+  return {"temp_bytes": _wavefront_grad_temp(devices, n_layers, group=2, n=4, t=64, s=16,
+                                             width=width),
           "weight_bytes": float(n_layers * width * width * 4)}
 
 
@@ -131,25 +140,6 @@ def checkpoint_growth(devices) -> dict[str, float]:
   3.68 vs 3.67 MB for n 4 -> 8)."""
   n_layers, group, t, s, width = 8, 2, 1024, 16, 64
   k = MemoryConstants(c_layer=width, c_seq=width * (KEEP + 1), c_grid=0, c_state=0)
-  rng = np.random.default_rng(0)
-  f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  params = {"w": f(n_layers, width, width) / np.sqrt(width), "a": f(n_layers, width)}
-  remat = RematSettings(policy="magc", l=group, s=s)
-  temps = {}
-  for n in (2, 8):
-    h, conv, ssm = f(1, n * t, width), f(n_layers, 1, width, KEEP), f(n_layers, 1, width)
-    mesh = jax.make_mesh((n,), ("seq",), devices=devices[:n])
-
-    def piece(params, h, conv, ssm, n=n):
-      with seq_par.sequence_axis("seq", n):
-        return magc.apply_magc(toy_layer, params, h, conv, ssm, remat)
-
-    split = jax.shard_map(piece, mesh=mesh, in_specs=(P(), P(None, "seq"), P(), P()),
-                          out_specs=(P(None, "seq"), P(), P()), check_vma=False)
-    loss = lambda *a: sum(jnp.sum(o) for o in split(*a))
-    put = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))
-    args = (put(params, P()), put(h, P(None, "seq")), put(conv, P()), put(ssm, P()))
-    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
-    temps[n] = float(compiled.memory_analysis().temp_size_in_bytes)
+  temp = {n: _wavefront_grad_temp(devices, n_layers, group, n, t, s, width) for n in (2, 8)}
   model = lambda n: magc_memory(n_layers, t, group, s, k, pipeline_devices=n) * 4
-  return {"measured_growth": temps[8] - temps[2], "model_growth": model(8) - model(2)}
+  return {"measured_growth": temp[8] - temp[2], "model_growth": model(8) - model(2)}
