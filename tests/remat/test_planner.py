@@ -74,8 +74,8 @@ def test_wavefront_checkpoints_worked_out_by_hand():
 def test_plan_under_a_seq_axis_counts_the_wavefront():
   """The auto plan for a piece with the wavefront is the least-memory (l, s) of the
   pipelined model (the exhaustive search with pipeline_devices), and its memory is what
-  magc.resolve reports; under a budget between the one-device and the pipelined minimum
-  of the same setting, the one-device plan would not fit."""
+  magc.resolve reports; the one-device plan costs more once the wavefront's stacked
+  checkpoints are counted."""
   piece, n = 2**17, 4
   best = min(((magc_memory(L, piece, l, s, K, pipeline_devices=n), l, s)
               for l in range(1, L + 1) if L % l == 0
