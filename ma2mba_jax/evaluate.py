@@ -82,6 +82,10 @@ class Answerer(Protocol):
 
   def answer_open(self, video: str, items: Sequence[OpenItem]) -> list[str]: ...
 
+  # Optional (ModelAnswerer has them): `upcoming(videos)` is told the videos in the order
+  # they will be answered, before the first (so it can decode the next one ahead), and
+  # `close()` is called when evaluation ends.
+
 
 def _mc_records(video: str, group: Sequence[MCItem], answerer: Answerer,
                 methods: Sequence[str]) -> list[dict[str, Any]]:
@@ -189,6 +193,9 @@ def evaluate_items(benchmark: str, annotations: str, items, *, answerer: Answere
   log = AnswerLog.open(records_path, header) if records_path else None
   answers = dict(log.answers) if log else {}
   skipped: list[dict[str, Any]] = []
+  if hasattr(answerer, "upcoming"):
+    answerer.upcoming([video for video, pairs in videos.items()
+                       if any(key not in answers for key, _ in pairs)])
   try:
     for index, (video, pairs) in enumerate(videos.items(), 1):
       todo = [(key, item) for key, item in pairs if key not in answers]
@@ -216,6 +223,8 @@ def evaluate_items(benchmark: str, annotations: str, items, *, answerer: Answere
   finally:
     if log:
       log.close()
+    if hasattr(answerer, "close"):
+      answerer.close()
   records = [answers[key] for key in keys if key in answers]
   num_skipped = sum(s["questions"] for s in skipped)
   if not records:

@@ -9,13 +9,17 @@ Ways (infer/answering.py's ModelAnswerer):
   decode_batch   the answers of a video's questions decoded as one batch, the questions
                  read and scored one by one (batch_text=False: evaluation before issue 19);
   all_batched    the questions also read together (Streamer.ask_many), every option of
-                 every question scored in a few calls (Streamer.token_logprobs_rows), and
-                 the system turn read once for all videos (Streamer reuse_system_turn).
+                 every question scored in a few calls (Streamer.token_logprobs_rows), the
+                 system turn read once for all videos (Streamer reuse_system_turn), and the
+                 frames decoded in a background thread, the next video's during the
+                 current one's questions (Streamer decode_ahead);
+  all_batched_inline_decode  all_batched with the frames decoded on the model's thread.
   all_batched_fused  all_batched with the fused decode step (Sampler step_impl="fused":
                  models/decode.fused_decode_step, one kernel for each layer's middle);
                  all_batched_fused_gemv: step_impl="fused_gemv" (three kernels a layer).
-Each way runs the whole set 1 + --timed_runs times (the first compiles) with the methods
-likelihood and generate; the fastest timed run counts (the CPU is shared). Columns:
+Each way runs the whole set 1 + --timed_runs times (the first compiles; the timed runs take
+turns between the ways) with the methods likelihood and generate; the fastest timed run
+counts (the CPU is shared). Columns:
 questions/s, x (speed-up over decode_batch), same choices (likelihood and generate choices
 and generated texts equal decode_batch's), max |d log p| (largest difference of an option's
 summed log-probability from decode_batch's).
@@ -40,10 +44,15 @@ from ma2mba_jax.infer.stream import Streamer
 from ma2mba_jax.models.video_lm import VideoMa2mba
 from ma2mba_jax.models.video_presets import video_config
 
-WAYS = {"per_question": dict(batch=False), "decode_batch": dict(batch=True, batch_text=False),
-        "all_batched": dict(batch=True, batch_text=True),
-        "all_batched_fused": dict(batch=True, batch_text=True),
-        "all_batched_fused_gemv": dict(batch=True, batch_text=True)}
+# way -> (ModelAnswerer options, Streamer options, the Sampler's step_impl).
+_OLD = dict(reuse_system_turn=False, decode_ahead=False)  # the Streamer before issue 19
+_BATCHED = dict(batch=True, batch_text=True)
+WAYS = {"per_question": (dict(batch=False), _OLD, "unrolled"),
+        "decode_batch": (dict(batch=True, batch_text=False), _OLD, "unrolled"),
+        "all_batched": (_BATCHED, {}, "unrolled"),
+        "all_batched_inline_decode": (_BATCHED, dict(decode_ahead=False), "unrolled"),
+        "all_batched_fused": (_BATCHED, {}, "fused"),
+        "all_batched_fused_gemv": (_BATCHED, {}, "fused_gemv")}
 METHODS = ("likelihood", "generate")
 
 _PRESET = flags.DEFINE_string("model_preset", "tiny", "Video-Ma2mba preset.")
@@ -78,26 +87,29 @@ def main(argv):
   unknown = set(_WAYS.value) - set(WAYS)
   if unknown:
     raise app.UsageError(f"--ways: unknown {sorted(unknown)}; expected some of {list(WAYS)}")
-  for way, kwargs in WAYS.items():
+  answerers = {}
+  for way, (kwargs, streamer_kwargs, step) in WAYS.items():
     if way not in _WAYS.value and way != "decode_batch":
       continue
-    # Before issue 19 every video read the system turn again.
     streamer = Streamer(model, tokenizer, frames_per_step=_FRAMES_PER_STEP.value,
-                        reuse_system_turn=way.startswith("all_batched"))
-    step = way.partition("all_batched_")[2] or "unrolled"  # the ways before the fused step
+                        **streamer_kwargs)
     sampler = make_sampler(model, streamer, step_impl=step)
-    answerer = ModelAnswerer(streamer, sampler, target=_TARGET.value,
-                             mc_max_new_tokens=_MAX_NEW.value, **kwargs)
-    seconds = []
-    for _ in range(1 + _TIMED.value):
+    answerers[way] = ModelAnswerer(streamer, sampler, target=_TARGET.value,
+                                   mc_max_new_tokens=_MAX_NEW.value, **kwargs)
+  # The first run of each way compiles; the timed runs then take turns between the ways, so
+  # that a change in the machine's load (a shared CPU) reaches every way alike.
+  seconds: dict[str, list[float]] = {way: [] for way in answerers}
+  for _ in range(1 + _TIMED.value):
+    for way, answerer in answerers.items():
       start = time.perf_counter()
       report = evaluate.evaluate_items("synthetic", data, items, answerer=answerer,
                                        methods=METHODS)
-      seconds.append(time.perf_counter() - start)
-    records[way] = report["records"]
-    rows.append({"way": way, "questions": len(items), "first run s": seconds[0],
-                 "timed run s": min(seconds[1:]),
-                 "questions/s": len(items) / min(seconds[1:])})
+      seconds[way].append(time.perf_counter() - start)
+      records[way] = report["records"]
+  for way, times in seconds.items():
+    print(f"{way}: " + " ".join(f"{t:.3f}" for t in times[1:]))
+    rows.append({"way": way, "questions": len(items), "first run s": times[0],
+                 "timed run s": min(times[1:]), "questions/s": len(items) / min(times[1:])})
   base = records["decode_batch"]
   base_rate = next(r["questions/s"] for r in rows if r["way"] == "decode_batch")
   for row in rows:

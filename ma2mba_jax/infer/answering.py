@@ -42,7 +42,7 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,9 @@ from ma2mba_jax.evals import MCItem, OpenItem, normalize_answer, parse_choice
 from ma2mba_jax.infer.sample import Generation, Sampler, SamplingParams
 from ma2mba_jax.infer.stream import Conversation, Progress, Streamer, encode_text
 from ma2mba_jax.models.video_lm import VideoMa2mba
+
+if TYPE_CHECKING:
+  from ma2mba_jax.data.video_prefetch import VideoFrames
 
 METHODS = ("likelihood", "generate")  # evaluate.py's --method=both
 MC_METHODS = (*METHODS, "generate_text")  # every method answer_mc knows
@@ -196,6 +199,9 @@ class ModelAnswerer:
     # Read and score one video's questions together (None: as `batch`); False with batch
     # True is the evaluation before issue 19 (only the answers decoded together).
     self.batch_text = batch if batch_text is None else batch_text
+    # Evaluation's video order (upcoming) and the next video, decoding in the background.
+    self._next_video: dict[str, str] = {}
+    self._ahead: VideoFrames | None = None
 
   @classmethod
   def create(cls, model: VideoMa2mba, tokenizer: tokenizers.Tokenizer, *,
@@ -204,10 +210,31 @@ class ModelAnswerer:
     streamer = Streamer(model, tokenizer, frames_per_step=frames_per_step)
     return cls(streamer, make_sampler(model, streamer), **kwargs)
 
+  def upcoming(self, videos: Sequence[str]) -> None:
+    """The videos evaluation reads, in order: while one is answered, the next one's first
+    frames are decoded in the background (at most 8 batches of M waiting)."""
+    self._next_video = dict(zip(videos[:-1], videos[1:]))
+
+  def close(self) -> None:
+    """Stops a decoding ahead that no read will take."""
+    if self._ahead is not None:
+      self._ahead.close()
+      self._ahead = None
+
+  def _frames(self, video: str) -> VideoFrames:
+    return self.streamer.video_frames(video, fps=self.fps, max_frames=self.max_frames)
+
   def _read(self, video: str) -> Conversation:
     progress = self.progress(video) if self.progress else None
-    return self.streamer.read_video(video, fps=self.fps, max_frames=self.max_frames,
-                                    progress=progress)
+    ahead, self._ahead = self._ahead, None
+    if ahead is not None and ahead.path != video:  # answered out of the announced order
+      ahead.close()
+      ahead = None
+    conv = self.streamer.read_video(ahead or self._frames(video), progress=progress)
+    if self.streamer.decode_ahead and video in self._next_video:
+      # decoded while this video's questions are answered
+      self._ahead = self._frames(self._next_video[video])
+    return conv
 
   def _generate(self, conv: Conversation, sampling: SamplingParams) -> str:
     generation = self.sampler.generate(conv.states, conv.logits, sampling)

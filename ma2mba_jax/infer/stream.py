@@ -18,8 +18,9 @@ LayerStates (conv [L, 1, C, K-1] and SSM [L, 1, H, P, N], f32) from one piece to
     over those M*K embeddings -> new states. The LM head is never applied to frame positions.
     A video whose frame count is not a multiple of M ends with single-frame steps, so two
     compiled shapes serve every length. Nothing grows with the video's length: device
-    memory is the weights, two copies of the states, and one step's activations. The host
-    decodes the next micro-batch while the device runs the current one; at most
+    memory is the weights, two copies of the states, and one step's activations. A
+    background thread decodes the next micro-batches (data/video_prefetch.py, at most 8
+    waiting) while the device runs the current one; at most
     `max_inflight` steps are queued, so host and device memory stay bounded too.
   * text: chunks of `text_chunk` tokens through one jitted function (logits at the chunk's
     last position only), the rest one token at a time through `Mamba2LM.step`.
@@ -39,6 +40,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +57,9 @@ from ma2mba_jax.models.decode import apply_layers as unrolled_layers
 from ma2mba_jax.models.mamba2 import LayerStates
 from ma2mba_jax.models.video_lm import VideoMa2mba
 from ma2mba_jax.xla_memory import compiled_footprint
+
+if TYPE_CHECKING:
+  from ma2mba_jax.data.video_prefetch import VideoFrames
 
 Array = jax.Array
 # progress(frames_read, total_frames), called after each micro-batch is queued.
@@ -124,12 +129,15 @@ class Streamer:
   `weights` if given, e.g. the Sampler's `device_weights()`, else a copy made here).
   reuse_system_turn: read_frames reads each system turn once and starts every video from
   its saved state (False: read it again for every video, as before issue 19).
+  decode_ahead: read_video decodes frames in a background thread while the device reads
+  the ones before (and ModelAnswerer decodes the next video during the current one's
+  questions); False decodes each micro-batch when it is read, as before issue 19.
   """
 
   def __init__(self, model: VideoMa2mba, tokenizer: tokenizers.Tokenizer, *,
                frames_per_step: int = 16, text_chunk: int = 32, max_inflight: int = 2,
                layer_loop: str = "scan", weights: DecodeWeights | None = None,
-               reuse_system_turn: bool = True):
+               reuse_system_turn: bool = True, decode_ahead: bool = True):
     if frames_per_step < 1 or text_chunk < 1 or max_inflight < 1:
       raise ValueError(f"frames_per_step ({frames_per_step}), text_chunk ({text_chunk}) and "
                        f"max_inflight ({max_inflight}) must be >= 1")
@@ -141,6 +149,7 @@ class Streamer:
     self.text_chunk = text_chunk
     self.max_inflight = max_inflight
     self.reuse_system_turn = reuse_system_turn
+    self.decode_ahead = decode_ahead
     self._prefix_states: dict[tuple[int, ...], LayerStates] = {}  # read_frames' system turns
     self.tokens_per_frame = model.config.tokens_per_frame  # K
     self.image_size = model.config.image_size              # S
@@ -448,21 +457,36 @@ class Streamer:
     return Conversation(states, None, (Piece(ids=tuple(prefix)), Piece(frames=total)),
                         IN_USER_TURN)
 
-  def read_video(self, path: str, *, fps: float = 1.0, max_frames: int | None = None,
-                 system_prompt: str = SYSTEM_PROMPT, progress: Progress | None = None,
-                 decode_threads: int = 0) -> Conversation:
-    """Decodes the video at `fps` (every frame on that grid; `max_frames` spreads that many
-    evenly instead) M frames at a time and reads it, as `read_frames`. DataError names the
-    file when it is missing or corrupt."""
+  def video_frames(self, path: str, *, fps: float = 1.0, max_frames: int | None = None,
+                   decode_threads: int = 0) -> VideoFrames:
+    """Starts decoding the video at `fps` (every frame on that grid; `max_frames` spreads
+    that many evenly instead), M frames a batch, in a background thread (decode_ahead; for
+    read_video: started early, it decodes while the model reads something else)."""
     # PyAV only where videos are read (the benchmark streams frames made in memory).
-    from ma2mba_jax.data.video import Video, frame_times
-    with Video(path, threads=decode_threads) as video:
-      times = frame_times(video.duration, fps=fps, max_frames=max_frames, path=video.path)
-      m = self.frames_per_step
-      batches = (video.frames_at(times[i:i + m], self.image_size)
-                 for i in range(0, times.size, m))
-      return self.read_frames(batches, int(times.size), system_prompt=system_prompt,
+    from ma2mba_jax.data.video_prefetch import VideoFrames
+    return VideoFrames(path, image_size=self.image_size, frames_per_batch=self.frames_per_step,
+                       fps=fps, max_frames=max_frames, decode_threads=decode_threads,
+                       background=self.decode_ahead)
+
+  def read_video(self, video: str | VideoFrames, *, fps: float = 1.0,
+                 max_frames: int | None = None, system_prompt: str = SYSTEM_PROMPT,
+                 progress: Progress | None = None, decode_threads: int = 0) -> Conversation:
+    """Reads a video (a path, decoded as `video_frames(path, fps=..., ...)`, or frames
+    already being decoded by `video_frames`, which it closes), as `read_frames`. The frames
+    are decoded in a background thread while the device reads the ones before. DataError
+    names the file when it is missing or corrupt."""
+    frames = video if not isinstance(video, str) else self.video_frames(
+        video, fps=fps, max_frames=max_frames, decode_threads=decode_threads)
+    try:
+      if (frames.image_size, frames.frames_per_batch) != (self.image_size,
+                                                          self.frames_per_step):
+        raise ValueError(f"{frames.path}: decoded at {frames.image_size} px, "
+                         f"{frames.frames_per_batch} frames a batch; this streamer reads "
+                         f"{self.image_size} px, {self.frames_per_step} a step")
+      return self.read_frames(frames.batches(), frames.total(), system_prompt=system_prompt,
                               progress=progress)
+    finally:
+      frames.close()
 
   def ask(self, conv: Conversation, question: str) -> Conversation:
     """The user's text, `<|endoftext|><|assistant|>`: right after the frames of the first

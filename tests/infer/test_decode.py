@@ -3,6 +3,7 @@ and each sampling filter against a plain numpy version of it on fixed logits."""
 
 import io
 import json
+import os
 import shutil
 
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from ma2mba_jax import evaluate
+from ma2mba_jax.data.errors import DataError
 from ma2mba_jax.infer.answering import AnswerPrinter, ModelAnswerer, chat, stop_note
 from ma2mba_jax.infer.sample import (Knobs, SamplingParams, apply_repetition_penalty, choose,
                                      knobs_of, mode_of, sampling_keep)
@@ -271,3 +273,47 @@ def test_batched_evaluation_gives_the_per_question_scores(streamer, sampler, vid
   again = ModelAnswerer(streamer, sampler, target=target, batch=True)
   assert evaluate.run("synthetic", data, answerer=again, json_path=str(
       tmp_path / f"{target}_True.json"))["records"] == batched["records"]
+
+
+def test_the_next_video_is_decoded_ahead_with_the_same_answers(streamer, sampler, video,
+                                                               tmp_path, monkeypatch):
+  """evaluate with decode_ahead (the default): the second video's decoding starts before
+  the first video's questions are asked, and every record equals decoding inline; a bad
+  second video fails at its own turn, after the first video's answers are kept."""
+  data = _synthetic_set(tmp_path / "data", video)
+  events = []
+  video_frames, read_video, ask_many = (streamer.video_frames, streamer.read_video,
+                                        streamer.ask_many)
+  name = lambda v: os.path.basename(v if isinstance(v, str) else v.path)
+  monkeypatch.setattr(streamer, "video_frames", lambda path, **kw: (
+      events.append(("decode", name(path))) or video_frames(path, **kw)))
+  monkeypatch.setattr(streamer, "read_video", lambda v, **kw: (
+      events.append(("read", name(v))) or read_video(v, **kw)))
+  monkeypatch.setattr(streamer, "ask_many", lambda *a, **kw: (
+      events.append(("ask", None)) or ask_many(*a, **kw)))
+  reports = {}
+  for ahead in (True, False):
+    monkeypatch.setattr(streamer, "decode_ahead", ahead)
+    events.clear()
+    answerer = ModelAnswerer(streamer, sampler, target="text", mc_max_new_tokens=MAX_NEW)
+    reports[ahead] = evaluate.run("synthetic", data, answerer=answerer)
+    if ahead:
+      assert events[:4] == [("decode", "synth_001.mp4"), ("read", "synth_001.mp4"),
+                            ("decode", "synth_002.mp4"), ("ask", None)], events
+      assert answerer._ahead is None  # closed at the end
+    else:
+      assert events.index(("decode", "synth_002.mp4")) > events.index(("ask", None))
+  assert reports[True]["records"] == reports[False]["records"]
+  # The second video corrupt: the first one's three answers are kept, the error names it.
+  bad = tmp_path / "data" / "eval" / "videos" / "synth_002.mp4"
+  bad.write_bytes(b"\x00" * 1000)
+  monkeypatch.setattr(streamer, "decode_ahead", True)
+  records = str(tmp_path / "answers.jsonl")
+  with pytest.raises(DataError, match=f"{bad}: cannot open video"):
+    evaluate.run("synthetic", data, records_path=records,
+                 answerer=ModelAnswerer(streamer, sampler, target="text",
+                                        mc_max_new_tokens=MAX_NEW))
+  with open(records) as f:
+    kept = [json.loads(line) for line in f][1:]
+  assert [r["question_id"] for r in kept] == ["001-1", "001-2", "001-3"]
+  assert kept == reports[False]["records"][:3]
