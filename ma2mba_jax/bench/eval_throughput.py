@@ -10,9 +10,11 @@ Ways (infer/answering.py's ModelAnswerer):
                  read and scored one by one (batch_text=False: evaluation before issue 19);
   all_batched    the questions also read together (Streamer.ask_many), every option of
                  every question scored in a few calls (Streamer.token_logprobs_rows), the
-                 system turn read once for all videos (Streamer reuse_system_turn), and the
+                 system turn read once for all videos (Streamer reuse_system_turn), the
                  frames decoded in a background thread, the next video's during the
-                 current one's questions (Streamer decode_ahead);
+                 current one's questions (Streamer decode_ahead), and a video's last
+                 frames read in power-of-two steps (Streamer rest_steps; decode_batch and
+                 per_question read them one frame a step, as before);
   all_batched_inline_decode  all_batched with the frames decoded on the model's thread.
   all_batched_fused  all_batched with the fused decode step (Sampler step_impl="fused":
                  models/decode.fused_decode_step, one kernel for each layer's middle);
@@ -45,7 +47,8 @@ from ma2mba_jax.models.video_lm import VideoMa2mba
 from ma2mba_jax.models.video_presets import video_config
 
 # way -> (ModelAnswerer options, Streamer options, the Sampler's step_impl).
-_OLD = dict(reuse_system_turn=False, decode_ahead=False)  # the Streamer before issue 19
+# The Streamer before issue 19.
+_OLD = dict(reuse_system_turn=False, decode_ahead=False, rest_steps="single")
 _BATCHED = dict(batch=True, batch_text=True)
 WAYS = {"per_question": (dict(batch=False), _OLD, "unrolled"),
         "decode_batch": (dict(batch=True, batch_text=False), _OLD, "unrolled"),

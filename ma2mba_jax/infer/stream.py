@@ -16,8 +16,9 @@ LayerStates (conv [L, 1, C, K-1] and SSM [L, 1, H, P, N], f32) from one piece to
     `frames_per_step` at a time; one jitted step of fixed shape encodes them
     (vision -> pooling -> projector: [M, S, S, 3] -> [1, M*K, D]) and runs the LM's layers
     over those M*K embeddings -> new states. The LM head is never applied to frame positions.
-    A video whose frame count is not a multiple of M ends with single-frame steps, so two
-    compiled shapes serve every length. Nothing grows with the video's length: device
+    A video whose frame count is not a multiple of M ends with steps of the powers of two
+    that sum to the rest (a rest of 7: 4, 2 and 1 frames; `remainder_steps`), so at most
+    log2(M) + 2 compiled shapes serve every length. Nothing grows with the video's length: device
     memory is the weights, two copies of the states, and one step's activations. A
     background thread decodes the next micro-batches (data/video_prefetch.py, at most 8
     waiting) while the device runs the current one; at most
@@ -67,11 +68,20 @@ Progress = Callable[[int, int], None]
 
 # How a frame step runs the LM's layers (Streamer's layer_loop).
 LAYER_LOOPS = ("scan", "unrolled")
+# How the frames after the last full step are read (Streamer's rest_steps).
+REST_STEPS = ("pow2", "single")
 
 # Conversation phases: what the next piece may be.
 IN_USER_TURN = "in_user_turn"      # frames given, the user's text comes next (ask)
 ANSWERING = "answering"            # ends with <|assistant|>: decode, then add_answer
 BETWEEN_TURNS = "between_turns"    # an answer just ended: ask a follow-up question
+
+
+def remainder_steps(rest: int) -> list[int]:
+  """Frame-step sizes for the `rest` frames after the full steps of M: the powers of two in
+  `rest`, largest first (7 -> [4, 2, 1]), so a video reads its end in at most log2(M) + 1
+  steps instead of `rest` single-frame ones, with few compiled shapes."""
+  return [1 << bit for bit in reversed(range(rest.bit_length())) if rest >> bit & 1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,15 +142,21 @@ class Streamer:
   decode_ahead: read_video decodes frames in a background thread while the device reads
   the ones before (and ModelAnswerer decodes the next video during the current one's
   questions); False decodes each micro-batch when it is read, as before issue 19.
+  rest_steps: how the frames after the last full step of M are read: 'pow2' in steps of
+  the powers of two of their count (`remainder_steps`), 'single' one frame a step (as
+  before issue 19).
   """
 
   def __init__(self, model: VideoMa2mba, tokenizer: tokenizers.Tokenizer, *,
                frames_per_step: int = 16, text_chunk: int = 32, max_inflight: int = 2,
                layer_loop: str = "scan", weights: DecodeWeights | None = None,
-               reuse_system_turn: bool = True, decode_ahead: bool = True):
+               reuse_system_turn: bool = True, decode_ahead: bool = True,
+               rest_steps: str = "pow2"):
     if frames_per_step < 1 or text_chunk < 1 or max_inflight < 1:
       raise ValueError(f"frames_per_step ({frames_per_step}), text_chunk ({text_chunk}) and "
                        f"max_inflight ({max_inflight}) must be >= 1")
+    if rest_steps not in REST_STEPS:
+      raise ValueError(f"rest_steps must be one of {REST_STEPS}, got {rest_steps!r}")
     if layer_loop not in LAYER_LOOPS:
       raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
     self.tokenizer = tokenizer
@@ -150,6 +166,7 @@ class Streamer:
     self.max_inflight = max_inflight
     self.reuse_system_turn = reuse_system_turn
     self.decode_ahead = decode_ahead
+    self.rest_steps = rest_steps
     self._prefix_states: dict[tuple[int, ...], LayerStates] = {}  # read_frames' system turns
     self.tokens_per_frame = model.config.tokens_per_frame  # K
     self.image_size = model.config.image_size              # S
@@ -296,7 +313,7 @@ class Streamer:
   def feed_frames(self, states: LayerStates, batches: Iterable[np.ndarray], total: int,
                   progress: Progress | None = None) -> LayerStates:
     """Reads frames given as batches of uint8 [m, S, S, 3] (any m; they are regrouped into
-    steps of M, the rest one frame a step) -> the states after all `total` frames."""
+    steps of M, the rest in `remainder_steps`) -> the states after all `total` frames."""
     inflight: collections.deque = collections.deque()
     done = 0
     for step_frames in self._regroup(batches):
@@ -312,7 +329,7 @@ class Streamer:
     return states
 
   def _regroup(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-    """Batches of any size -> [M, S, S, 3] steps, then [1, S, S, 3] for the remainder."""
+    """Batches of any size -> [M, S, S, 3] steps, then the remainder's steps."""
     m, s = self.frames_per_step, self.image_size
     pending = np.zeros((0, s, s, 3), np.uint8)
     for batch in batches:
@@ -323,8 +340,14 @@ class Streamer:
       while pending.shape[0] >= m:
         yield pending[:m]
         pending = pending[m:]
-    for i in range(pending.shape[0]):
-      yield pending[i:i + 1]
+    start = 0
+    for size in self._rest_sizes(pending.shape[0]):
+      yield pending[start:start + size]
+      start += size
+
+  def _rest_sizes(self, rest: int) -> list[int]:
+    """Step sizes for the `rest` (< M) frames after the full steps (rest_steps)."""
+    return remainder_steps(rest) if self.rest_steps == "pow2" else [1] * rest
 
   def token_logprobs(self, conv: Conversation, ids: Sequence[int]) -> np.ndarray:
     """f32 [n]: log p(ids[i] | conversation, ids[:i]) for a continuation of n tokens, read
@@ -534,7 +557,8 @@ class Streamer:
     By construction the same for every video length; tests check it against a one-shot
     forward pass, whose footprint grows with the length."""
     s, m = self.image_size, self.frames_per_step
-    sizes = ([m] if num_frames >= m else []) + ([1] if num_frames % m else [])
+    sizes = ([m] if num_frames >= m else []) + sorted(set(self._rest_sizes(num_frames % m)),
+                                                      reverse=True)
     states = jax.eval_shape(self.init_states)
     out = {}
     for size in sizes:

@@ -11,6 +11,7 @@ from ma2mba_jax.data.template import ChatTurn, render, render_prompt
 from ma2mba_jax.data.video import decode_video
 from ma2mba_jax.infer.sample import (RepeatStop, SamplingParams, choose_token, repeats_earlier,
                                      top_p_filter)
+from ma2mba_jax.infer.stream import Streamer, remainder_steps
 from ma2mba_jax.xla_memory import compiled_footprint
 
 QUESTION = "What colour is the circle?"
@@ -201,3 +202,30 @@ def test_step_footprints_names_the_compiled_frame_steps(streamer):
   m = streamer.frames_per_step
   assert list(streamer.step_footprints(4 * m)) == [f"frames_step[{m}]"]
   assert list(streamer.step_footprints(4 * m + 1)) == [f"frames_step[{m}]", "frames_step[1]"]
+
+
+@pytest.mark.parametrize("rest,steps", [(0, []), (1, [1]), (5, [4, 1]), (7, [4, 2, 1]),
+                                        (12, [8, 4])])
+def test_remainder_steps_are_the_powers_of_two_of_the_rest(rest, steps):
+  assert remainder_steps(rest) == steps
+
+
+def test_the_rest_of_a_video_reads_in_power_of_two_steps(tiny_model, tokenizer, streamer, video):
+  """With M = 8 the 5-frame video is read as steps of 4 and 1 frames (not 5 single
+  frames), to the same states as the shared streamer's 2 + 2 + 1 (checked against full
+  passes in test_streaming_then_decoding_matches_full_passes)."""
+  eight = Streamer(tiny_model, tokenizer, frames_per_step=8, text_chunk=8)
+  progress = []
+  conv = eight.read_video(video, fps=1, progress=lambda done, total: progress.append(
+      (done, total)))
+  assert progress == [(4, 5), (5, 5)]
+  reference = streamer.read_video(video, fps=1)
+  for got, want in zip(jax.tree.leaves(conv.states), jax.tree.leaves(reference.states),
+                       strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  assert list(eight.step_footprints(5)) == ["frames_step[4]", "frames_step[1]"]
+  single = Streamer(tiny_model, tokenizer, frames_per_step=8, rest_steps="single")
+  assert list(single.step_footprints(8 + 7)) == ["frames_step[8]", "frames_step[1]"]
+  with pytest.raises(ValueError, match="rest_steps must be one of"):
+    Streamer(tiny_model, tokenizer, rest_steps="halves")
+  assert list(eight.step_footprints(8 + 7)) == [f"frames_step[{s}]" for s in (8, 4, 2, 1)]
