@@ -12,10 +12,11 @@ needs it (evaluation starts the next video while the current one's questions are
     frames.close()                      # or `with VideoFrames(...) as frames:`
 
 With `background=False` the same object decodes each batch when the consumer asks for it
-(no thread: how inference read videos before). Memory stays bounded: at most `max_batches` decoded batches wait in the queue (the decoder
-blocks when it is full). A file that is missing or corrupt raises its DataError (naming the
-file) from `total()` or `batches()` in the consumer, at the point where reading it inline
-would have, so a prefetch never fails the video before it. `close()` stops the decoder.
+(no thread: how inference read videos before). Memory stays bounded: at most `max_batches`
+decoded batches wait in the queue (the decoder blocks when it is full). A file that is
+missing or corrupt raises its DataError (naming the file) from `total()` or `batches()` in
+the consumer, at the point where reading it inline would have, so a prefetch never fails
+the video before it. `close()` stops the decoder.
 """
 
 from __future__ import annotations
