@@ -25,7 +25,8 @@ counts (the CPU is shared). Columns:
 questions/s, x (speed-up over decode_batch), same choices (likelihood and generate choices
 and generated texts equal decode_batch's), max |d log p| (largest difference of an option's
 summed log-probability from decode_batch's).
-Flag names differ from evaluate's (imported here).
+Flag names differ from evaluate's (imported here); --param_dtype=bfloat16 (evaluate's flag)
+stores the random model's matrices in bf16.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
@@ -42,6 +44,8 @@ from ma2mba_jax.bench import common
 from ma2mba_jax.data import synthetic
 from ma2mba_jax.data.tokenizer import load_tokenizer, vocab_size
 from ma2mba_jax.infer.answering import ModelAnswerer, make_sampler
+from ma2mba_jax.infer import model_flags
+from ma2mba_jax.infer.checkpoint import cast_matrices
 from ma2mba_jax.infer.stream import Streamer
 from ma2mba_jax.models.video_lm import VideoMa2mba
 from ma2mba_jax.models.video_presets import video_config
@@ -83,8 +87,8 @@ def main(argv):
   config = video_config(_PRESET.value, llm_vocab_size=vocab_size(tokenizer),
                         compute_dtype=_COMPUTE_DTYPE.value)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: VideoMa2mba(config, rngs=nnx.Rngs(0))))
-  model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(VideoMa2mba(config,
-                                                                    rngs=nnx.Rngs(0))))())
+  model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(cast_matrices(
+      VideoMa2mba(config, rngs=nnx.Rngs(0)), jnp.dtype(model_flags.PARAM_DTYPE.value or "float32"))))())
   items = evaluate.load_items("synthetic", data)
   rows, records = [], {}
   unknown = set(_WAYS.value) - set(WAYS)

@@ -37,15 +37,18 @@ Columns:
                             increasing order, so a flat column means a longer video never
                             needed more memory than a shorter one;
   live GB                   device memory in use after the prefill (weights + states).
-The first table times one frame step's parts, the encoder alone (frames/s) and the LM layers
-alone (tokens/s), and gives XLA's compiled plan for the frame step (temporaries + outputs +
+The first table times one frame step's parts, the encoder alone (frames/s; with each
+--vision_attention: the first is the one the videos stream with, 'auto' = the Streamer's
+default, cuDNN flash attention on a GPU in bf16) and the LM layers alone (tokens/s), and gives XLA's compiled plan for the frame step (temporaries + outputs +
 non-parameter inputs; the same for every length, as only fixed shapes are compiled).
-Weights are made on the host and moved to the device already cast (--param_dtype), so the
+--profile_dir adds the top GPU kernels (bench/kernel_profile.py) of the encoder step, the LM
+layers' step and each device decode loop (per token). Weights are made on the host and moved to the device already cast (--param_dtype), so the
 weights' f32 init never inflates the device peak. There are no allocator stats on CPU ('-').
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -59,14 +62,14 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from ma2mba_jax.bench import common
+from ma2mba_jax.bench import common, kernel_profile
 from ma2mba_jax.data.template import SYSTEM_PROMPT
 from ma2mba_jax.data.tokenizer import train_tokenizer, vocab_size
 from ma2mba_jax.infer.checkpoint import cast_matrices
 from ma2mba_jax.infer.sample import Sampler, SamplingParams
 from ma2mba_jax.infer.stream import Streamer
 from ma2mba_jax.models.decode import decode_step
-from ma2mba_jax.models.video_lm import VideoMa2mba
+from ma2mba_jax.models.video_lm import VideoMa2mba, fast_vision_attention, with_vision_attention
 from ma2mba_jax.models.video_presets import video_config
 
 _PRESET = flags.DEFINE_string("preset", "3.1b", "Video-Ma2mba preset (0.7b, 1.8b, 3.1b, tiny).")
@@ -90,9 +93,21 @@ _DECODE_IMPLS = flags.DEFINE_list("decode_impls", ["host", "device"], "Decoding 
                                   "device, host_scan, device_scan, host_fused, device_fused.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls of each step part (median).")
 _JSON = flags.DEFINE_string("json", None, "Write the results here.")
+_VISION_ATTENTION = flags.DEFINE_list(
+    "vision_attention", ["auto"], "Encoder attention implementations (auto: the Streamer's "
+    "default, cuDNN on a GPU in bf16; default: JAX's choice; xla; cudnn); the first streams "
+    "the videos, each is timed in the parts table.")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", None, "Profile the encoder step, the LM layers' step and each device "
+    "decode loop (bench/kernel_profile.py) into this folder and print their top kernels.")
 
 QUESTION = "What happens in the video?"
 _GB, _MB = 1e9, 1e6
+
+
+def _attention(name: str, config) -> str | None:
+  """--vision_attention's name -> VideoConfig.vision_attention."""
+  return {"auto": fast_vision_attention(config), "default": None}.get(name, name)
 
 
 def build_model(preset: str, compute_dtype: str, param_dtype: str, ssd_impl: str,
@@ -102,8 +117,7 @@ def build_model(preset: str, compute_dtype: str, param_dtype: str, ssd_impl: str
   start = time.perf_counter()
   config = video_config(preset, compute_dtype=compute_dtype, ssd_impl=ssd_impl)
   if config.llm_config.vocab_size < min_vocab:
-    config = video_config(preset, compute_dtype=compute_dtype, ssd_impl=ssd_impl,
-                          llm_vocab_size=min_vocab)
+    config = dataclasses.replace(config, llm_vocab_size=min_vocab)
   abstract = nnx.eval_shape(lambda: VideoMa2mba(config, rngs=nnx.Rngs(0)))
   graphdef, _ = nnx.split(abstract)
   cpu = jax.devices("cpu")[0]
@@ -126,19 +140,40 @@ def frame_batches(total: int, m: int, size: int, seed: int = 0) -> Iterator[np.n
     yield pool[i % len(pool)][:min(m, total - start)]
 
 
-def time_step_parts(model: VideoMa2mba, m: int, repeats: int) -> dict[str, float]:
-  """Median time of one step's encoder (M frames) and LM layers (M*K tokens) alone."""
+def time_step_parts(model: VideoMa2mba, m: int, repeats: int, attentions: list[str],
+                    profile_dir: str | None = None) -> dict[str, float]:
+  """Median time of one step's encoder (M frames; with each encoder attention of
+  `attentions`) and LM layers (M*K tokens) alone; their top kernels if `profile_dir`."""
   k, d, s = model.config.tokens_per_frame, model.llm.config.d_model, model.config.image_size
   graphdef, params = nnx.split(model)
-  encode = jax.jit(lambda p, f: nnx.merge(graphdef, p).encode_images(f))
   layers = jax.jit(lambda p, h, st: nnx.merge(graphdef, p).llm.apply_layers(h, st)[1])
   frames = jnp.asarray(next(frame_batches(m, m, s)))
   embeds = jax.random.normal(jax.random.key(0), (1, m * k, d), jnp.float32)
   states = model.llm.init_states(1)
-  encode_ms = common.median_ms(lambda: encode(params, frames), repeats=repeats)
+  out = {"encoder attention": str(_attention(attentions[0], model.config))}
+  for name in attentions:
+    encoder_graphdef, _ = nnx.split(with_vision_attention(model,
+                                                          _attention(name, model.config)))
+    encode = jax.jit(lambda p, f, g=encoder_graphdef: nnx.merge(g, p).encode_images(f))
+    suffix = "" if name == attentions[0] else f" ({name} attention)"
+    try:
+      encode_ms = common.median_ms(lambda: encode(params, frames), repeats=repeats)
+    except Exception as e:  # e.g. no cuDNN kernel for these shapes: a result, not a crash
+      if not suffix:
+        raise
+      logging.warning("encoder with %s attention failed: %s", name, e)
+      out[f"encoder frames/s{suffix}"] = f"failed: {type(e).__name__}"
+      continue
+    out[f"encoder frames/s{suffix}"] = m / (encode_ms / 1e3)
+    out[f"encoder ms/step{suffix}"] = encode_ms
+    if profile_dir:
+      kernel_profile.print_rows(f"encoder, M={m}, {name} attention", kernel_profile.profile(
+          lambda: encode(params, frames), os.path.join(profile_dir, f"encoder_{name}")))
   layers_ms = common.median_ms(lambda: layers(params, embeds, states), repeats=repeats)
-  return {"encoder frames/s": m / (encode_ms / 1e3), "encoder ms/step": encode_ms,
-          "LM layers tok/s": m * k / (layers_ms / 1e3), "LM layers ms/step": layers_ms}
+  if profile_dir:
+    kernel_profile.print_rows(f"LM layers, {m * k} tokens", kernel_profile.profile(
+        lambda: layers(params, embeds, states), os.path.join(profile_dir, "layers")))
+  return {**out, "LM layers tok/s": m * k / (layers_ms / 1e3), "LM layers ms/step": layers_ms}
 
 
 def dump_hlo(directory: str, name: str, jitted, *args) -> dict[str, int]:
@@ -218,6 +253,24 @@ def run_length(streamer: Streamer, samplers: dict[str, Sampler], tokens: int,
           "live GB": None if live is None else live / _GB}
 
 
+def profile_decoding(streamer: Streamer, samplers: dict[str, Sampler], impls: list[str],
+                     directory: str, tokens: int = 32) -> None:
+  """Top kernels of each device decode loop: `tokens` greedy tokens after a short video."""
+  conv = streamer.read_frames(frame_batches(1, 1, streamer.image_size), 1)
+  conv = streamer.ask(conv, QUESTION)
+  params = SamplingParams(max_new_tokens=tokens, stop_on_repeat=False)
+  for impl in impls:
+    if impl.startswith("device"):
+      rows = kernel_profile.profile(
+          lambda i=impl: samplers[i].generate(conv.states, conv.logits, params,
+                                              decode_impl="device").sampled,
+          os.path.join(directory, impl))
+      for row in rows:  # per token, not per answer
+        row["us/call"] /= tokens
+        row["launches/call"] /= tokens
+      kernel_profile.print_rows(f"decode {impl}, per token", rows, top=30)
+
+
 def write_results(rows: list[dict], parts: dict, impls: list[str]) -> None:
   common.write_json(_JSON.value, {
       "bench": "infer", "preset": _PRESET.value, "compute_dtype": _COMPUTE_DTYPE.value,
@@ -256,17 +309,22 @@ def main(argv):
   sizes = [int(x) for x in _FRAMES_PER_STEP.value]
   for loop, m in itertools.product(_LAYER_LOOPS.value, sizes):
     streamer = Streamer(model, tokenizer, frames_per_step=m, layer_loop=loop,
-                        weights=weights)
+                        weights=weights, vision_attention=_attention(
+                            _VISION_ATTENTION.value[0], model.config))
     logging.info("%s: %s parameters, K=%d tokens per frame, M=%d frames per step",
                  _PRESET.value, f"{model.llm.num_params():,}+vision",
                  streamer.tokens_per_frame, m)
-    # Compile every step shape once (M frames, 1 frame, text, decoding) before timing.
+    # Compile every step shape once before timing: M frames, then the last M - 1 frames'
+    # power-of-two steps (M/2, ..., 1; infer/stream.remainder_steps), text, decoding.
     start = time.perf_counter()
-    run_length(streamer, samplers, (m + 1) * streamer.tokens_per_frame, _DECODE_TOKENS.value,
-               impls)
+    run_length(streamer, samplers, (2 * m - 1) * streamer.tokens_per_frame,
+               _DECODE_TOKENS.value, impls)
     parts[f"{loop} M={m} warm-up s"] = time.perf_counter() - start
     if not parts.get("encoder frames/s"):
-      parts.update(time_step_parts(model, m, _REPEATS.value))
+      parts.update(time_step_parts(model, m, _REPEATS.value, _VISION_ATTENTION.value,
+                                   _PROFILE_DIR.value))
+      if _PROFILE_DIR.value:
+        profile_decoding(streamer, samplers, impls, _PROFILE_DIR.value)
     if _HLO_DIR.value and m == sizes[0]:
       parts.update(step_hlo(model, streamer, sampler, _HLO_DIR.value,
                             decode="decode_step_scan kernels" not in parts))

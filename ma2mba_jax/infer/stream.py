@@ -56,7 +56,7 @@ from ma2mba_jax.infer.sample import vocab_mask
 from ma2mba_jax.models.decode import DecodeWeights, decode_weights
 from ma2mba_jax.models.decode import apply_layers as unrolled_layers
 from ma2mba_jax.models.mamba2 import LayerStates
-from ma2mba_jax.models.video_lm import VideoMa2mba
+from ma2mba_jax.models.video_lm import VideoMa2mba, fast_vision_attention, with_vision_attention
 from ma2mba_jax.xla_memory import compiled_footprint
 
 if TYPE_CHECKING:
@@ -145,13 +145,16 @@ class Streamer:
   rest_steps: how the frames after the last full step of M are read: 'pow2' in steps of
   the powers of two of their count (`remainder_steps`), 'single' one frame a step (as
   before issue 19).
+  vision_attention: the encoder's attention: 'auto' (cuDNN flash attention on a GPU in
+  bfloat16, `models.video_lm.fast_vision_attention`, else the model's), or None / 'xla' /
+  'cudnn' (models.video_lm.VideoConfig.vision_attention).
   """
 
   def __init__(self, model: VideoMa2mba, tokenizer: tokenizers.Tokenizer, *,
                frames_per_step: int = 16, text_chunk: int = 32, max_inflight: int = 2,
                layer_loop: str = "scan", weights: DecodeWeights | None = None,
                reuse_system_turn: bool = True, decode_ahead: bool = True,
-               rest_steps: str = "pow2"):
+               rest_steps: str = "pow2", vision_attention: str | None = "auto"):
     if frames_per_step < 1 or text_chunk < 1 or max_inflight < 1:
       raise ValueError(f"frames_per_step ({frames_per_step}), text_chunk ({text_chunk}) and "
                        f"max_inflight ({max_inflight}) must be >= 1")
@@ -175,6 +178,9 @@ class Streamer:
     self.allowed = vocab_mask(self.llm_config.padded_vocab_size, vocab_size(tokenizer))
     self._init_states = lambda: model.llm.init_states(1)
 
+    self.vision_attention = (fast_vision_attention(model.config)
+                             if vision_attention == "auto" else vision_attention)
+    model = with_vision_attention(model, self.vision_attention)
     graphdef, params = nnx.split(model)
     llm_graphdef, llm_params = nnx.split(model.llm)
     self._params, self._llm_params = params, llm_params

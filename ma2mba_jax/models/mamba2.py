@@ -281,23 +281,31 @@ def causal_conv(xBC: Array, conv_state: Array, weight: Array, bias: Array,
   """
   kernel = weight.shape[0]
   seqlen = xBC.shape[1]
-  # The window stays in the input dtype (a [B, K-1+T, C] copy); f32 only inside the fused
-  # multiply-adds.
-  window = jnp.concatenate([jnp.swapaxes(conv_state, 1, 2).astype(xBC.dtype), xBC],
-                           axis=1)                               # [B, K-1+T, C]
+  state = jnp.swapaxes(conv_state, 1, 2).astype(xBC.dtype)       # [B, K-1, C]
+
+  def window(start: int, length: int) -> Array:
+    """[state, xBC][:, start:start + length] (positions of the [B, K-1+T, C] window), built
+    per tap: each tap's small concatenate fuses into the multiply-adds that read it, where
+    one shared window would be written to memory whole first (a [B, K-1+T, C] copy)."""
+    head = state[:, start:start + length]                        # from the state
+    tail = xBC[:, max(start - (kernel - 1), 0):max(start + length - (kernel - 1), 0)]
+    return tail if head.shape[1] == 0 else (
+        head if tail.shape[1] == 0 else jnp.concatenate([head, tail], axis=1))
+
   if reset is None:
-    taps = [window[:, k:k + seqlen] for k in range(kernel)]      # K x [B, T, C]
-    last = window[:, seqlen:]                                    # [B, K-1, C]
+    taps = [window(k, seqlen) for k in range(kernel)]            # K x [B, T, C]
+    last = window(seqlen, kernel - 1)                            # [B, K-1, C]
   else:
+    window_all = window(0, kernel - 1 + seqlen)                  # [B, K-1+T, C]
     # Input p reaches token t iff no reset in (p, t] iff count[t] == count[p], where
     # count[p] = resets in [0, p] (0 for the state's positions p < 0).
     count = jnp.cumsum(reset.astype(jnp.int32), axis=1)          # [B, T]
     padded = jnp.pad(count, ((0, 0), (kernel - 1, 0)))           # [B, K-1+T]
     zero = jnp.zeros((), xBC.dtype)
     taps = [jnp.where((padded[:, k:k + seqlen] == count)[..., None],
-                      window[:, k:k + seqlen], zero) for k in range(kernel)]
+                      window_all[:, k:k + seqlen], zero) for k in range(kernel)]
     keep = padded[:, seqlen:] == count[:, -1:]                   # [B, K-1]
-    last = jnp.where(keep[..., None], window[:, seqlen:], zero)
+    last = jnp.where(keep[..., None], window_all[:, seqlen:], zero)
   out = bias.astype(f32) + sum(taps[k].astype(f32) * weight[k].astype(f32)
                                for k in range(kernel))           # [B, T, C]
   new_state = jnp.swapaxes(last, 1, 2).astype(f32)               # [B, C, K-1]

@@ -178,9 +178,13 @@ def _layer_norm(width: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
 class Attention(nnx.Module):
   """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
 
-  def __init__(self, config: VisionConfig, *, dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, config: VisionConfig, *, dtype: Any, rngs: nnx.Rngs,
+               implementation: str | None = None):
     d = config.width
     self.n_heads = config.n_heads
+    # jax.nn.dot_product_attention's backend: None (JAX picks), "xla" or "cudnn" (fused
+    # flash attention; GPU, bf16/fp16 inputs only).
+    self.implementation = implementation
     linear = lambda: nnx.Linear(d, d, use_bias=True, dtype=dtype, rngs=rngs)
     self.q, self.k, self.v, self.out = linear(), linear(), linear(), linear()
 
@@ -190,7 +194,7 @@ class Attention(nnx.Module):
     heads = lambda y: y.reshape(b, t, self.n_heads, d // self.n_heads)  # [B, T, H, E]
     q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
     # The XLA path takes the softmax in float32 whatever the input dtype.
-    y = jax.nn.dot_product_attention(q, k, v)  # [B, T, H, E]
+    y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)  # [B,T,H,E]
     return self.out(y.reshape(b, t, d))
 
 
@@ -210,9 +214,10 @@ class MLP(nnx.Module):
 class EncoderLayer(nnx.Module):
   """Pre-norm transformer layer: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-  def __init__(self, config: VisionConfig, *, dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, config: VisionConfig, *, dtype: Any, rngs: nnx.Rngs,
+               attention_impl: str | None = None):
     self.norm1 = _layer_norm(config.width, config.norm_eps, rngs)
-    self.attn = Attention(config, dtype=dtype, rngs=rngs)
+    self.attn = Attention(config, dtype=dtype, rngs=rngs, implementation=attention_impl)
     self.norm2 = _layer_norm(config.width, config.norm_eps, rngs)
     self.mlp = MLP(config, dtype=dtype, rngs=rngs)
 
@@ -222,8 +227,8 @@ class EncoderLayer(nnx.Module):
     return x + self.mlp(self.norm2(x)).astype(jnp.float32)
 
 
-def _layer_stack(config: VisionConfig, n: int, dtype: Any,
-                 rngs: nnx.Rngs) -> EncoderLayer | None:
+def _layer_stack(config: VisionConfig, n: int, dtype: Any, rngs: nnx.Rngs,
+                 attention_impl: str | None = None) -> EncoderLayer | None:
   """n EncoderLayers as one module whose parameters have a leading [n] axis (None if n = 0)."""
   if n == 0:
     return None
@@ -231,7 +236,7 @@ def _layer_stack(config: VisionConfig, n: int, dtype: Any,
   @nnx.split_rngs(splits=n)
   @nnx.vmap(in_axes=(0,), out_axes=0)
   def make(layer_rngs: nnx.Rngs) -> EncoderLayer:
-    return EncoderLayer(config, dtype=dtype, rngs=layer_rngs)
+    return EncoderLayer(config, dtype=dtype, rngs=layer_rngs, attention_impl=attention_impl)
 
   return make(rngs)
 
@@ -242,7 +247,8 @@ class VisionEncoder(nnx.Module):
   `n_layers_run` layers that produce the features, leading axis L on every parameter),
   [unused_layers/...] (the rest, same layout), post_norm/{scale,bias}."""
 
-  def __init__(self, config: VisionConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, config: VisionConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs,
+               attention_impl: str | None = None):
     self.config = config
     d = config.width
     self.patch_embed = nnx.Conv(3, d, kernel_size=(config.patch_size, config.patch_size),
@@ -255,7 +261,7 @@ class VisionEncoder(nnx.Module):
     if config.pre_norm:
       self.pre_norm = _layer_norm(d, config.norm_eps, rngs)
     n_run = config.n_layers_run
-    self.layers = _layer_stack(config, n_run, dtype, rngs)
+    self.layers = _layer_stack(config, n_run, dtype, rngs, attention_impl)
     # Part of the checkpoint, never run for features (see the module docstring).
     self.unused_layers = _layer_stack(config, config.n_layers - n_run, dtype, rngs)
     self.post_norm = _layer_norm(d, config.norm_eps, rngs)

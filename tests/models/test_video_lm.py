@@ -307,3 +307,26 @@ def test_converted_clip_weights_load_into_the_model(tmp_path, model):
   with pytest.raises(CheckpointError, match=r"vision_model\.embeddings\.patch_embedding\."
                      r"weight: expected shape \[32, 3, 8, 8\], got \[64, 3, 8, 8\]"):
     load_clip_vision_into(target.vision, str(tmp_path / "wide"))
+
+
+def test_vision_attention_is_checked():
+  from ma2mba_jax.models.video_presets import video_config
+  with pytest.raises(ValueError, match="vision_attention"):
+    video_config("tiny", vision_attention="flash")
+  with pytest.raises(ValueError, match="needs compute_dtype 'bfloat16'"):
+    video_config("tiny", vision_attention="cudnn")
+  assert video_config("tiny", vision_attention="xla").vision_attention == "xla"
+
+
+def test_with_vision_attention_shares_the_parameters_and_outputs():
+  from ma2mba_jax.models.video_lm import fast_vision_attention, with_vision_attention
+  from ma2mba_jax.models.video_presets import video_config
+  model = VideoMa2mba(video_config("tiny"), rngs=nnx.Rngs(0))
+  assert fast_vision_attention(model.config) is None              # CPU: the model's own
+  xla = with_vision_attention(model, "xla")
+  assert xla.config.vision_attention == "xla" and with_vision_attention(model, None) is model
+  assert xla.vision.layers.attn.q.kernel[...] is model.vision.layers.attn.q.kernel[...]
+  frames = jax.random.randint(jax.random.key(3), (2, model.config.image_size,
+                                                   model.config.image_size, 3), 0, 256)
+  np.testing.assert_array_equal(xla.encode_images(frames.astype(jnp.uint8)),
+                                model.encode_images(frames.astype(jnp.uint8)))

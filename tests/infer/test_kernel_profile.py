@@ -1,0 +1,36 @@
+"""bench/kernel_profile.py: kernel times read from a profiler trace (Chrome trace JSON)."""
+
+import pytest
+
+from ma2mba_jax.bench import kernel_profile
+
+
+def _trace():
+  meta = lambda pid, tid, kind, name: {"ph": "M", "pid": pid, "tid": tid, "name": kind,
+                                       "args": {"name": name}}
+  kernel = lambda pid, tid, name, dur: {"ph": "X", "pid": pid, "tid": tid, "name": name,
+                                        "ts": 0, "dur": dur}
+  return {"traceEvents": [
+      meta(1, 0, "process_name", "/host:CPU"),
+      meta(2, 0, "process_name", "/device:GPU:0"),
+      meta(2, 7, "thread_name", "Stream #13(Compute)"),
+      meta(2, 8, "thread_name", "XLA Ops"),
+      kernel(2, 7, "gemv", 30.0), kernel(2, 7, "gemv", 34.0), kernel(2, 7, "mixer", 6.0),
+      kernel(2, 8, "fusion.1", 70.0),             # the op row repeats the kernels' time
+      kernel(1, 0, "PjitFunction", 500.0),        # host rows never count
+  ]}
+
+
+def test_kernel_rows_sum_stream_kernels_per_call():
+  rows = kernel_profile.kernel_rows(_trace(), calls=2)
+  assert [r["kernel"] for r in rows] == ["gemv", "mixer"]
+  gemv, mixer = rows
+  assert gemv["launches/call"] == 1.0 and gemv["us/call"] == 32.0
+  assert gemv["us/launch"] == 32.0 and mixer["us/call"] == 3.0
+  assert gemv["share"] == pytest.approx(64 / 70)
+
+
+def test_kernel_rows_without_gpu_rows_is_empty():
+  trace = _trace()
+  trace["traceEvents"] = [e for e in trace["traceEvents"] if e["pid"] == 1]
+  assert kernel_profile.kernel_rows(trace, calls=1) == []
