@@ -12,9 +12,14 @@ Ways (infer/answering.py's ModelAnswerer):
                  every question scored in a few calls (Streamer.token_logprobs_rows), the
                  system turn read once for all videos (Streamer reuse_system_turn), the
                  frames decoded in a background thread, the next video's during the
-                 current one's questions (Streamer decode_ahead), and a video's last
+                 current one's questions (Streamer decode_ahead), a video's last
                  frames read in power-of-two steps (Streamer rest_steps; decode_batch and
-                 per_question read them one frame a step, as before);
+                 per_question read them one frame a step, as before), and on a GPU in
+                 bf16 the encoder's attention by cuDNN (Streamer vision_attention; the
+                 other two use XLA's, as before), a question's last tokens read in
+                 sequence-mode power-of-two steps (Streamer text_rest; the other two read
+                 them one recurrent step a token), and the Sampler's default step ('auto':
+                 the fused step on a GPU; the other two: 'unrolled');
   all_batched_inline_decode  all_batched with the frames decoded on the model's thread.
   all_batched_fused  all_batched with the fused decode step (Sampler step_impl="fused":
                  models/decode.fused_decode_step, one kernel for each layer's middle);
@@ -52,12 +57,13 @@ from ma2mba_jax.models.video_presets import video_config
 
 # way -> (ModelAnswerer options, Streamer options, the Sampler's step_impl).
 # The Streamer before issue 19.
-_OLD = dict(reuse_system_turn=False, decode_ahead=False, rest_steps="single")
+_OLD = dict(reuse_system_turn=False, decode_ahead=False, rest_steps="single",
+            text_rest="single", vision_attention=None)
 _BATCHED = dict(batch=True, batch_text=True)
 WAYS = {"per_question": (dict(batch=False), _OLD, "unrolled"),
         "decode_batch": (dict(batch=True, batch_text=False), _OLD, "unrolled"),
-        "all_batched": (_BATCHED, {}, "unrolled"),
-        "all_batched_inline_decode": (_BATCHED, dict(decode_ahead=False), "unrolled"),
+        "all_batched": (_BATCHED, {}, "auto"),
+        "all_batched_inline_decode": (_BATCHED, dict(decode_ahead=False), "auto"),
         "all_batched_fused": (_BATCHED, {}, "fused"),
         "all_batched_fused_gemv": (_BATCHED, {}, "fused_gemv")}
 METHODS = ("likelihood", "generate")

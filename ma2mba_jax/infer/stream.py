@@ -145,6 +145,10 @@ class Streamer:
   rest_steps: how the frames after the last full step of M are read: 'pow2' in steps of
   the powers of two of their count (`remainder_steps`), 'single' one frame a step (as
   before issue 19).
+  text_rest: how the tokens after a text's last whole chunk are read: 'pow2' in sequence-mode
+  steps of the powers of two of their count (13 -> 8, 4, 1: at most log2(text_chunk)
+  calls, each reading the weights once), 'single' one recurrent step a token (as before
+  issue 19).
   vision_attention: the encoder's attention: 'auto' (cuDNN flash attention on a GPU in
   bfloat16, `models.video_lm.fast_vision_attention`, else the model's), or None / 'xla' /
   'cudnn' (models.video_lm.VideoConfig.vision_attention).
@@ -154,12 +158,15 @@ class Streamer:
                frames_per_step: int = 16, text_chunk: int = 32, max_inflight: int = 2,
                layer_loop: str = "scan", weights: DecodeWeights | None = None,
                reuse_system_turn: bool = True, decode_ahead: bool = True,
-               rest_steps: str = "pow2", vision_attention: str | None = "auto"):
+               rest_steps: str = "pow2", text_rest: str = "pow2",
+               vision_attention: str | None = "auto"):
     if frames_per_step < 1 or text_chunk < 1 or max_inflight < 1:
       raise ValueError(f"frames_per_step ({frames_per_step}), text_chunk ({text_chunk}) and "
                        f"max_inflight ({max_inflight}) must be >= 1")
     if rest_steps not in REST_STEPS:
       raise ValueError(f"rest_steps must be one of {REST_STEPS}, got {rest_steps!r}")
+    if text_rest not in REST_STEPS:
+      raise ValueError(f"text_rest must be one of {REST_STEPS}, got {text_rest!r}")
     if layer_loop not in LAYER_LOOPS:
       raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
     self.tokenizer = tokenizer
@@ -170,6 +177,7 @@ class Streamer:
     self.reuse_system_turn = reuse_system_turn
     self.decode_ahead = decode_ahead
     self.rest_steps = rest_steps
+    self.text_rest = text_rest
     self._prefix_states: dict[tuple[int, ...], LayerStates] = {}  # read_frames' system turns
     self.tokens_per_frame = model.config.tokens_per_frame  # K
     self.image_size = model.config.image_size              # S
@@ -312,8 +320,14 @@ class Streamer:
     logits = None
     for start in range(0, full, q):
       states, logits = self._text_step(self._llm_params, states, ids[None, start:start + q])
-    for token in ids[full:]:
-      states, logits = self._token_step(self._llm_params, states, token[None])
+    if self.text_rest == "single":
+      for token in ids[full:]:
+        states, logits = self._token_step(self._llm_params, states, token[None])
+      return states, logits
+    start = full
+    for size in remainder_steps(ids.size - full):
+      states, logits = self._text_step(self._llm_params, states, ids[None, start:start + size])
+      start += size
     return states, logits
 
   def feed_frames(self, states: LayerStates, batches: Iterable[np.ndarray], total: int,
@@ -385,9 +399,10 @@ class Streamer:
     logits (None: none yet), with few dispatches: the rows' states stacked on the batch
     axis (padded to a power of two), then the c-th whole chunk of `text_chunk` tokens of
     every row that has one in one call per c, then the rest of every row (shorter than a
-    chunk, padded to a power of two >= 8) in one call of the recurrent step over the
-    rows. Each row goes through the operations feed_text would run; rows that are done
-    keep their states. -> per row (states batch 1, logits [V])."""
+    chunk) as feed_text reads it: text_rest 'pow2', one call per power-of-two size some
+    row's rest holds; 'single', one call of the recurrent step over the rows (padded to a
+    power of two >= 8 tokens). Each row goes through the operations feed_text would run;
+    rows that are done keep their states. -> per row (states batch 1, logits [V])."""
     q = self.text_chunk
     rows = [np.asarray(ids, np.int32) for ids in rows]
     if len(states) != len(rows) or len(logits) != len(rows):
@@ -412,7 +427,22 @@ class Streamer:
                                                 tokens, live)
     rests = [ids[k * q:] for ids, k in zip(rows, chunks)]
     longest = max(rest.size for rest in rests)
-    if longest:
+    if longest and self.text_rest == "pow2":
+      # feed_text's power-of-two steps, largest first: one call per size that some row's
+      # rest holds; the rows without it keep their states.
+      offsets = [0] * len(rests)
+      for bit in reversed(range(longest.bit_length())):
+        size = 1 << bit
+        tokens = np.zeros((padded_rows, size), np.int32)
+        live = np.zeros((padded_rows,), bool)
+        for r, rest in enumerate(rests):
+          if rest.size & size:
+            tokens[r], live[r] = rest[offsets[r]:offsets[r] + size], True
+            offsets[r] += size
+        if live.any():
+          stacked, stacked_logits = self._text_rows(self._llm_params, stacked, stacked_logits,
+                                                    tokens, live)
+    elif longest:
       length = max(8, 1 << (longest - 1).bit_length())
       tokens = np.zeros((padded_rows, length), np.int32)
       lengths = np.zeros((padded_rows,), np.int32)

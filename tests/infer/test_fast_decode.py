@@ -94,3 +94,29 @@ def test_questions_read_and_scored_together_match_one_at_a_time(streamer):
     np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)
     for ids, got in zip(options, scores, strict=True):
       np.testing.assert_allclose(got, streamer.token_logprobs(b, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_text_rest_in_power_of_two_steps_matches_token_steps(tiny_model, tokenizer, streamer):
+  """feed_text and feed_text_rows read a text's rest (after its whole chunks of 8) in
+  sequence-mode steps of 4, 2, 1 tokens (text_rest='pow2', the default) instead of one
+  recurrent step a token ('single'): the same states and logits up to f32 rounding."""
+  single = Streamer(tiny_model, tokenizer, frames_per_step=streamer.frames_per_step,
+                    text_chunk=8, text_rest="single")
+  assert streamer.text_rest == "pow2"
+  rng = np.random.default_rng(4)
+  start = streamer.init_states()
+  rows = [list(rng.integers(3, 200, n)) for n in (1, 5, 7, 8, 13, 15)]
+  # Sweep (model seeds 0-3 x token seeds 0-3, these lengths): largest abs differences
+  # 4.3e-8 (SSM states), 4.8e-7 (conv states), 2.7e-7 (logits); tolerances 20x and more.
+  for ids in rows:
+    a, b = streamer.feed_text(start, ids), single.feed_text(start, ids)
+    np.testing.assert_allclose(a[0].ssm, b[0].ssm, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a[0].conv, b[0].conv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-5)
+  together = streamer.feed_text_rows([start] * len(rows), [None] * len(rows), rows)
+  alone = [single.feed_text(start, ids) for ids in rows]
+  for (states, logits), (ref_states, ref_logits) in zip(together, alone, strict=True):
+    np.testing.assert_allclose(states.ssm, ref_states.ssm, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="text_rest"):
+    Streamer(tiny_model, tokenizer, text_rest="pairs")
