@@ -20,7 +20,9 @@ Ways (infer/answering.py's ModelAnswerer):
                  sequence-mode power-of-two steps (Streamer text_rest; the other two read
                  them one recurrent step a token), and the Sampler's default step ('auto':
                  the fused step on a GPU; the other two: 'unrolled');
-  all_batched_inline_decode  all_batched with the frames decoded on the model's thread.
+  all_batched_inline_decode  all_batched with the frames decoded on the model's thread;
+  all_batched_xla_attention  with XLA's attention in the encoder (as decode_batch);
+  all_batched_unrolled  with the unrolled decode step (as decode_batch).
   all_batched_fused  all_batched with the fused decode step (Sampler step_impl="fused":
                  models/decode.fused_decode_step, one kernel for each layer's middle);
                  all_batched_fused_gemv: step_impl="fused_gemv" (three kernels a layer).
@@ -28,7 +30,8 @@ Each way runs the whole set 1 + --timed_runs times (the first compiles; the time
 turns between the ways) with the methods likelihood and generate; the fastest timed run
 counts (the CPU is shared). Columns:
 questions/s, x (speed-up over decode_batch), same choices (likelihood and generate choices
-and generated texts equal decode_batch's), max |d log p| (largest difference of an option's
+and generated texts equal decode_batch's), questions that differ (in either), same accuracy
+(the accuracy table equals decode_batch's), max |d log p| (largest difference of an option's
 summed log-probability from decode_batch's).
 Flag names differ from evaluate's (imported here); --param_dtype=bfloat16 (evaluate's flag)
 stores the random model's matrices in bf16.
@@ -64,6 +67,8 @@ WAYS = {"per_question": (dict(batch=False), _OLD, "unrolled"),
         "decode_batch": (dict(batch=True, batch_text=False), _OLD, "unrolled"),
         "all_batched": (_BATCHED, {}, "auto"),
         "all_batched_inline_decode": (_BATCHED, dict(decode_ahead=False), "auto"),
+        "all_batched_xla_attention": (_BATCHED, dict(vision_attention=None), "auto"),
+        "all_batched_unrolled": (_BATCHED, {}, "unrolled"),
         "all_batched_fused": (_BATCHED, {}, "fused"),
         "all_batched_fused_gemv": (_BATCHED, {}, "fused_gemv")}
 METHODS = ("likelihood", "generate")
@@ -96,7 +101,7 @@ def main(argv):
   model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(cast_matrices(
       VideoMa2mba(config, rngs=nnx.Rngs(0)), jnp.dtype(model_flags.PARAM_DTYPE.value or "float32"))))())
   items = evaluate.load_items("synthetic", data)
-  rows, records = [], {}
+  rows, records, tables = [], {}, {}
   unknown = set(_WAYS.value) - set(WAYS)
   if unknown:
     raise app.UsageError(f"--ways: unknown {sorted(unknown)}; expected some of {list(WAYS)}")
@@ -118,7 +123,7 @@ def main(argv):
       report = evaluate.evaluate_items("synthetic", data, items, answerer=answerer,
                                        methods=METHODS)
       seconds[way].append(time.perf_counter() - start)
-      records[way] = report["records"]
+      records[way], tables[way] = report["records"], report["rows"]
   for way, times in seconds.items():
     print(f"{way}: " + " ".join(f"{t:.3f}" for t in times[1:]))
     rows.append({"way": way, "questions": len(items), "first run s": times[0],
@@ -128,9 +133,11 @@ def main(argv):
   for row in rows:
     mine = records[row["way"]]
     row["x"] = row["questions/s"] / base_rate
-    row["same choices"] = all(
-        a["likelihood"]["choice"] == b["likelihood"]["choice"] and a["generate"] == b["generate"]
-        for a, b in zip(mine, base, strict=True))
+    differ = sum(a["likelihood"]["choice"] != b["likelihood"]["choice"]
+                 or a["generate"] != b["generate"] for a, b in zip(mine, base, strict=True))
+    row["same choices"] = not differ
+    row["questions that differ"] = differ
+    row["same accuracy"] = tables[row["way"]] == tables["decode_batch"]
     row["max |d log p|"] = max(
         abs(a["likelihood"]["scores"][k]["sum"] - b["likelihood"]["scores"][k]["sum"])
         for a, b in zip(mine, base, strict=True) for k in b["likelihood"]["scores"])
