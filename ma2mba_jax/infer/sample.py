@@ -57,6 +57,7 @@ Axis legend: B batch, T max_new_tokens, V (padded) vocabulary, L layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -383,7 +384,10 @@ class Sampler:
     self.step_impl = step_impl
     config, block_graphdef = llm.config, llm.split_layers()[0]
     # The unrolled step's weights: made by the first device decode, then kept.
-    make = padded_decode_weights if step_impl == "fused_gemv" else decode_weights
+    # The fused step reads its matrices output-major (decode_weights' `transposed`).
+    make = {"fused_gemv": padded_decode_weights,
+            "fused": functools.partial(decode_weights, transposed=True)
+            }.get(step_impl, decode_weights)
     self._make_weights = jax.jit(lambda params: make(nnx.merge(graphdef, params)))
     self._weights: Any = None
 
@@ -398,7 +402,7 @@ class Sampler:
       if step_impl == "unrolled":
         return decode_step(config, block_graphdef, weights, token, cache)
       if step_impl == "fused":
-        return fused_decode_step(config, weights, token, cache)
+        return fused_decode_step(config, weights, token, cache, transposed=True)
       if step_impl == "fused_gemv":
         return fused_decode_step(config, weights, token, cache, matmul="pallas")
       return nnx.merge(graphdef, weights).step(token, cache)

@@ -49,10 +49,16 @@ class DecodeWeights(NamedTuple):
   layers: tuple[nnx.State, ...]
 
 
-def decode_weights(llm: Mamba2LM) -> DecodeWeights:
+def decode_weights(llm: Mamba2LM, transposed: bool = False) -> DecodeWeights:
   """The LM's weights split per layer, matmul kernels cast to the compute dtype. Run it
   jitted, once per model: the result holds a copy of the layer matrices (one more copy of
-  the LM's weights in device memory while it is kept)."""
+  the LM's weights in device memory while it is kept).
+
+  transposed: store in_proj [N, D] and out_proj [D, E] output-major (for
+  `fused_decode_step`, not `decode_step`): a single token's product then reads whole
+  contiguous rows of the contraction, which XLA's GPU GEMV streams faster (the tied
+  [V, D] head already reads that way: 2.9 TB/s against 2.0 for the [D, N] layout on an
+  H100, BENCHMARKS.md)."""
   c = llm.config
   cd = c.compute_dtype
   _, stacked = llm.split_layers()
@@ -61,7 +67,9 @@ def decode_weights(llm: Mamba2LM) -> DecodeWeights:
     def pick(path, a):
       a = a[i]
       names = jax.tree_util.keystr(path)
-      return a.astype(cd) if any(n in names for n in _MATMUL_KERNELS) else a
+      if not any(n in names for n in _MATMUL_KERNELS):
+        return a
+      return a.astype(cd).T if transposed else a.astype(cd)
     return jax.tree_util.tree_map_with_path(pick, stacked)
 
   head = llm.embedding[...] if c.tie_embeddings else llm.lm_head.kernel[...]
@@ -94,25 +102,30 @@ def _head(config: Mamba2Config, weights: DecodeWeights, h: Array) -> Array:
 
 
 def padded_decode_weights(llm: Mamba2LM, multiple: int = 256) -> DecodeWeights:
-  """`decode_weights` with every in_proj kernel's output columns padded with zeros to a
-  multiple of `multiple` (what `kernels.decode.gemv.in_proj` splits over its programs)."""
+  """`decode_weights` laid out for `kernels.decode.gemv`: every in_proj kernel [D, N] padded
+  with zero columns to a multiple of `multiple` (what gemv.in_proj splits over its
+  programs) and stored transposed, [Np, D]; every out_proj kernel stored transposed,
+  [D, E] (each program of the gemv kernels reads whole rows of the contraction)."""
   weights = decode_weights(llm)
   width = llm.config.d_in_proj
   pad = -width % multiple
 
   def layer(state: nnx.State) -> nnx.State:
-    def widen(path, a):
-      if "in_proj" in jax.tree_util.keystr(path):
-        return jnp.pad(a, ((0, 0), (0, pad)))
+    def relayout(path, a):
+      names = jax.tree_util.keystr(path)
+      if "in_proj" in names:
+        return jnp.pad(a, ((0, 0), (0, pad))).T                   # [Np, D]
+      if "out_proj" in names:
+        return a.T                                                # [D, E]
       return a
-    return jax.tree_util.tree_map_with_path(widen, state)
+    return jax.tree_util.tree_map_with_path(relayout, state)
 
   return weights._replace(layers=tuple(layer(s) for s in weights.layers))
 
 
 def fused_decode_step(config: Mamba2Config, weights: DecodeWeights, token: Array,
-                      cache: LayerStates, impl: str = "auto", matmul: str = "xla"
-                      ) -> tuple[Array, LayerStates]:
+                      cache: LayerStates, impl: str = "auto", matmul: str = "xla",
+                      transposed: bool = False) -> tuple[Array, LayerStates]:
   """`decode_step` with the middle of every layer (conv, dt, SSM update and readout, gating)
   as one `kernels.decode.mixer_step` call (a Pallas kernel on GPU, impl="auto") and both
   RMS norms folded around the matmuls, so that no normalised copy of an activation is made:
@@ -125,11 +138,13 @@ def fused_decode_step(config: Mamba2Config, weights: DecodeWeights, token: Array
   The same function as `decode_step` up to rounding: h * w and g * w' are rounded to the
   compute dtype before their matmul instead of the normalised values (tests/infer/
   test_fused_decode.py bounds the difference). token int32 [B] -> (logits [B, V] f32, cache).
+  transposed: the weights are `decode_weights(llm, transposed=True)` (matmul="xla").
 
   matmul="pallas": the matmuls too are Pallas kernels with the norms inside
   (`kernels.decode.gemv`: rmsnorm + in_proj; gated norm + out_proj + residual), three kernels
   and a conv-state update a layer, the norms computed as `decode_step` does; needs
-  `padded_decode_weights` and B <= 16 (the rows are padded to 16 once per token).
+  `padded_decode_weights` (the matrices transposed) and B <= 16 (batches of more than
+  gemv.VEC_ROWS rows are padded to 16 rows once per token, smaller ones are not).
   """
   if matmul == "pallas":
     return _pallas_matmul_step(config, weights, token, cache)
@@ -145,8 +160,8 @@ def fused_decode_step(config: Mamba2Config, weights: DecodeWeights, token: Array
     mixer = layer["mixer"]
     in_scale = jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1) + eps)          # [B]
     u = (h * layer["norm"]["weight"][...].astype(f32)).astype(cd)
-    raw = jnp.einsum("bd,dk->bk", u, mixer["in_proj"]["kernel"][...],
-                     preferred_element_type=f32)                               # [B, 2E+2GN+H]
+    raw = jnp.einsum("bd,kd->bk" if transposed else "bd,dk->bk", u,
+                     mixer["in_proj"]["kernel"][...], preferred_element_type=f32)  # [B, N]
     params = mixer_kernels.MixerParams(
         mixer["conv_weight"][...], mixer["conv_bias"][...], mixer["dt_bias"][...],
         mixer["A_log"][...], mixer["D"][...], mixer["norm"]["weight"][...])
@@ -155,13 +170,14 @@ def fused_decode_step(config: Mamba2Config, weights: DecodeWeights, token: Array
     conv = jax.lax.dynamic_update_index_in_dim(conv, conv_i, i, 0)
     ss = ss.reshape(ss.shape[0], c.n_groups, -1).sum(-1)                      # [B, G]
     out_scale = jax.lax.rsqrt(ss / group + eps)                               # [B, G]
-    w_out = mixer["out_proj"]["kernel"][...]
+    w_out = mixer["out_proj"]["kernel"][...]        # [E, D], or [D, E] if transposed
+    spec = "be,de->bd" if transposed else "be,ed->bd"
     if c.n_groups == 1:
-      out = jnp.einsum("be,ed->bd", yw, w_out, preferred_element_type=f32) * out_scale
+      out = jnp.einsum(spec, yw, w_out, preferred_element_type=f32) * out_scale
     else:
       scaled = (yw.astype(f32).reshape(yw.shape[0], c.n_groups, group)
                 * out_scale[:, :, None]).reshape(yw.shape).astype(cd)
-      out = jnp.einsum("be,ed->bd", scaled, w_out, preferred_element_type=f32)
+      out = jnp.einsum(spec, scaled, w_out, preferred_element_type=f32)
     h = h + out.astype(cd).astype(f32)                            # Linear's output dtype
   return _head(c, weights, h), LayerStates(conv=conv, ssm=ssm)
 
@@ -175,10 +191,11 @@ def _pallas_matmul_step(config: Mamba2Config, weights: DecodeWeights, token: Arr
   if batch > gemv.ROWS:
     raise ValueError(f"fused_decode_step(matmul='pallas') decodes at most {gemv.ROWS} rows, "
                      f"got a batch of {batch}")
+  rows = gemv.padded_rows(batch)                                   # R
   interpret = jax.default_backend() != "gpu"
   dims = mixer_kernels.dims_of(c)
   h = jnp.take(weights.embedding, token, axis=0).astype(f32)      # [B, D]
-  h = jnp.pad(h, ((0, gemv.ROWS - batch), (0, 0)))                 # [R, D], rows >= B zero
+  h = jnp.pad(h, ((0, rows - batch), (0, 0)))                      # [R, D], rows >= B zero
   ones = jnp.ones((batch,), f32)
   conv, ssm = cache
   for i, layer in enumerate(weights.layers):
@@ -190,7 +207,7 @@ def _pallas_matmul_step(config: Mamba2Config, weights: DecodeWeights, token: Arr
         mixer["A_log"][...], mixer["D"][...], mixer["norm"]["weight"][...])
     gated, ss, conv_i, ssm = mixer_kernels.mixer_step(
         jnp.int32(i), zx, ones, params, conv, ssm, dims=dims, impl="pallas",
-        interpret=interpret, gated_rows=gemv.ROWS)
+        interpret=interpret, gated_rows=rows)
     conv = jax.lax.dynamic_update_index_in_dim(conv, conv_i, i, 0)
     h = gemv.out_proj(gated, ss, mixer["norm"]["weight"][...], mixer["out_proj"]["kernel"][...],
                       h, eps=c.norm_eps, n_groups=c.n_groups, rows=batch,

@@ -35,11 +35,14 @@ def test_kernel_matches_the_float64_oracle_on_gpu(name):
   assert all(err < TOLERANCES[case.dtype] for err in errs.values()), (name, errs)
 
 
-@pytest.mark.parametrize("matmul", ["xla", "pallas"])
+@pytest.mark.parametrize("matmul,batch", [("xla", 2), ("xla_t", 2), ("pallas", 2),
+                                          ("pallas", 5)])
 @pytest.mark.parametrize("variant", ["g1_tied", "g2_untied"])
-def test_fused_step_equals_the_reference_step_on_gpu(variant, matmul):
-  worst = step_errors(seed=3, impl="auto" if matmul == "xla" else "pallas", variant=variant,
-                      matmul=matmul)
+def test_fused_step_equals_the_reference_step_on_gpu(variant, matmul, batch):
+  """xla_t: the matrices output-major (the Sampler's fused step); pallas at batch 2 runs the
+  gemv kernels' vector path, at 5 their tl.dot path."""
+  worst = step_errors(seed=3, impl="pallas" if matmul == "pallas" else "auto",
+                      variant=variant, matmul=matmul, batch=batch)
   print(variant, matmul, worst)
   assert all(worst[k] < GPU_STEP_TOL[k] for k in GPU_STEP_TOL), worst
 
