@@ -6,7 +6,7 @@
 set -u
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 F="grep -v ^I1127\|^W1127\|^E1127\|warnings.warn\|^WARNING"
-JAX_PLATFORMS=cuda,cpu timeout 100 python -m pytest -p no:xdist -q -m gpu tests/gpu/test_decode_gpu.py 2>&1 | tail -4
+JAX_PLATFORMS=cuda,cpu timeout 85 python -m pytest -p no:xdist -q -m gpu tests/gpu/test_decode_gpu.py 2>&1 | tail -4
 python -m ma2mba_jax.bench.infer --preset=3.1b --lengths=16384 --frames_per_step=64 \
   --decode_impls=device,device_fused,device_fused_gemv --decode_tokens=256 --repeats=3 \
   --json="$OUT/infer_decode.json" 2>&1 | $F | tail -3
