@@ -43,7 +43,7 @@ width, H heads, G groups, Np in_proj's padded output width, S split_k.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -225,6 +225,17 @@ def _in_proj_kernel(h_ref, w_norm_ref, w_ref, out_ref, *, eps, cd, block_k, k_bl
     out_ref[s, :] = _total(a, vec).astype(out_ref.dtype)                     # [1|R, bn]
 
 
+def _output(rows: int, cols: int, block_n: int, split: int, dtype: Any
+            ) -> tuple[pl.BlockSpec, jax.ShapeDtypeStruct]:
+  """A gemv call's output block and shape over the grid (column block j, split s): the
+  [R, N] result in `dtype`, or with split-K the f32 partials [S, R, N] the caller sums."""
+  if split == 1:
+    return (pl.BlockSpec((rows, block_n), lambda j, s: (0, j)),
+            jax.ShapeDtypeStruct((rows, cols), dtype))
+  return (pl.BlockSpec((None, rows, block_n), lambda j, s: (s, 0, j)),
+          jax.ShapeDtypeStruct((split, rows, cols), f32))
+
+
 @functools.partial(jax.jit, static_argnames=("eps", "config", "interpret"))
 def in_proj(h: Array, norm_weight: Array, kernel_t: Array, *, eps: float,
             config: Config | None = None, interpret: bool = False) -> Array:
@@ -237,12 +248,7 @@ def in_proj(h: Array, norm_weight: Array, kernel_t: Array, *, eps: float,
   bn, bk, split = cfg.block_n, cfg.block_k, cfg.split_k
   cd = kernel_t.dtype
   k_blocks = d // bk // split
-  if split == 1:
-    out_spec = pl.BlockSpec((r, bn), lambda j, s: (0, j))
-    out_shape = jax.ShapeDtypeStruct((r, n), cd)
-  else:
-    out_spec = pl.BlockSpec((None, r, bn), lambda j, s: (s, 0, j))
-    out_shape = jax.ShapeDtypeStruct((split, r, n), f32)
+  out_spec, out_shape = _output(r, n, bn, split, cd)
   out = pl.pallas_call(
       functools.partial(_in_proj_kernel, eps=eps, cd=cd, block_k=bk, k_blocks=k_blocks,
                         vec=vec, unroll=cfg.unroll),
@@ -326,12 +332,7 @@ def out_proj(gated: Array, ss: Array, norm_weight: Array, kernel_t: Array, h: Ar
   cfg = effective("out_proj", r, d, e, n_groups, config)
   bn, bk, split = cfg.block_n, cfg.block_k, cfg.split_k
   cd = kernel_t.dtype
-  if split == 1:
-    out_spec = pl.BlockSpec((r, bn), lambda j, s: (0, j))
-    out_shape = jax.ShapeDtypeStruct((r, d), f32)
-  else:
-    out_spec = pl.BlockSpec((None, r, bn), lambda j, s: (s, 0, j))
-    out_shape = jax.ShapeDtypeStruct((split, r, d), f32)
+  out_spec, out_shape = _output(r, d, bn, split, f32)
   out = pl.pallas_call(
       functools.partial(_out_proj_kernel, eps=eps, cd=cd, block_k=bk,
                         k_blocks=e // bk // split, n_groups=n_groups, rows=rows, vec=vec,
