@@ -71,8 +71,10 @@ def step_kernels(llm: Mamba2LM, sampler: Sampler, impl: str) -> int | None:
     graphdef, params = nnx.split(llm)
     fn, first = jax.jit(lambda p, t, c: nnx.merge(graphdef, p).step(t, c)), params
   elif impl.startswith("fused"):
-    matmul = "pallas" if impl == "fused_gemv" else "xla"
-    fn = jax.jit(lambda w, t, c: fused_decode_step(llm.config, w, t, c, matmul=matmul))
+    # As the Sampler runs it: fused_mixed is fused_gemv for one row, fused for more.
+    pallas = impl == "fused_gemv" or (impl == "fused_mixed" and _BATCH.value == 1)
+    fn = jax.jit(lambda w, t, c: fused_decode_step(
+        llm.config, w, t, c, matmul="pallas" if pallas else "xla", transposed=True))
     first = sampler.device_weights()
   else:
     bg = llm.split_layers()[0]

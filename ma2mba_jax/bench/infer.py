@@ -26,7 +26,9 @@ Columns:
                             layers) as its step: the device loop before issue 19's fix;
   decode tok/s device_fused the device loop with `models/decode.fused_decode_step` (one
                             kernel for each layer's middle; host_fused: the host loop;
-                            _fused_gemv: the matmuls and norms as kernels too);
+                            _fused_gemv: the matmuls and norms as kernels too;
+                            _fused_mixed: fused_gemv for one row, fused for more, the
+                            Sampler's default on GPU);
   same tokens               whether the host and device loops of the same step decoded the
                             same greedy tokens;
   scan parts at             the first token where the scanned step's greedy answer differs
@@ -240,7 +242,7 @@ def run_length(streamer: Streamer, samplers: dict[str, Sampler], tokens: int,
     by_step.setdefault(impl.partition("_")[2] or "unrolled", []).append(tokens)
   same = all(t == group[0] for group in by_step.values() for t in group)
   parts = {}
-  for step in ("scan", "fused", "fused_gemv"):
+  for step in ("scan", "fused", "fused_gemv", "fused_mixed"):
     if step in by_step and "unrolled" in by_step:
       unrolled, other = by_step["unrolled"][0], by_step[step][0]
       parts[f"{step} parts at"] = next(
@@ -294,7 +296,7 @@ def main(argv):
   scan_sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer), step_impl="scan")
   samplers = {"host": sampler, "device": sampler, "host_scan": scan_sampler,
               "device_scan": scan_sampler}
-  for step in ("fused", "fused_gemv"):
+  for step in ("fused", "fused_gemv", "fused_mixed"):
     if f"host_{step}" in impls or f"device_{step}" in impls:
       samplers[f"host_{step}"] = samplers[f"device_{step}"] = Sampler(
           model.llm, vocab_size=vocab_size(tokenizer), step_impl=step)
@@ -302,7 +304,8 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--decode_impls: unknown {sorted(unknown)}; expected some of "
                          f"host, device, host_scan, device_scan, host_fused, device_fused, "
-                         f"host_fused_gemv, device_fused_gemv")
+                         f"host_fused_gemv, device_fused_gemv, host_fused_mixed, "
+                         f"device_fused_mixed")
   # The unrolled frame step reads the weights the Sampler already split per layer.
   weights = sampler.device_weights() if "unrolled" in _LAYER_LOOPS.value else None
   rows, parts = [], {}
@@ -349,7 +352,7 @@ def main(argv):
   print()
   columns = ["loop", "M", "tokens", "frames", "prefill s", "frames/s", "prefill tok/s",
              *[f"decode tok/s {impl}" for impl in impls], "same tokens", "scan parts at",
-             "fused parts at", "fused_gemv parts at",
+             "fused parts at", "fused_gemv parts at", "fused_mixed parts at",
              "peak GB", "live GB"]
   write_results(rows, parts, impls)
   common.print_table(rows, columns)

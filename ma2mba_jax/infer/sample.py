@@ -14,8 +14,8 @@ Two loops compute the same tokens (tests/infer/test_decode.py checks it):
     `on_tokens` callback) an answer is one dispatch.
   * decode_impl="host": the reference. One call of a jitted step per token, the host
     checking the stop rules (`RepeatStop`) between tokens.
-Both loops run the same LM step (step_impl="auto", the default: "fused" on GPU, "unrolled"
-elsewhere): `models/decode.py`'s (step_impl="unrolled"),
+Both loops run the same LM step (step_impl="auto", the default: "fused_mixed" on GPU,
+"unrolled" elsewhere): `models/decode.py`'s (step_impl="unrolled"),
 the layer loop unrolled over weights split per layer and cast to the compute dtype once,
 when the Sampler first decodes (a copy of the LM's matrices kept on the device); or
 `Mamba2LM.step` (step_impl="scan": a scan over the stacked layers, no copy); or
@@ -23,7 +23,9 @@ step_impl="fused": the unrolled loop with each layer's middle (conv, dt, SSM upd
 readout, gating) one kernel (`models/decode.fused_decode_step`, a Pallas kernel on GPU)
 and the RMS norms folded around the matmuls; or step_impl="fused_gemv": the same with the
 matmuls also Pallas kernels that compute the norms inside (three kernels a layer; in_proj
-padded once; at most 16 rows). The unrolled and scanned steps compute the
+padded once; at most 16 rows); or step_impl="fused_mixed": fused_gemv's kernels for one
+row (the fastest at batch 1 on an H100) and the fused step for more rows (faster there), on
+one copy of the weights (fused_gemv's). The unrolled and scanned steps compute the
 same function (bit for bit on CPU; on GPU XLA fuses them differently, so their last bits
 may differ and long greedy answers of a random model may part); the fused one the same up
 to rounding.
@@ -75,7 +77,7 @@ Array = jax.Array
 
 DECODE_IMPLS = ("device", "host")
 # Both loops' LM step (see the module docstring); "auto": fused on GPU, unrolled elsewhere.
-STEP_IMPLS = ("auto", "unrolled", "scan", "fused", "fused_gemv")
+STEP_IMPLS = ("auto", "unrolled", "scan", "fused", "fused_gemv", "fused_mixed")
 STOP_REASONS = ("", "eos", "repeat", "length")  # the device loop's codes 0..3
 
 
@@ -359,7 +361,8 @@ class Sampler:
   in one, or 8 when tokens are streamed to an `on_tokens` callback). step_impl: the LM step
   of both loops, 'unrolled' (per-layer weights, made at the first decode), 'fused' (the
   same weights, one kernel per layer's middle), 'fused_gemv' (three kernels a layer),
-  'scan' (`Mamba2LM.step`) or 'auto' (the default: fused on GPU, unrolled elsewhere).
+  'fused_mixed' (fused_gemv for one row, fused for more), 'scan' (`Mamba2LM.step`) or
+  'auto' (the default: fused_mixed on GPU, unrolled elsewhere).
   """
 
   def __init__(self, llm: Mamba2LM, *, vocab_size: int, stop_ids: Sequence[int] = (),
@@ -370,9 +373,11 @@ class Sampler:
     if step_impl not in STEP_IMPLS:
       raise ValueError(f"step_impl must be one of {STEP_IMPLS}, got {step_impl!r}")
     if step_impl == "auto":
-      # The fused step decodes 9% faster on an H100 (BENCHMARKS.md, "Fused decode step");
-      # on CPU the unrolled step is the plain reference (the fused one differs by rounding).
-      step_impl = "fused" if jax.default_backend() == "gpu" else "unrolled"
+      # On an H100 the 3.1B model decodes one row at 301.5 tok/s with fused_gemv's kernels,
+      # 282.3 with the fused step, 241.2 unrolled (BENCHMARKS.md, "Decoding (issue 19)");
+      # fused_gemv's GEMVs are slower than XLA's from 2 rows. On CPU the unrolled step is
+      # the plain reference (the fused ones differ by rounding).
+      step_impl = "fused_mixed" if jax.default_backend() == "gpu" else "unrolled"
     if block_tokens is not None and block_tokens < 1:
       raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
     self.decode_impl, self.block_tokens = decode_impl, block_tokens
@@ -385,7 +390,7 @@ class Sampler:
     config, block_graphdef = llm.config, llm.split_layers()[0]
     # The unrolled step's weights: made by the first device decode, then kept.
     # The fused step reads its matrices output-major (decode_weights' `transposed`).
-    make = {"fused_gemv": padded_decode_weights,
+    make = {"fused_gemv": padded_decode_weights, "fused_mixed": padded_decode_weights,
             "fused": functools.partial(decode_weights, transposed=True)
             }.get(step_impl, decode_weights)
     self._make_weights = jax.jit(lambda params: make(nnx.merge(graphdef, params)))
@@ -398,13 +403,16 @@ class Sampler:
 
     def lm_step(weights, token, cache):
       """token int32 [B] -> (logits [B, V], cache) with the step of `step_impl`; weights:
-      the DecodeWeights ('unrolled', 'fused') or the LM's params ('scan')."""
+      the DecodeWeights (padded for 'fused_gemv' and 'fused_mixed') or the LM's params
+      ('scan')."""
       if step_impl == "unrolled":
         return decode_step(config, block_graphdef, weights, token, cache)
       if step_impl == "fused":
         return fused_decode_step(config, weights, token, cache, transposed=True)
-      if step_impl == "fused_gemv":
+      if step_impl == "fused_gemv" or (step_impl == "fused_mixed" and token.shape[0] == 1):
         return fused_decode_step(config, weights, token, cache, matmul="pallas")
+      if step_impl == "fused_mixed":  # the padded in_proj's zero columns are never read
+        return fused_decode_step(config, weights, token, cache, transposed=True)
       return nnx.merge(graphdef, weights).step(token, cache)
 
     def advance(weights, cache, token, seen, key, knobs, allowed, mode):

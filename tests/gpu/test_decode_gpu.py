@@ -51,7 +51,7 @@ SMALL = Mamba2Config(d_model=256, n_layers=4, vocab_size=1000, d_state=128, head
                      chunk_len=64)
 
 
-@pytest.mark.parametrize("step_impl", ["unrolled", "fused", "fused_gemv"])
+@pytest.mark.parametrize("step_impl", ["unrolled", "fused", "fused_gemv", "fused_mixed"])
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
 def test_greedy_host_and_device_loops_give_the_same_tokens(step_impl, compute_dtype):
   config = SMALL.replace(compute_dtype=compute_dtype)

@@ -88,7 +88,26 @@ def test_fused_step_equals_the_reference_step(impl, variant, matmul, batch):
   assert all(worst[k] < TOL[k] for k in TOL), worst
 
 
-@pytest.mark.parametrize("step_impl", ["fused", "fused_gemv"])
+def test_fused_mixed_step_is_fused_gemv_for_one_row_and_fused_for_more():
+  """fused_mixed (the GPU default) decodes one row with fused_gemv's kernels and more rows
+  with the fused step, both on fused_gemv's padded, output-major weights: the same tokens
+  as those steps on their own weights."""
+  config = mamba2_config("tiny", compute_dtype="bfloat16")
+  llm = Mamba2LM(config, rngs=nnx.Rngs(2))
+  samplers = {impl: Sampler(llm, vocab_size=config.vocab_size, step_impl=impl)
+              for impl in ("fused_mixed", "fused_gemv", "fused")}
+  prompt = jnp.asarray(np.random.default_rng(2).integers(0, config.vocab_size, (3, 7)))
+  logits, states = llm(prompt, return_states=True)
+  params = SamplingParams(max_new_tokens=12, stop_on_repeat=False)
+  one = jax.tree.map(lambda a: a[:, :1], states)
+  single = {impl: s.generate(one, logits[0, -1], params).sampled for impl, s in samplers.items()}
+  assert single["fused_mixed"] == single["fused_gemv"]
+  rows = {impl: [g.sampled for g in s.generate_batch(states, logits[:, -1], params)]
+          for impl, s in samplers.items()}
+  assert rows["fused_mixed"] == rows["fused"] and all(len(r) == 12 for r in rows["fused"])
+
+
+@pytest.mark.parametrize("step_impl", ["fused", "fused_gemv", "fused_mixed"])
 def test_fused_host_and_device_loops_give_the_same_tokens(step_impl):
   config = mamba2_config("tiny", compute_dtype="bfloat16")
   llm = Mamba2LM(config, rngs=nnx.Rngs(1))
@@ -103,7 +122,7 @@ def test_fused_host_and_device_loops_give_the_same_tokens(step_impl):
 
 def test_auto_step_is_the_unrolled_one_on_cpu():
   llm = Mamba2LM(mamba2_config("tiny"), rngs=nnx.Rngs(0))
-  assert Sampler(llm, vocab_size=250).step_impl == "unrolled"  # "fused" on GPU
+  assert Sampler(llm, vocab_size=250).step_impl == "unrolled"  # "fused_mixed" on GPU
   with pytest.raises(ValueError, match="step_impl must be one of"):
     Sampler(llm, vocab_size=250, step_impl="fast")
 
