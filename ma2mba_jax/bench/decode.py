@@ -32,7 +32,6 @@ from flax import nnx
 from ma2mba_jax.bench import common
 from ma2mba_jax.infer.checkpoint import cast_matrices
 from ma2mba_jax.infer.sample import STEP_IMPLS, Sampler, SamplingParams
-from ma2mba_jax.models.decode import decode_step, fused_decode_step
 from ma2mba_jax.models.mamba2 import Mamba2LM
 from ma2mba_jax.models.presets import mamba2_config
 
@@ -63,24 +62,12 @@ def build(preset: str) -> Mamba2LM:
   return nnx.merge(graphdef, state)
 
 
-def step_kernels(llm: Mamba2LM, sampler: Sampler, impl: str) -> int | None:
-  """Kernel-launching ops of one compiled LM step (batch 1)."""
+def step_kernels(llm: Mamba2LM, sampler: Sampler) -> int:
+  """Kernel-launching ops of the Sampler's compiled LM step (--batch rows)."""
   token = jnp.zeros((_BATCH.value,), jnp.int32)
   cache = llm.init_states(_BATCH.value)
-  if impl == "scan":
-    graphdef, params = nnx.split(llm)
-    fn, first = jax.jit(lambda p, t, c: nnx.merge(graphdef, p).step(t, c)), params
-  elif impl.startswith("fused"):
-    # As the Sampler runs it: fused_mixed is fused_gemv for one row, fused for more.
-    pallas = impl == "fused_gemv" or (impl == "fused_mixed" and _BATCH.value == 1)
-    fn = jax.jit(lambda w, t, c: fused_decode_step(
-        llm.config, w, t, c, matmul="pallas" if pallas else "xla", transposed=True))
-    first = sampler.device_weights()
-  else:
-    bg = llm.split_layers()[0]
-    fn = jax.jit(lambda w, t, c: decode_step(llm.config, bg, w, t, c))
-    first = sampler.device_weights()
-  return sum(common.kernel_counts(fn.lower(first, token, cache).compile().as_text()).values())
+  compiled = jax.jit(sampler.lm_step).lower(sampler.device_weights(), token, cache).compile()
+  return sum(common.kernel_counts(compiled.as_text()).values())
 
 
 def main(argv):
@@ -104,7 +91,7 @@ def main(argv):
   rows, answers = [], {}
   for impl in _STEPS.value:
     sampler = Sampler(llm, vocab_size=vocab, step_impl=impl)
-    kernels = (step_kernels(llm, sampler, impl)
+    kernels = (step_kernels(llm, sampler)
                if jax.default_backend() == "gpu" and impl in _COUNT.value else None)
     for loop in _LOOPS.value:
       def decode():

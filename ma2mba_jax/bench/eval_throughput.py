@@ -51,8 +51,8 @@ from ma2mba_jax import evaluate
 from ma2mba_jax.bench import common
 from ma2mba_jax.data import synthetic
 from ma2mba_jax.data.tokenizer import load_tokenizer, vocab_size
-from ma2mba_jax.infer.answering import ModelAnswerer, make_sampler
 from ma2mba_jax.infer import model_flags
+from ma2mba_jax.infer.answering import ModelAnswerer, make_sampler
 from ma2mba_jax.infer.checkpoint import cast_matrices
 from ma2mba_jax.infer.stream import Streamer
 from ma2mba_jax.models.video_lm import VideoMa2mba
@@ -98,8 +98,9 @@ def main(argv):
   config = video_config(_PRESET.value, llm_vocab_size=vocab_size(tokenizer),
                         compute_dtype=_COMPUTE_DTYPE.value)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: VideoMa2mba(config, rngs=nnx.Rngs(0))))
+  param_dtype = jnp.dtype(model_flags.PARAM_DTYPE.value or "float32")
   model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(cast_matrices(
-      VideoMa2mba(config, rngs=nnx.Rngs(0)), jnp.dtype(model_flags.PARAM_DTYPE.value or "float32"))))())
+      VideoMa2mba(config, rngs=nnx.Rngs(0)), param_dtype)))())
   items = evaluate.load_items("synthetic", data)
   rows, records, tables = [], {}, {}
   unknown = set(_WAYS.value) - set(WAYS)

@@ -41,11 +41,13 @@ Columns:
   live GB                   device memory in use after the prefill (weights + states).
 The first table times one frame step's parts, the encoder alone (frames/s; with each
 --vision_attention: the first is the one the videos stream with, 'auto' = the Streamer's
-default, cuDNN flash attention on a GPU in bf16) and the LM layers alone (tokens/s), and gives XLA's compiled plan for the frame step (temporaries + outputs +
-non-parameter inputs; the same for every length, as only fixed shapes are compiled).
---profile_dir adds the top GPU kernels (bench/kernel_profile.py) of the encoder step, the LM
-layers' step and each device decode loop (per token). Weights are made on the host and moved to the device already cast (--param_dtype), so the
-weights' f32 init never inflates the device peak. There are no allocator stats on CPU ('-').
+default, cuDNN flash attention on a GPU in bf16) and the LM layers alone (tokens/s), and
+gives XLA's compiled plan for the frame step (temporaries + outputs + non-parameter inputs;
+the same for every length, as only fixed shapes are compiled). --profile_dir adds the top
+GPU kernels (bench/kernel_profile.py) of the encoder step, the LM layers' step and each
+device decode loop (per token). Weights are made on the host and moved to the device
+already cast (--param_dtype), so the weights' f32 init never inflates the device peak.
+There are no allocator stats on CPU ('-').
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ Array = jax.Array
 
 
 DECODE_IMPLS = ("device", "host")
-# Both loops' LM step (see the module docstring); "auto": fused on GPU, unrolled elsewhere.
+# Both loops' LM step (see the module docstring); "auto": fused_mixed on GPU, unrolled
+# elsewhere.
 STEP_IMPLS = ("auto", "unrolled", "scan", "fused", "fused_gemv", "fused_mixed")
 STOP_REASONS = ("", "eos", "repeat", "length")  # the device loop's codes 0..3
 
@@ -407,12 +408,13 @@ class Sampler:
       ('scan')."""
       if step_impl == "unrolled":
         return decode_step(config, block_graphdef, weights, token, cache)
-      if step_impl == "fused":
-        return fused_decode_step(config, weights, token, cache, transposed=True)
-      if step_impl == "fused_gemv" or (step_impl == "fused_mixed" and token.shape[0] == 1):
-        return fused_decode_step(config, weights, token, cache, matmul="pallas")
-      if step_impl == "fused_mixed":  # the padded in_proj's zero columns are never read
-        return fused_decode_step(config, weights, token, cache, transposed=True)
+      if step_impl.startswith("fused"):
+        # fused_mixed: fused_gemv's kernels for one row; the fused step (XLA's GEMVs) for
+        # more, which never reads the padded in_proj's zero columns.
+        pallas = step_impl == "fused_gemv" or (step_impl == "fused_mixed"
+                                               and token.shape[0] == 1)
+        return fused_decode_step(config, weights, token, cache,
+                                 matmul="pallas" if pallas else "xla", transposed=True)
       return nnx.merge(graphdef, weights).step(token, cache)
 
     def advance(weights, cache, token, seen, key, knobs, allowed, mode):
@@ -420,6 +422,8 @@ class Sampler:
       logits, cache = lm_step(weights, token, cache)              # [B, V]
       return choose(logits, allowed, seen, key, knobs, mode), cache
 
+    # The LM step itself (weights = device_weights()), e.g. for a bench to compile alone.
+    self.lm_step = lm_step
     self._first = jax.jit(first, static_argnames="mode")
     self._advance = jax.jit(advance, static_argnames="mode")
     self._mark = jax.jit(lambda seen, token: seen.at[jnp.arange(token.shape[0]), token].set(True))

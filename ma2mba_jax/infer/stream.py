@@ -18,13 +18,14 @@ LayerStates (conv [L, 1, C, K-1] and SSM [L, 1, H, P, N], f32) from one piece to
     over those M*K embeddings -> new states. The LM head is never applied to frame positions.
     A video whose frame count is not a multiple of M ends with steps of the powers of two
     that sum to the rest (a rest of 7: 4, 2 and 1 frames; `remainder_steps`), so at most
-    log2(M) + 2 compiled shapes serve every length. Nothing grows with the video's length: device
-    memory is the weights, two copies of the states, and one step's activations. A
+    log2(M) + 2 compiled shapes serve every length. Nothing grows with the video's length:
+    device memory is the weights, two copies of the states, and one step's activations. A
     background thread decodes the next micro-batches (data/video_prefetch.py, at most 8
-    waiting) while the device runs the current one; at most
-    `max_inflight` steps are queued, so host and device memory stay bounded too.
+    waiting) while the device runs the current one; at most `max_inflight` steps are
+    queued, so host and device memory stay bounded too.
   * text: chunks of `text_chunk` tokens through one jitted function (logits at the chunk's
-    last position only), the rest one token at a time through `Mamba2LM.step`.
+    last position only), the rest in steps of the powers of two of its count through the
+    same function (`text_rest="single"`: one token at a time through `Mamba2LM.step`).
 
 A `Conversation` is immutable: its states are never donated or overwritten, so one saved
 state (e.g. the video read once) can be continued many times (each question of a benchmark,

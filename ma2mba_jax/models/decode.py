@@ -106,19 +106,16 @@ def padded_decode_weights(llm: Mamba2LM, multiple: int = 256) -> DecodeWeights:
   with zero columns to a multiple of `multiple` (what gemv.in_proj splits over its
   programs) and stored transposed, [Np, D]; every out_proj kernel stored transposed,
   [D, E] (each program of the gemv kernels reads whole rows of the contraction)."""
-  weights = decode_weights(llm)
+  weights = decode_weights(llm, transposed=True)
   width = llm.config.d_in_proj
   pad = -width % multiple
 
   def layer(state: nnx.State) -> nnx.State:
-    def relayout(path, a):
-      names = jax.tree_util.keystr(path)
-      if "in_proj" in names:
-        return jnp.pad(a, ((0, 0), (0, pad))).T                   # [Np, D]
-      if "out_proj" in names:
-        return a.T                                                # [D, E]
+    def widen(path, a):
+      if "in_proj" in jax.tree_util.keystr(path):
+        return jnp.pad(a, ((0, pad), (0, 0)))                     # [N, D] -> [Np, D]
       return a
-    return jax.tree_util.tree_map_with_path(relayout, state)
+    return jax.tree_util.tree_map_with_path(widen, state)
 
   return weights._replace(layers=tuple(layer(s) for s in weights.layers))
 

@@ -2,7 +2,8 @@
 the RMS norms folded around the matmuls; or, matmul="pallas", the matmuls and norms as
 kernels/decode.gemv kernels) against the reference step `decode_step`, in float32 from
 random states, token after token: logits and both states. Both backends of the middle on
-CPU (xla; pallas in interpret mode); one and two groups, tied and untied head. The Sampler's host and device loops on the fused step give the same tokens.
+CPU (xla; pallas in interpret mode); one and two groups, tied and untied head. The
+Sampler's host and device loops on the fused step give the same tokens.
 Sweep: `python -m tests.infer.test_fused_decode` (seeds 0-19)."""
 
 import functools
