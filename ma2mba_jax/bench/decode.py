@@ -16,7 +16,8 @@ one per token), tok/s (median of --repeats answers of --tokens greedy tokens, no
 rule), ms/token, same as host (the device loop's tokens equal the host loop's of the same
 step), parts from unrolled at (first token where this step's greedy answer differs from the
 unrolled step's, '-' nowhere), kernels/token (kernel-launching ops of the compiled step's
-optimized HLO, bench.common.kernel_counts).
+optimized HLO, bench.common.kernel_counts); with --profile_dir, gpu ms/token and gaps
+ms/token (see the flag) and each step's top kernels per token.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ _COUNT = flags.DEFINE_list("count_kernels", ["unrolled", "fused", "scan"], "Step
                            "compiled HLO is counted (GPU only; each is one more compile).")
 _LABEL = flags.DEFINE_string("label", "", "A name for this run in the table (e.g. the XLA "
                              "flags it ran under).")
+_PROFILE = flags.DEFINE_string("profile_dir", None, "Also profile one device-loop answer "
+                               "of each step under this folder (bench/kernel_profile.py): "
+                               "columns gpu ms/token (the GPU's kernel busy time) and gaps "
+                               "ms/token (wall minus busy: launches and idle), and the top "
+                               "kernels printed.")
 _JSON = flags.DEFINE_string("json", None, "Write the results here.")
 
 
@@ -111,9 +117,21 @@ def main(argv):
       answers[(impl, loop)] = [g.sampled for g in answer]
       tokens = sum(len(g.sampled) for g in answer)
       median = statistics.median(seconds)
-      rows.append({"run": _LABEL.value, "step": impl, "loop": loop, "batch": _BATCH.value,
-                   "tok/s": tokens / median, "ms/token": median * 1e3 / len(answer[0].sampled),
-                   "first call s": compile_s, "kernels/token": kernels})
+      per_token = median * 1e3 / len(answer[0].sampled)
+      row = {"run": _LABEL.value, "step": impl, "loop": loop, "batch": _BATCH.value,
+             "tok/s": tokens / median, "ms/token": per_token, "first call s": compile_s,
+             "kernels/token": kernels}
+      if _PROFILE.value and loop == "device" and jax.default_backend() == "gpu":
+        from ma2mba_jax.bench import kernel_profile
+        kernel_rows = kernel_profile.profile(decode, f"{_PROFILE.value}/{impl}", calls=1)
+        steps = len(answer[0].sampled)
+        busy = sum(r["us/call"] for r in kernel_rows) / 1e3 / steps
+        row.update({"gpu ms/token": busy, "gaps ms/token": per_token - busy})
+        kernel_profile.print_rows(f"{impl} step, {steps} tokens",
+                                  [dict(r, **{"us/call": r["us/call"] / steps,
+                                              "launches/call": r["launches/call"] / steps})
+                                   for r in kernel_rows], top=12)
+      rows.append(row)
   for row in rows:
     mine = answers[(row["step"], row["loop"])]
     host = answers.get((row["step"], "host"))
@@ -127,7 +145,7 @@ def main(argv):
   print(f"\n{_PRESET.value} LM, {_COMPUTE_DTYPE.value} compute, {_PARAM_DTYPE.value} matrices, "
         f"{_TOKENS.value} greedy tokens, {common.environment()['device']}, built and "
         f"prompted in {build_s:.1f} s {_LABEL.value}")
-  common.print_table(rows, list(rows[0]))
+  common.print_table(rows, list(dict.fromkeys(k for row in rows for k in row)))
   common.write_json(_JSON.value, {"bench": "decode", "preset": _PRESET.value,
                                   "label": _LABEL.value, "rows": rows,
                                   "environment": common.environment()})

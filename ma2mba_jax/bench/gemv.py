@@ -31,6 +31,12 @@ over num_warps x num_stages; stage C, the best config at 2 and 4 rows and the tl
 (16 rows) over a few blocks. New configs stop after --budget_s seconds (what was measured
 is printed and written). --sweep=confirm: the DEFAULTS at 1, 2, 4 and 16 rows, then a
 small neighbourhood of the batch-1 defaults. --sweep=defaults: the DEFAULTS only.
+--sweep=evict: the batch-1 DEFAULTS and three neighbours with and without evict_first
+(Config.eviction) and loading tiles one step ahead (Config.ahead). --sweep=persistent:
+the batch-1 DEFAULTS, then Config.programs (each program normalises the input once and
+loops over column blocks) over a few blocks and program counts, evict_first. Every sweep also times xla_read, a row sum of the nk matrix
+(jnp.sum in f32, no input vector): what XLA's reduction streams the same bytes at, a
+ceiling for a GEMV kernel of this size.
 """
 
 from __future__ import annotations
@@ -47,7 +53,9 @@ _MATRICES = flags.DEFINE_integer("matrices", 16, "Calls per jitted function, eac
                                  "own weight matrix.")
 _DISPATCHES = flags.DEFINE_integer("dispatches", 4, "Functions dispatched per timed batch.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed batches (median reported).")
-_SWEEP = flags.DEFINE_enum("sweep", "full", ["full", "confirm", "defaults"], "What to time.")
+_SWEEP = flags.DEFINE_enum("sweep", "full", ["full", "confirm", "defaults", "evict",
+                                             "persistent"],
+                          "What to time.")
 _PROFILE = flags.DEFINE_string("profile_dir", None, "Also time each config's kernels on the "
                                "GPU (jax.profiler, bench/kernel_profile.py) under this folder: "
                                "column gpu_us, the kernels' busy time a call, no launch gaps.")
@@ -59,7 +67,7 @@ _JSON = flags.DEFINE_string("json", None, "Write the results here.")
 
 EPS = 1e-5
 COLUMNS = ["kernel", "impl", "rows", "block_n", "block_k", "split_k", "num_warps",
-           "num_stages", "unroll", "us", "TB/s", "gpu_us", "gpu_TB/s", "err", "stage"]
+           "num_stages", "unroll", "eviction", "ahead", "programs", "us", "TB/s", "gpu_us", "gpu_TB/s", "err", "stage"]
 
 
 class Bench:
@@ -161,8 +169,13 @@ class Bench:
   # ---- one measurement
 
   def xla(self, kernel: str, layout: str, rows: int) -> dict:
+    """XLA's einsum on the kn or nk layout; layout "read": the nk matrix's row sums."""
     import jax.numpy as jnp
-    if kernel == "in_proj":
+    if layout == "read":
+      weights = self.w_in_nk if kernel == "in_proj" else self.w_out_nk
+      nbytes = 2 * self.d * (self.np_ if kernel == "in_proj" else self.e)
+      fn = lambda x, w: jnp.sum(w, axis=1, dtype=jnp.float32)
+    elif kernel == "in_proj":
       weights = self.w_in_kn if layout == "kn" else self.w_in_nk
       eq = "rd,dn->rn" if layout == "kn" else "rd,nd->rn"
       fn = lambda x, w: jnp.einsum(eq, x["u"], w, preferred_element_type=jnp.float32)
@@ -173,7 +186,8 @@ class Bench:
       fn = lambda x, w: jnp.einsum(eq, x["y"], w, preferred_element_type=jnp.float32)
       nbytes = 2 * self.d * self.e
     us, _, gpu_us = self.time_us(fn, rows, weights)
-    return dict(kernel=kernel, impl=f"xla_{layout}", rows=rows, us=us,
+    return dict(kernel=kernel, impl=f"xla_{layout}", rows=0 if layout == "read" else rows,
+                us=us,
                 **{"TB/s": nbytes / us / 1e6}, **_gpu(gpu_us, nbytes))
 
   def gemv(self, kernel: str, rows: int, config, stage: str) -> dict:
@@ -258,7 +272,7 @@ def main(argv):
     add(bench.gemv(kernel, rows, cfg, stage))
 
   for kernel in ("in_proj", "out_proj"):
-    for layout in ("kn", "nk"):
+    for layout in ("kn", "nk", "read"):
       add(bench.xla(kernel, layout, rows1))
 
   if _SWEEP.value == "confirm":
@@ -276,6 +290,26 @@ def main(argv):
     for warps in (2, 4):
       run("out_proj", rows1, Config(8, 512, 2, warps, 3), "N")
       run("out_proj", rows1, Config(4, 512, 1, warps, 3), "N")
+  elif _SWEEP.value == "evict":
+    for eviction, ahead in itertools.product((None, "evict_first"), (False, True)):
+      for kernel in ("in_proj", "out_proj"):
+        base = gemv.DEFAULTS[(kernel, gemv.path_of(rows1))]._replace(eviction=eviction,
+                                                                      ahead=ahead)
+        run(kernel, rows1, base, "E")
+        run(kernel, rows1, base._replace(num_warps=4, num_stages=1), "E")
+        run(kernel, rows1, base._replace(block_n=base.block_n * 2), "E")
+        run(kernel, rows1, base._replace(block_k=base.block_k // 2, num_warps=4,
+                                         num_stages=1), "E")
+  elif _SWEEP.value == "persistent":
+    for kernel in ("in_proj", "out_proj"):
+      run(kernel, rows1, None, "P")
+    shapes = {"in_proj": ((8, 512, 4), (4, 512, 4), (16, 512, 8), (8, 256, 4)),
+              "out_proj": ((4, 1024, 4), (8, 1024, 8), (4, 512, 4), (2, 1024, 4))}
+    for kernel in ("in_proj", "out_proj"):
+      for (bn, bk, warps), programs in itertools.product(shapes[kernel],
+                                                         (132, 264, 528, 1056)):
+        run(kernel, rows1, Config(bn, bk, 1, warps, 1, eviction="evict_first",
+                                  programs=programs), "P")
   elif _SWEEP.value == "defaults":
     for kernel in ("in_proj", "out_proj"):
       for rows in sorted({rows1, 2, 4, gemv.ROWS}):

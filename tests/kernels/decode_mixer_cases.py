@@ -106,14 +106,18 @@ def oracle(case: Case, inputs: dict) -> dict:
               conv=window[:, :, 1:], ssm=ssm)
 
 
-def errors(case: Case, seed: int, impl: str, interpret: bool | None = None) -> dict:
-  """Relative error of each output of mixer_step(impl) against the oracle."""
+def errors(case: Case, seed: int, impl: str, interpret: bool | None = None,
+           split: int | None = None) -> dict:
+  """Relative error of each output of mixer_step(impl) against the oracle. split: the
+  pallas kernel's programs per head (its ss: a head's `split` partial sums, added here)."""
   inputs = make_inputs(case, seed)
   j = {k: (jnp.asarray(v) if k != "params" else MixerParams(*map(jnp.asarray, v)))
        for k, v in inputs.items()}
   yw, ss, conv, ssm = mixer_step(jnp.int32(case.layer), j["raw"], j["in_scale"], j["params"],
                                  j["conv"], j["ssm"], dims=dims_of_case(case), impl=impl,
-                                 interpret=interpret)
+                                 interpret=interpret,
+                                 **({} if split is None else {"split": split}))
+  ss = ss.reshape(ss.shape[0], case.n_heads, -1).sum(-1)                     # [B, H]
   ref = oracle(case, inputs)
   others = [i for i in range(case.n_layers) if i != case.layer]
   # The other layers' states pass through untouched (in place in the pallas backend).

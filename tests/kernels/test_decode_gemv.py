@@ -33,6 +33,9 @@ CONFIGS = {
     "split4_oversize": gemv.Config(block_n=1024, block_k=32, split_k=4),
     "split3_shrunk": gemv.Config(block_n=16, block_k=64, split_k=3),
     "unrolled_split2": gemv.Config(block_n=8, block_k=32, split_k=2, unroll=True),
+    "ahead_evict_split2": gemv.Config(block_n=16, block_k=32, split_k=2,
+                                      eviction="evict_first", ahead=True),
+    "persistent": gemv.Config(block_n=8, block_k=32, programs=3, eviction="evict_first"),
 }
 
 
@@ -121,3 +124,25 @@ def test_effective_configs_fit_the_shapes():
     gemv.padded_rows(17)
   with pytest.raises(ValueError, match="padded_rows"):
     gemv.path_of(8)
+
+
+@pytest.mark.parametrize("programs", [1, 3, 64])
+@pytest.mark.parametrize("rows,live", [(1, 1), (4, 3)])
+def test_persistent_programs_give_the_grids_sums_exactly(programs, rows, live):
+  # Config.programs changes which program computes a column block, not the sums: the same
+  # bits as the one-program-a-block grid with the same blocks (bf16, two groups).
+  cd = jnp.bfloat16
+  x = _inputs(100 + programs, rows, cd)
+  grid, persistent = gemv.Config(8, 32), gemv.Config(8, 32, programs=programs)
+  assert gemv.effective("in_proj", rows, NP, D, 1, persistent).programs == min(programs,
+                                                                               NP // 8)
+  ins = [gemv.in_proj(x["h"], x["w_norm"], x["w_in"], eps=EPS, config=c, interpret=True)
+         for c in (grid, persistent)]
+  np.testing.assert_array_equal(ins[0], ins[1])
+  outs = [gemv.out_proj(x["g"], x["ss"], x["w_gate"], x["w_out"], x["h"], eps=EPS,
+                        n_groups=2, rows=live, config=c, interpret=True)
+          for c in (grid, persistent)]
+  np.testing.assert_array_equal(outs[0], outs[1])
+  # The tl.dot path and split-K have no persistent form: the grid runs instead.
+  assert gemv.effective("in_proj", gemv.ROWS, NP, D, 1, persistent).programs == 0
+  assert gemv.effective("out_proj", 1, D, E, 1, persistent._replace(split_k=2)).programs == 0

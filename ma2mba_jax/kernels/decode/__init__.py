@@ -19,7 +19,10 @@ rounded to the compute dtype cd where `Mamba2Mixer.step` rounds them):
   g      = y * silu(z)
   yw     = g * norm_weight rounded to cd   [B, E]  (out_proj's input before the gated norm's
                                                     per-group 1 / rms(g), applied by the caller)
-  ss     = sum of g^2 per head             [B, H]  (the caller sums a group's heads)
+  ss     = sum of g^2 per head             [B, H]  (the caller sums a group's columns; the
+                                                    pallas backend with split > 1 gives
+                                                    [B, H * split], a head's partial sums
+                                                    side by side)
 
 Layouts: raw [B, 2E + 2GN + H] f32; in_scale [B] f32; conv [L, B, C, K-1] f32 and ssm
 [L, B, H, P, N] f32 are the whole LayerStates stacks; layer: int32 scalar (which layer's
@@ -89,12 +92,16 @@ def _pallas_fits(dims: Dims) -> bool:
 
 def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, conv: Array,
                ssm: Array, *, dims: Dims, impl: str = "auto", interpret: bool | None = None,
-               gated_rows: int | None = None) -> tuple[Array, Array, Array, Array]:
+               gated_rows: int | None = None, split: int | None = None,
+               touch: Array | None = None, touch_rows: int = 0
+               ) -> tuple[Array, Array, Array, Array]:
   """See the module docstring. raw may have more rows and columns than read (the batch is
   in_scale's length). gated_rows: instead of yw and ss, return g [gated_rows, E] f32 and ss
   [gated_rows, H] (rows >= B: zero in xla, never written in pallas), as `gemv.out_proj`
   reads them. interpret (pallas only): run the kernel in the Pallas interpreter (default:
-  when not on GPU)."""
+  when not on GPU). split (pallas only): programs per head (default `pallas.SPLIT`).
+  touch, touch_rows (pallas only): the next kernel's matrix, whose first rows more programs
+  of the kernel read into the L2 (`pallas.mixer_step`); no effect on the results."""
   impl = resolve_impl(impl, dims)
   if impl == "xla":
     from ma2mba_jax.kernels.decode import reference
@@ -104,7 +111,10 @@ def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, c
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   return pallas.mixer_step(layer, raw, in_scale, params, conv, ssm, dims=dims,
-                           interpret=interpret, gated_rows=gated_rows)
+                           interpret=interpret, gated_rows=gated_rows,
+                           num_warps=pallas.NUM_WARPS,
+                           split=pallas.SPLIT if split is None else split, touch=touch,
+                           touch_rows=touch_rows)
 
 
 __all__ = ["IMPLS", "MixerParams", "Dims", "dims_of", "resolve_impl", "mixer_step"]

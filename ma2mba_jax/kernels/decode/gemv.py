@@ -64,13 +64,26 @@ class Config(NamedTuple):
   over; num_warps / num_stages: Triton's. Blocks are shrunk to powers of two that divide
   the shapes (see `effective`). unroll: the contraction's loop unrolled in the program
   (every tile's load issued up front) instead of a loop that Triton may pipeline over
-  num_stages."""
+  num_stages. eviction: the weight tiles' L2 eviction policy (Triton's "evict_first" or
+  "evict_last"; None: the default). Each weight is read once a token, so evict_first
+  leaves the L2 to what is read again. ahead: each weight tile is loaded one step of the
+  contraction before it is used (the first one before the program's norm prologue), so its
+  memory latency overlaps the arithmetic before it (software pipelining in registers,
+  which Triton's num_stages does not do for num_stages=1). programs (vector path, no
+  split-K): 0 = one program per block of block_n columns; > 0 = that many programs, each
+  normalising the input rows ONCE and then looping over column blocks pid, pid + programs,
+  ...: the input is read from the L2 `programs` times instead of once per column block
+  (with the grid of thousands of small programs, those re-reads are ~0.75x the weight
+  bytes for in_proj); every tile of a block is loaded at once (the contraction unrolled)."""
   block_n: int
   block_k: int
   split_k: int = 1
   num_warps: int = 4
   num_stages: int = 1
   unroll: bool = False
+  eviction: str | None = None
+  ahead: bool = False
+  programs: int = 0
 
 
 # From `python -m ma2mba_jax.bench.gemv` on one H100 (docs/bench/h100_r9/gemv_sweep.* and
@@ -87,6 +100,9 @@ DEFAULTS = {
 # The vector path's accumulators ([block_n, block_k] f32 a row) are kept to 128 registers
 # a thread: block_k is halved until block_n * block_k * rows <= _ACC_PER_WARP * num_warps.
 _ACC_PER_WARP = 4096
+# The persistent kernels (Config.programs) hold a row's whole normalised input in registers,
+# in at most this many block_k pieces.
+_MAX_UNROLLED = 16
 
 
 def padded_rows(batch: int) -> int:
@@ -148,7 +164,11 @@ def effective(kernel: str, rows: int, n: int, k: int, n_groups: int = 1,
       _ACC_PER_WARP * config.num_warps):
     block_k //= 2
   split = _split(config.split_k, k // block_k, group // block_k)
-  return config._replace(block_n=block_n, block_k=block_k, split_k=split)
+  programs = config.programs
+  if path != "vec" or split > 1 or k // block_k > _MAX_UNROLLED:
+    programs = 0
+  return config._replace(block_n=block_n, block_k=block_k, split_k=split,
+                         programs=min(programs, n // block_n))
 
 
 def _rows(r: int, vec: bool) -> list:
@@ -184,8 +204,30 @@ def _loop(n: int, body, init, unroll: bool):
   return init
 
 
+def _tile(w_ref, cols, ks, eviction: str | None) -> Array:
+  """The weight tile w_ref[cols, ks] [bn, bk], loaded with `eviction` when given."""
+  if eviction is None:
+    return w_ref[cols, ks]
+  return plgpu.load(w_ref.at[cols, ks], eviction_policy=eviction)
+
+
+def _stream(n: int, load, step, acc, *, unroll: bool, ahead: bool, first=None):
+  """acc after step(k, acc, load(k)) for k = 0 .. n-1. ahead: tile k + 1 is loaded before
+  step k runs (tile 0 is `first`, loaded by the caller before its prologue)."""
+  if not ahead:
+    return _loop(n, lambda k, a: step(k, a, load(k)), acc, unroll)
+
+  def body(k, carry):
+    a, tile = carry
+    nxt = load(k + 1)
+    return step(k, a, tile), nxt
+
+  acc, tile = _loop(n - 1, body, (acc, first), unroll)
+  return step(n - 1, acc, tile)
+
+
 def _in_proj_kernel(h_ref, w_norm_ref, w_ref, out_ref, *, eps, cd, block_k, k_blocks, vec,
-                    unroll):
+                    unroll, eviction, ahead):
   r, d = h_ref.shape
   bn = out_ref.shape[-1]
   cols = pl.ds(pl.program_id(0) * bn, bn)
@@ -194,6 +236,8 @@ def _in_proj_kernel(h_ref, w_norm_ref, w_ref, out_ref, *, eps, cd, block_k, k_bl
   sel = _rows(r, vec)
   width = 1 if vec else r
 
+  load = lambda k: _tile(w_ref, cols, chunk(k0 + k), eviction)                 # [bn, bk]
+  first = load(0) if ahead else None
   # The vector path sums the squares in pieces of up to 1024, unrolled (their loads issued
   # at once: one latency); the tl.dot path, with 16 rows, in a loop of block_k.
   piece = _fit(1024, d, 1) if vec else block_k
@@ -209,9 +253,8 @@ def _in_proj_kernel(h_ref, w_norm_ref, w_ref, out_ref, *, eps, cd, block_k, k_bl
              unroll=vec and d // piece <= 16)
   scales = [lax.rsqrt(s / d + eps) for s in ss]                                # [1|R] each
 
-  def body(k, acc):
+  def step(k, acc, w):
     ks = chunk(k0 + k)
-    w = w_ref[cols, ks]                                                        # [bn, bk]
     w_norm = w_norm_ref[ks][None, :]
     out = []
     for a, s, scale in zip(acc, sel, scales):
@@ -220,9 +263,91 @@ def _in_proj_kernel(h_ref, w_norm_ref, w_ref, out_ref, *, eps, cd, block_k, k_bl
     return tuple(out)
 
   shape = (bn, block_k) if vec else (r, bn)
-  acc = _loop(k_blocks, body, tuple(jnp.zeros(shape, f32) for _ in sel), unroll)
+  acc = _stream(k_blocks, load, step, tuple(jnp.zeros(shape, f32) for _ in sel),
+                unroll=unroll, ahead=ahead, first=first)
   for a, s in zip(acc, sel):
     out_ref[s, :] = _total(a, vec).astype(out_ref.dtype)                     # [1|R, bn]
+
+
+def _column_blocks(n_blocks: int, programs: int, block) -> None:
+  """block(j) for this program's column blocks j = pid, pid + programs, ... < n_blocks."""
+  pid = pl.program_id(0)
+  count = (n_blocks - pid + programs - 1) // programs
+
+  def body(t, carry):
+    block(pid + t * programs)
+    return carry
+
+  lax.fori_loop(0, count, body, 0)
+
+
+def _dot_block(u: list, tiles: list) -> Array:
+  """The vector path's product of one row's normalised pieces u ([1, bk] cd each) with a
+  column block's tiles ([bn, bk] cd each): [1, bn] f32, summed as `_contract` / `_total`."""
+  acc = jnp.zeros(tiles[0].shape, f32)
+  for uk, wk in zip(u, tiles):
+    acc = _contract(acc, uk, wk, True)
+  return _total(acc, True)
+
+
+def _in_proj_persistent(h_ref, w_norm_ref, w_ref, out_ref, *, eps, cd, block_k, block_n,
+                        programs, eviction):
+  """in_proj with Config.programs > 0 (vector path): the same sums as _in_proj_kernel."""
+  r, d = h_ref.shape
+  kb = d // block_k
+  piece = _fit(1024, d, 1)                      # the squares as _in_proj_kernel sums them
+  chunk = lambda k: _chunk(k, block_k)
+  u = []                                        # per row: kb pieces [1, bk] cd
+  for i in range(r):
+    s = pl.ds(i, 1)
+    ss = jnp.zeros((1,), f32)
+    for k in range(d // piece):
+      x = h_ref[s, _chunk(k, piece)]
+      ss = ss + jnp.sum(x * x, axis=1)
+    scale = lax.rsqrt(ss / d + eps)
+    u.append([(h_ref[s, chunk(k)] * scale[:, None] * w_norm_ref[chunk(k)][None, :]
+               ).astype(cd) for k in range(kb)])
+
+  def block(j):
+    cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
+    tiles = [_tile(w_ref, cols, chunk(k), eviction).astype(cd) for k in range(kb)]
+    for i in range(r):
+      out_ref[pl.ds(i, 1), cols] = _dot_block(u[i], tiles).astype(out_ref.dtype)
+
+  _column_blocks(out_ref.shape[-1] // block_n, programs, block)
+
+
+def _out_proj_persistent(g_ref, ss_ref, w_norm_ref, w_ref, h_ref, out_ref, *, eps, cd,
+                         block_k, block_n, n_groups, rows, programs, eviction):
+  """out_proj with Config.programs > 0 (vector path, split_k = 1): the same sums as
+  _out_proj_kernel; rows >= `rows` get h."""
+  r, e = g_ref.shape
+  group = e // n_groups
+  hpg = ss_ref.shape[1] // n_groups
+  piece = hpg & -hpg
+  kb = e // block_k
+  chunk = lambda k: _chunk(k, block_k)
+  u = []                                        # per live row: kb pieces [1, bk] cd
+  for i in range(min(r, rows)):
+    s = pl.ds(i, 1)
+    scales = []
+    for gi in range(n_groups):
+      ss = jnp.zeros((1,), f32)
+      for j in range(hpg // piece):
+        ss = ss + jnp.sum(ss_ref[s, pl.ds(gi * hpg + j * piece, piece)], axis=1)
+      scales.append(lax.rsqrt(ss / group + eps))
+    u.append([(g_ref[s, chunk(k)] * scales[k * block_k // group][:, None]
+               * w_norm_ref[chunk(k)][None, :]).astype(cd) for k in range(kb)])
+
+  def block(j):
+    cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
+    tiles = [_tile(w_ref, cols, chunk(k), eviction).astype(cd) for k in range(kb)]
+    for i in range(r):
+      h = h_ref[pl.ds(i, 1), cols]
+      out_ref[pl.ds(i, 1), cols] = (h + _dot_block(u[i], tiles).astype(cd).astype(f32)
+                                    if i < len(u) else h)
+
+  _column_blocks(out_ref.shape[-1] // block_n, programs, block)
 
 
 def _output(rows: int, cols: int, block_n: int, split: int, dtype: Any
@@ -248,10 +373,22 @@ def in_proj(h: Array, norm_weight: Array, kernel_t: Array, *, eps: float,
   bn, bk, split = cfg.block_n, cfg.block_k, cfg.split_k
   cd = kernel_t.dtype
   k_blocks = d // bk // split
+  if cfg.programs:
+    return pl.pallas_call(
+        functools.partial(_in_proj_persistent, eps=eps, cd=cd, block_k=bk, block_n=bn,
+                          programs=cfg.programs, eviction=cfg.eviction),
+        grid=(cfg.programs,),
+        in_specs=[pl.BlockSpec((r, d), lambda j: (0, 0)),
+                  pl.BlockSpec((d,), lambda j: (0,)),
+                  pl.BlockSpec((n, d), lambda j: (0, 0))],
+        out_specs=pl.BlockSpec((r, n), lambda j: (0, 0)),
+        out_shape=jax.ShapeDtypeStruct((r, n), cd),
+        **_compiler(interpret, cfg))(h.astype(f32), norm_weight.astype(f32), kernel_t)
   out_spec, out_shape = _output(r, n, bn, split, cd)
   out = pl.pallas_call(
       functools.partial(_in_proj_kernel, eps=eps, cd=cd, block_k=bk, k_blocks=k_blocks,
-                        vec=vec, unroll=cfg.unroll),
+                        vec=vec, unroll=cfg.unroll, eviction=cfg.eviction,
+                        ahead=cfg.ahead),
       grid=(n // bn, split),
       in_specs=[pl.BlockSpec((r, d), lambda j, s: (0, 0)),
                 pl.BlockSpec((d,), lambda j, s: (0,)),
@@ -264,7 +401,7 @@ def in_proj(h: Array, norm_weight: Array, kernel_t: Array, *, eps: float,
 
 
 def _out_proj_kernel(g_ref, ss_ref, w_norm_ref, w_ref, h_ref, out_ref, *, eps, cd, block_k,
-                     k_blocks, n_groups, rows, vec, final, unroll):
+                     k_blocks, n_groups, rows, vec, final, unroll, eviction, ahead):
   r, e = g_ref.shape
   group = e // n_groups
   hpg = ss_ref.shape[1] // n_groups
@@ -282,6 +419,8 @@ def _out_proj_kernel(g_ref, ss_ref, w_norm_ref, w_ref, h_ref, out_ref, *, eps, c
 
   def seg_body(t, acc):
     first = k0 + t * seg
+    load = lambda k: _tile(w_ref, cols, chunk(first + k), eviction)           # [bn, bk]
+    tile0 = load(0) if ahead else None
     gi = first // per_group
     scales = []
     for s in sel:
@@ -291,9 +430,8 @@ def _out_proj_kernel(g_ref, ss_ref, w_norm_ref, w_ref, h_ref, out_ref, *, eps, c
       scale = lax.rsqrt(ss / group + eps)
       scales.append(scale if vec else jnp.where(live[:, 0], scale, 0.0))
 
-    def body(k, acc):
+    def step(k, acc, w):
       ks = chunk(first + k)
-      w = w_ref[cols, ks]                                                      # [bn, bk]
       w_norm = w_norm_ref[ks][None, :]
       out = []
       for a, s, scale in zip(acc, sel, scales):
@@ -304,7 +442,7 @@ def _out_proj_kernel(g_ref, ss_ref, w_norm_ref, w_ref, h_ref, out_ref, *, eps, c
         out.append(_contract(a, u, w.astype(cd), vec))
       return tuple(out)
 
-    return _loop(seg, body, acc, unroll)
+    return _stream(seg, load, step, acc, unroll=unroll, ahead=ahead, first=tile0)
 
   shape = (bn, block_k) if vec else (r, bn)
   acc = _loop(k_blocks // seg, seg_body, tuple(jnp.zeros(shape, f32) for _ in sel), unroll)
@@ -332,11 +470,27 @@ def out_proj(gated: Array, ss: Array, norm_weight: Array, kernel_t: Array, h: Ar
   cfg = effective("out_proj", r, d, e, n_groups, config)
   bn, bk, split = cfg.block_n, cfg.block_k, cfg.split_k
   cd = kernel_t.dtype
+  if cfg.programs:
+    return pl.pallas_call(
+        functools.partial(_out_proj_persistent, eps=eps, cd=cd, block_k=bk, block_n=bn,
+                          n_groups=n_groups, rows=rows, programs=cfg.programs,
+                          eviction=cfg.eviction),
+        grid=(cfg.programs,),
+        in_specs=[pl.BlockSpec((r, e), lambda j: (0, 0)),
+                  pl.BlockSpec(ss.shape, lambda j: (0, 0)),
+                  pl.BlockSpec((e,), lambda j: (0,)),
+                  pl.BlockSpec((d, e), lambda j: (0, 0)),
+                  pl.BlockSpec((r, d), lambda j: (0, 0))],
+        out_specs=pl.BlockSpec((r, d), lambda j: (0, 0)),
+        out_shape=jax.ShapeDtypeStruct((r, d), f32),
+        **_compiler(interpret, cfg))(gated, ss, norm_weight.astype(f32), kernel_t,
+                                     h.astype(f32))
   out_spec, out_shape = _output(r, d, bn, split, f32)
   out = pl.pallas_call(
       functools.partial(_out_proj_kernel, eps=eps, cd=cd, block_k=bk,
                         k_blocks=e // bk // split, n_groups=n_groups, rows=rows, vec=vec,
-                        final=split == 1, unroll=cfg.unroll),
+                        final=split == 1, unroll=cfg.unroll, eviction=cfg.eviction,
+                        ahead=cfg.ahead),
       grid=(d // bn, split),
       in_specs=[pl.BlockSpec((r, e), lambda j, s: (0, 0)),
                 pl.BlockSpec(ss.shape, lambda j, s: (0, 0)),

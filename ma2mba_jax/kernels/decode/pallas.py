@@ -21,6 +21,10 @@ from ma2mba_jax.kernels.decode import Dims, MixerParams
 
 Array = jax.Array
 f32 = jnp.float32
+SPLIT = 1        # programs per head (mixer_step's split)
+NUM_WARPS = 4
+TOUCH = 0.5      # of out_proj's rows, the fraction the decode step has mixer_step touch
+TOUCH_ROWS = 4   # rows of the touched matrix a program reads
 
 
 def _silu(v):
@@ -32,72 +36,130 @@ def _softplus(v):
   return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
 
 
-def _kernel(layer_ref, raw_ref, scale_ref, conv_w_ref, conv_b_ref, dt_bias_ref, a_log_ref,
-            d_ref, norm_w_ref, conv_ref, ssm_ref,
-            yw_ref, ss_ref, conv_out_ref, ssm_out_ref, *, dims: Dims, gated_out: bool):
+def _kernel(*refs, dims: Dims, gated_out: bool, split: int, touch_programs: int):
+  """One program of the grid (batch row b, head h, part): the mixer for h < H; with
+  touch_programs, the programs of row b = 0 past the heads touch the next matrix."""
+  # The program ids are read here, outside any pl.when (the interpreter needs that).
+  ids = (pl.program_id(0), pl.program_id(1), pl.program_id(2))
+  if not touch_programs:
+    _mix(*refs, ids=ids, dims=dims, gated_out=gated_out, split=split)
+    return
+  *ins, touch_ref, yw_ref, ss_ref, conv_out_ref, ssm_out_ref, touched_ref = refs
+  b, h, part = ids
+  pl.when(h < dims.n_heads)(lambda: _mix(*ins, yw_ref, ss_ref, conv_out_ref, ssm_out_ref,
+                                         ids=ids, dims=dims, gated_out=gated_out,
+                                         split=split))
+  which = (h - dims.n_heads) * split + part
+  pl.when((h >= dims.n_heads) & (b == 0) & (which < touch_programs))(
+      lambda: _touch(touch_ref, touched_ref, which))
+
+
+def _touch(touch_ref, touched_ref, which) -> None:
+  """Reads rows [which * TOUCH_ROWS, + TOUCH_ROWS) of touch_ref [D, E] with evict_last (into
+  the L2, for the next kernel to find there) and writes their sum to touched_ref[which]
+  (a load whose value is never used is removed by the compiler)."""
+  e = touch_ref.shape[1]
+  piece = min(e & -e, 1024)
+  rows = pl.ds(which * TOUCH_ROWS, TOUCH_ROWS)
+  acc = jnp.zeros((TOUCH_ROWS, piece), f32)
+  for k in range(e // piece):
+    acc = acc + plgpu.load(touch_ref.at[rows, pl.ds(k * piece, piece)],
+                           eviction_policy="evict_last").astype(f32)
+  touched_ref[which] = jnp.sum(acc)
+
+
+def _mix(layer_ref, raw_ref, scale_ref, conv_w_ref, conv_b_ref, dt_bias_ref, a_log_ref,
+         d_ref, norm_w_ref, conv_ref, ssm_ref,
+         yw_ref, ss_ref, conv_out_ref, ssm_out_ref, *, ids, dims: Dims, gated_out: bool,
+         split: int):
   e, p, n, g, k = dims.d_inner, dims.head_dim, dims.d_state, dims.n_groups, dims.d_conv
   hpg = dims.n_heads // g
+  ps = p // split                                              # this program's head rows
   cd = dims.compute_dtype
-  b = pl.program_id(0)
-  h = pl.program_id(1)
+  b, h, part = ids                                             # part: which [ps] of the head
   layer = layer_ref[0]
   scale = scale_ref[b]
+  group = h // hpg
+  x0 = h * p + part * ps                                       # first x / z channel
+  bc0, cc0 = e + group * n, e + g * n + group * n              # B's and C's conv channels
 
+  # Every load first, every store last: the stores (the conv state, the SSM state aliased
+  # to its input) would otherwise keep Triton from issuing later loads early, and each
+  # load after a store costs another memory latency.
   def proj(start, size):
     """The in_proj output's [start, start + size) of row b, as Linear rounds it."""
     return (raw_ref[b, pl.ds(start, size)].astype(f32) * scale).astype(cd).astype(f32)
 
-  def conv(c0, size, write: bool):
-    """silu(conv) of conv channels [c0, c0 + size), rounded to cd; writes their new
-    conv state when `write`."""
+  def window(c0, size):
+    """The conv window of channels [c0, c0 + size): K-1 state taps and the new input."""
     taps = [conv_ref[layer, b, pl.ds(c0, size), j].astype(cd).astype(f32)
             for j in range(k - 1)]
-    taps.append(proj(e + c0, size))
+    return taps + [proj(e + c0, size)]
+
+  def conv(c0, size, taps):
+    """silu(conv) of conv channels [c0, c0 + size), rounded to cd."""
     out = conv_b_ref[pl.ds(c0, size)].astype(f32)
     for j in range(k):
       out = out + taps[j] * conv_w_ref[j, pl.ds(c0, size)].astype(f32)
-    if write:
-      for j in range(k - 1):
-        conv_out_ref[b, pl.ds(c0, size), j] = taps[j + 1]
     return _silu(out).astype(cd).astype(f32)
 
-  x = conv(h * p, p, True)                                       # [P]
-  group = h // hpg
-  first_of_group = h % hpg == 0
-  # B and C: every head of the group computes them; the group's first head writes their
-  # conv state.
-  bc0, cc0 = e + group * n, e + g * n + group * n
-  bmat = conv(bc0, n, False)                                     # [N]
-  cmat = conv(cc0, n, False)                                     # [N]
+  x_taps, b_taps, c_taps = window(x0, ps), window(bc0, n), window(cc0, n)
+  z = proj(x0, ps)                                             # [ps]
+  dt_raw = proj(2 * e + 2 * g * n + h, 1)[0]
+  state = ssm_ref[layer, b, h, pl.ds(part * ps, ps), :]        # [ps, N] f32
+  dt_bias = dt_bias_ref[h].astype(f32)
+  a = -jnp.exp(a_log_ref[h].astype(f32))
+  d_skip = d_ref[h].astype(f32)
+  norm_w = None if gated_out else norm_w_ref[pl.ds(x0, ps)].astype(f32)
 
-  @pl.when(first_of_group)
-  def _():
-    conv(bc0, n, True)
-    conv(cc0, n, True)
-
-  dt = _softplus(proj(2 * e + 2 * g * n + h, 1)[0] + dt_bias_ref[h].astype(f32))
+  x = conv(x0, ps, x_taps)                                     # [ps]
+  bmat = conv(bc0, n, b_taps)                                  # [N] (every program of
+  cmat = conv(cc0, n, c_taps)                                  #  the group recomputes them)
+  dt = _softplus(dt_raw + dt_bias)
   lo, hi = dims.dt_limit
   if lo > 0.0 or hi != float("inf"):
     dt = jnp.clip(dt, lo, hi)
-  a = -jnp.exp(a_log_ref[h].astype(f32))
-  state = ssm_ref[layer, b, h]                                   # [P, N] f32
   state = jnp.exp(dt * a) * state + (dt * x)[:, None] * bmat[None, :]
-  ssm_out_ref[layer, b, h] = state
-  y = jnp.sum(state * cmat[None, :], axis=1) + d_ref[h].astype(f32) * x
-  gated = y.astype(cd).astype(f32) * _silu(proj(h * p, p))        # [P]
-  ss_ref[b, h] = jnp.sum(gated * gated)
+  y = jnp.sum(state * cmat[None, :], axis=1) + d_skip * x
+  gated = y.astype(cd).astype(f32) * _silu(z)                  # [ps]
+
+  ssm_out_ref[layer, b, h, pl.ds(part * ps, ps), :] = state
+  for j in range(k - 1):
+    conv_out_ref[b, pl.ds(x0, ps), j] = x_taps[j + 1]
+  ss_ref[b, h * split + part] = jnp.sum(gated * gated)
   if gated_out:
-    yw_ref[b, pl.ds(h * p, p)] = gated
+    yw_ref[b, pl.ds(x0, ps)] = gated
   else:
-    yw_ref[b, pl.ds(h * p, p)] = (gated * norm_w_ref[pl.ds(h * p, p)].astype(f32)).astype(cd)
+    yw_ref[b, pl.ds(x0, ps)] = (gated * norm_w).astype(cd)
+
+  # B's and C's new conv state: written once per group, by its first program.
+  @pl.when((h % hpg == 0) & (part == 0))
+  def _():
+    for j in range(k - 1):
+      conv_out_ref[b, pl.ds(bc0, n), j] = b_taps[j + 1]
+      conv_out_ref[b, pl.ds(cc0, n), j] = c_taps[j + 1]
 
 
-@functools.partial(jax.jit, static_argnames=("dims", "interpret", "num_warps", "gated_rows"))
+@functools.partial(jax.jit, static_argnames=("dims", "interpret", "num_warps", "gated_rows",
+                                             "split", "touch_rows"))
 def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, conv: Array,
-               ssm: Array, *, dims: Dims, interpret: bool = False, num_warps: int = 4,
-               gated_rows: int | None = None) -> tuple[Array, Array, Array, Array]:
+               ssm: Array, *, dims: Dims, interpret: bool = False, num_warps: int = NUM_WARPS,
+               gated_rows: int | None = None, split: int = SPLIT, touch: Array | None = None,
+               touch_rows: int = 0) -> tuple[Array, Array, Array, Array]:
   """See the package docstring; the ssm stack is updated in place (aliased). raw: [R, >=
-  2E+2GN+H] in any float dtype, rows >= B = in_scale's length never read."""
+  2E+2GN+H] in any float dtype, rows >= B = in_scale's length never read. split: programs
+  per head (each takes P / split of its rows; a power of two dividing P); ss then holds
+  one sum per program, [rows, H * split], a head's `split` sums side by side.
+
+  touch [D, E] (the next kernel's matrix: out_proj's, transposed) and touch_rows: more
+  programs read its first touch_rows rows (rounded down to TOUCH_ROWS) with evict_last
+  while the mixer runs, which leaves the card's memory idle: out_proj then finds them in
+  the L2 (50 MB on an H100; half of the 2.7B LM's 26 MB out_proj by default, TOUCH)."""
+  p = dims.head_dim
+  if split < 1 or p % split or split & (split - 1):
+    raise ValueError(f"decode mixer_step: split must be a power of two dividing head_dim="
+                     f"{p}, got {split}")
+  touch_programs = 0 if touch is None else min(touch_rows, touch.shape[0]) // TOUCH_ROWS
   batch = in_scale.shape[0]
   c = dims.d_inner + 2 * dims.n_groups * dims.d_state
   layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
@@ -105,14 +167,22 @@ def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, c
   first = (jax.ShapeDtypeStruct((rows, dims.d_inner), dims.compute_dtype) if gated_rows is None
            else jax.ShapeDtypeStruct((rows, dims.d_inner), f32))
   out_shape = [first,                                                            # yw | g
-               jax.ShapeDtypeStruct((rows, dims.n_heads), f32),                  # ss
+               jax.ShapeDtypeStruct((rows, dims.n_heads * split), f32),          # ss
                jax.ShapeDtypeStruct((batch, c, dims.d_conv - 1), f32),           # conv
                jax.ShapeDtypeStruct(ssm.shape, f32)]                             # ssm
   inputs = (layer, raw, in_scale.astype(f32), *params, conv, ssm)
+  aliases = {len(inputs) - 1: 3}
+  heads = dims.n_heads
+  if touch_programs:
+    inputs += (touch,)
+    out_shape.append(jax.ShapeDtypeStruct((touch_programs,), f32))         # touched sums
+    heads += -(-touch_programs // split)
   kwargs = {}
   if not interpret:
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-  return tuple(pl.pallas_call(
-      functools.partial(_kernel, dims=dims, gated_out=gated_rows is not None),
-      grid=(batch, dims.n_heads), out_shape=out_shape,
-      input_output_aliases={len(inputs) - 1: 3}, interpret=interpret, **kwargs)(*inputs))
+  outs = pl.pallas_call(
+      functools.partial(_kernel, dims=dims, gated_out=gated_rows is not None, split=split,
+                        touch_programs=touch_programs),
+      grid=(batch, heads, split), out_shape=out_shape,
+      input_output_aliases=aliases, interpret=interpret, **kwargs)(*inputs)
+  return tuple(outs[:4])
