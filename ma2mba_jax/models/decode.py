@@ -183,7 +183,6 @@ def _pallas_matmul_step(config: Mamba2Config, weights: DecodeWeights, token: Arr
                        cache: LayerStates) -> tuple[Array, LayerStates]:
   """fused_decode_step(matmul="pallas"): see there."""
   from ma2mba_jax.kernels.decode import gemv
-  from ma2mba_jax.kernels.decode import pallas as pallas_mixer
   c = config
   batch = token.shape[0]
   if batch > gemv.ROWS:
@@ -203,13 +202,11 @@ def _pallas_matmul_step(config: Mamba2Config, weights: DecodeWeights, token: Arr
     params = mixer_kernels.MixerParams(
         mixer["conv_weight"][...], mixer["conv_bias"][...], mixer["dt_bias"][...],
         mixer["A_log"][...], mixer["D"][...], mixer["norm"]["weight"][...])
-    w_out = mixer["out_proj"]["kernel"][...]                                    # [D, E]
     gated, ss, conv_i, ssm = mixer_kernels.mixer_step(
         jnp.int32(i), zx, ones, params, conv, ssm, dims=dims, impl="pallas",
-        interpret=interpret, gated_rows=rows, touch=w_out,
-        touch_rows=int(pallas_mixer.TOUCH * w_out.shape[0]))
+        interpret=interpret, gated_rows=rows)
     conv = jax.lax.dynamic_update_index_in_dim(conv, conv_i, i, 0)
-    h = gemv.out_proj(gated, ss, mixer["norm"]["weight"][...], w_out,
+    h = gemv.out_proj(gated, ss, mixer["norm"]["weight"][...], mixer["out_proj"]["kernel"][...],
                       h, eps=c.norm_eps, n_groups=c.n_groups, rows=batch,
                       interpret=interpret)                                     # [R, D] f32
   return _head(c, weights, h[:batch]), LayerStates(conv=conv, ssm=ssm)

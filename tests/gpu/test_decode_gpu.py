@@ -65,3 +65,22 @@ def test_greedy_host_and_device_loops_give_the_same_tokens(step_impl, compute_dt
     host = sampler.generate(states, logits[0, -1], params, decode_impl="host")
     assert len(host.sampled) == 64
     assert device.sampled == host.sampled
+
+
+@pytest.mark.parametrize("config", ["default", "persistent", "ahead_evict_split2"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_kernels_match_the_reference_on_gpu(config, rows):
+  """The decode GEMVs compiled by Triton (the vector path: in_proj's default runs
+  persistent programs, out_proj's loads tiles ahead with evict_first), bf16, against the
+  f32-accumulated einsums, as tests/kernels/test_decode_gemv.py checks them interpreted."""
+  from ma2mba_jax.kernels.decode import gemv
+  from tests.kernels import test_decode_gemv as t
+
+  cfg, cd = t.CONFIGS[config], jnp.bfloat16
+  x = t._inputs(rows, rows, cd)
+  out = gemv.in_proj(x["h"], x["w_norm"], x["w_in"], eps=t.EPS, config=cfg)
+  t.check(out, t.in_proj_reference(x["h"], x["w_norm"], x["w_in"]), cd)
+  out = gemv.out_proj(x["g"], x["ss"], x["w_gate"], x["w_out"], x["h"], eps=t.EPS,
+                      n_groups=2, rows=rows, config=cfg)
+  ref = t.out_proj_reference(x["g"], x["ss"], x["w_gate"], x["w_out"], x["h"], 2, rows)
+  t.check(out, ref, cd, base=x["h"])

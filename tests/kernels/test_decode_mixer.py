@@ -41,23 +41,3 @@ def test_impl_resolution():
     resolve_impl("triton", dims)
   assert dims.compute_dtype == jnp.float32
 
-
-def test_touching_the_next_matrix_changes_no_result():
-  # mixer_step(touch=W): more programs read W's first rows into the L2 (a performance hint
-  # for the next kernel, run with the mixer in one grid); the outputs are the same bits.
-  import jax
-  import numpy as np
-
-  from ma2mba_jax.kernels.decode import MixerParams, mixer_step
-  from tests.kernels.decode_mixer_cases import make_inputs
-
-  case = CASES["g2_bf16_b1"]
-  j = {k: (jnp.asarray(v) if k != "params" else MixerParams(*map(jnp.asarray, v)))
-       for k, v in make_inputs(case, 5).items()}
-  w = jax.random.normal(jax.random.key(3), (40, 24), jnp.float32).astype(jnp.bfloat16)
-  args = (jnp.int32(case.layer), j["raw"], j["in_scale"], j["params"], j["conv"], j["ssm"])
-  plain = mixer_step(*args, dims=dims_of_case(case), impl="pallas", interpret=True, split=2)
-  touched = mixer_step(*args, dims=dims_of_case(case), impl="pallas", interpret=True,
-                       split=2, touch=w, touch_rows=37)
-  for a, b in zip(plain, touched):
-    np.testing.assert_array_equal(a, b)

@@ -1,6 +1,9 @@
 """Session 10 exploration (not a library entry point): bench.decode's fused_gemv step with
 the GEMV and mixer kernels' launch settings patched before anything is traced, one variant
-per process:  python docs/bench/h100_r10/decode_variants.py VARIANT [bench.decode flags]."""
+per process:  python docs/bench/h100_r10/decode_variants.py VARIANT [bench.decode flags].
+Calls b-e ran it at commit 41b620e; the mixer's touch option (pallas.TOUCH) was removed
+after call e (it moved time from out_proj into the mixer kernel, no net gain), so on later
+commits the touch fraction has no effect."""
 import sys
 
 from absl import app

@@ -92,16 +92,13 @@ def _pallas_fits(dims: Dims) -> bool:
 
 def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, conv: Array,
                ssm: Array, *, dims: Dims, impl: str = "auto", interpret: bool | None = None,
-               gated_rows: int | None = None, split: int | None = None,
-               touch: Array | None = None, touch_rows: int = 0
+               gated_rows: int | None = None, split: int | None = None
                ) -> tuple[Array, Array, Array, Array]:
   """See the module docstring. raw may have more rows and columns than read (the batch is
   in_scale's length). gated_rows: instead of yw and ss, return g [gated_rows, E] f32 and ss
   [gated_rows, H] (rows >= B: zero in xla, never written in pallas), as `gemv.out_proj`
   reads them. interpret (pallas only): run the kernel in the Pallas interpreter (default:
-  when not on GPU). split (pallas only): programs per head (default `pallas.SPLIT`).
-  touch, touch_rows (pallas only): the next kernel's matrix, whose first rows more programs
-  of the kernel read into the L2 (`pallas.mixer_step`); no effect on the results."""
+  when not on GPU). split (pallas only): programs per head (default `pallas.SPLIT`)."""
   impl = resolve_impl(impl, dims)
   if impl == "xla":
     from ma2mba_jax.kernels.decode import reference
@@ -113,8 +110,7 @@ def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, c
   return pallas.mixer_step(layer, raw, in_scale, params, conv, ssm, dims=dims,
                            interpret=interpret, gated_rows=gated_rows,
                            num_warps=pallas.NUM_WARPS,
-                           split=pallas.SPLIT if split is None else split, touch=touch,
-                           touch_rows=touch_rows)
+                           split=pallas.SPLIT if split is None else split)
 
 
 __all__ = ["IMPLS", "MixerParams", "Dims", "dims_of", "resolve_impl", "mixer_step"]

@@ -26,11 +26,17 @@ layer for the 2.7B LM in bf16), so:
   * split_k > 1 (optional): the contraction is split over split_k programs too; each
     writes an f32 partial [split_k, R, N] and a small XLA epilogue sums the partials in f32
     and rounds once to cd (+ h for out_proj): the same rounding as split_k = 1, only the
-    f32 summation order differs.
+    f32 summation order differs;
+  * programs > 0 (vector path, no split-K; in_proj's default): a fixed number of
+    persistent programs, each normalising the input once and then looping over column
+    blocks, instead of one program per column block that each re-read and re-normalise
+    the whole input from the L2 (the same sums, bit for bit);
+  * eviction="evict_first" streams the weights past the L2; ahead=True loads each tile one
+    contraction step before its use (out_proj's default).
 
 Rounding: identical to the f32-accumulated matmul of the cd-rounded normalised input; the
 vector path sums the products in another order than tl.dot/XLA (f32 either way). The sums
-of squares (in_proj's norm) are taken over all of h by every program, as before.
+of squares (in_proj's norm) are taken over all of h by every program.
 
 Rows >= `rows` of g and ss (out_proj) are never read: out_proj returns h there; in_proj
 computes every one of its R rows (the caller's padding rows are zero, so they give 0).
@@ -86,15 +92,18 @@ class Config(NamedTuple):
   programs: int = 0
 
 
-# From `python -m ma2mba_jax.bench.gemv` on one H100 (docs/bench/h100_r9/gemv_sweep.* and
-# gemv_confirm.*), the 2.7B shapes: batch 1 (vector path) the fastest of the first sweep
-# (whose vector path still reduced every step); within 2-4% of the best GPU time of the
-# second (26.7 us in_proj, 13.8 us out_proj, ~2.0 TB/s; split_k=2 was 4% faster for
-# out_proj with its epilogue kernel, not taken). 16 rows (tl.dot path): the fastest of 4.
+# From `python -m ma2mba_jax.bench.gemv` and the 2.7B LM's decoding on one H100 (BENCHMARKS.md;
+# docs/bench/h100_r9 and h100_r10), the 2.7B shapes. Batch 1-4 (vector path): in_proj with
+# 528 persistent programs (4 an SM; 24.5 us a layer in the decode step against 27.0 for
+# the grid of 1344 programs), out_proj with evict_first and tiles loaded one step ahead
+# (11.5-12.4 us against 13.0); session 9's configs otherwise. 16 rows (tl.dot path): the
+# fastest of 4.
 DEFAULTS = {
-    ("in_proj", "vec"): Config(block_n=8, block_k=512, num_warps=2, num_stages=3),
+    ("in_proj", "vec"): Config(block_n=8, block_k=512, num_warps=4, num_stages=1,
+                               eviction="evict_first", programs=528),
     ("in_proj", "dot"): Config(block_n=32, block_k=128, num_warps=4, num_stages=3),
-    ("out_proj", "vec"): Config(block_n=4, block_k=1024, num_warps=2, num_stages=3),
+    ("out_proj", "vec"): Config(block_n=4, block_k=1024, num_warps=4, num_stages=1,
+                                eviction="evict_first", ahead=True),
     ("out_proj", "dot"): Config(block_n=32, block_k=128, num_warps=4, num_stages=3),
 }
 # The vector path's accumulators ([block_n, block_k] f32 a row) are kept to 128 registers

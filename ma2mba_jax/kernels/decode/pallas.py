@@ -21,10 +21,11 @@ from ma2mba_jax.kernels.decode import Dims, MixerParams
 
 Array = jax.Array
 f32 = jnp.float32
-SPLIT = 1        # programs per head (mixer_step's split)
-NUM_WARPS = 4
-TOUCH = 0.5      # of out_proj's rows, the fraction the decode step has mixer_step touch
-TOUCH_ROWS = 4   # rows of the touched matrix a program reads
+# The launch defaults, from `python -m ma2mba_jax.bench.mixer` and the 2.7B LM's decoding on
+# an H100 (BENCHMARKS.md, docs/bench/h100_r10): 4 programs of 2 warps a head, 4.5 us a layer
+# in the decode step against 6.3 us for 1 program of 4 warps.
+SPLIT = 4        # programs per head (mixer_step's split)
+NUM_WARPS = 2
 
 
 def _silu(v):
@@ -36,36 +37,12 @@ def _softplus(v):
   return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
 
 
-def _kernel(*refs, dims: Dims, gated_out: bool, split: int, touch_programs: int):
-  """One program of the grid (batch row b, head h, part): the mixer for h < H; with
-  touch_programs, the programs of row b = 0 past the heads touch the next matrix."""
-  # The program ids are read here, outside any pl.when (the interpreter needs that).
-  ids = (pl.program_id(0), pl.program_id(1), pl.program_id(2))
-  if not touch_programs:
-    _mix(*refs, ids=ids, dims=dims, gated_out=gated_out, split=split)
-    return
-  *ins, touch_ref, yw_ref, ss_ref, conv_out_ref, ssm_out_ref, touched_ref = refs
-  b, h, part = ids
-  pl.when(h < dims.n_heads)(lambda: _mix(*ins, yw_ref, ss_ref, conv_out_ref, ssm_out_ref,
-                                         ids=ids, dims=dims, gated_out=gated_out,
-                                         split=split))
-  which = (h - dims.n_heads) * split + part
-  pl.when((h >= dims.n_heads) & (b == 0) & (which < touch_programs))(
-      lambda: _touch(touch_ref, touched_ref, which))
-
-
-def _touch(touch_ref, touched_ref, which) -> None:
-  """Reads rows [which * TOUCH_ROWS, + TOUCH_ROWS) of touch_ref [D, E] with evict_last (into
-  the L2, for the next kernel to find there) and writes their sum to touched_ref[which]
-  (a load whose value is never used is removed by the compiler)."""
-  e = touch_ref.shape[1]
-  piece = min(e & -e, 1024)
-  rows = pl.ds(which * TOUCH_ROWS, TOUCH_ROWS)
-  acc = jnp.zeros((TOUCH_ROWS, piece), f32)
-  for k in range(e // piece):
-    acc = acc + plgpu.load(touch_ref.at[rows, pl.ds(k * piece, piece)],
-                           eviction_policy="evict_last").astype(f32)
-  touched_ref[which] = jnp.sum(acc)
+def _kernel(*refs, dims: Dims, gated_out: bool, split: int):
+  """One program of the grid (batch row b, head h, part)."""
+  # The program ids are read here and passed down (the interpreter needs them outside any
+  # pl.when, should the body grow one).
+  _mix(*refs, ids=(pl.program_id(0), pl.program_id(1), pl.program_id(2)), dims=dims,
+       gated_out=gated_out, split=split)
 
 
 def _mix(layer_ref, raw_ref, scale_ref, conv_w_ref, conv_b_ref, dt_bias_ref, a_log_ref,
@@ -141,25 +118,19 @@ def _mix(layer_ref, raw_ref, scale_ref, conv_w_ref, conv_b_ref, dt_bias_ref, a_l
 
 
 @functools.partial(jax.jit, static_argnames=("dims", "interpret", "num_warps", "gated_rows",
-                                             "split", "touch_rows"))
+                                             "split"))
 def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, conv: Array,
                ssm: Array, *, dims: Dims, interpret: bool = False, num_warps: int = NUM_WARPS,
-               gated_rows: int | None = None, split: int = SPLIT, touch: Array | None = None,
-               touch_rows: int = 0) -> tuple[Array, Array, Array, Array]:
+               gated_rows: int | None = None, split: int = SPLIT
+               ) -> tuple[Array, Array, Array, Array]:
   """See the package docstring; the ssm stack is updated in place (aliased). raw: [R, >=
   2E+2GN+H] in any float dtype, rows >= B = in_scale's length never read. split: programs
   per head (each takes P / split of its rows; a power of two dividing P); ss then holds
-  one sum per program, [rows, H * split], a head's `split` sums side by side.
-
-  touch [D, E] (the next kernel's matrix: out_proj's, transposed) and touch_rows: more
-  programs read its first touch_rows rows (rounded down to TOUCH_ROWS) with evict_last
-  while the mixer runs, which leaves the card's memory idle: out_proj then finds them in
-  the L2 (50 MB on an H100; half of the 2.7B LM's 26 MB out_proj by default, TOUCH)."""
+  one sum per program, [rows, H * split], a head's `split` sums side by side."""
   p = dims.head_dim
   if split < 1 or p % split or split & (split - 1):
     raise ValueError(f"decode mixer_step: split must be a power of two dividing head_dim="
                      f"{p}, got {split}")
-  touch_programs = 0 if touch is None else min(touch_rows, touch.shape[0]) // TOUCH_ROWS
   batch = in_scale.shape[0]
   c = dims.d_inner + 2 * dims.n_groups * dims.d_state
   layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
@@ -171,18 +142,10 @@ def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, c
                jax.ShapeDtypeStruct((batch, c, dims.d_conv - 1), f32),           # conv
                jax.ShapeDtypeStruct(ssm.shape, f32)]                             # ssm
   inputs = (layer, raw, in_scale.astype(f32), *params, conv, ssm)
-  aliases = {len(inputs) - 1: 3}
-  heads = dims.n_heads
-  if touch_programs:
-    inputs += (touch,)
-    out_shape.append(jax.ShapeDtypeStruct((touch_programs,), f32))         # touched sums
-    heads += -(-touch_programs // split)
   kwargs = {}
   if not interpret:
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-  outs = pl.pallas_call(
-      functools.partial(_kernel, dims=dims, gated_out=gated_rows is not None, split=split,
-                        touch_programs=touch_programs),
-      grid=(batch, heads, split), out_shape=out_shape,
-      input_output_aliases=aliases, interpret=interpret, **kwargs)(*inputs)
-  return tuple(outs[:4])
+  return tuple(pl.pallas_call(
+      functools.partial(_kernel, dims=dims, gated_out=gated_rows is not None, split=split),
+      grid=(batch, dims.n_heads, split), out_shape=out_shape,
+      input_output_aliases={len(inputs) - 1: 3}, interpret=interpret, **kwargs)(*inputs))
