@@ -278,6 +278,14 @@ def _in_proj_kernel(h_ref, w_norm_ref, w_ref, out_ref, *, eps, cd, block_k, k_bl
     out_ref[s, :] = _total(a, vec).astype(out_ref.dtype)                     # [1|R, bn]
 
 
+def _round_to(x: Array, dtype) -> Array:
+  """x rounded to `dtype`'s precision, kept in x's dtype. Not x.astype(dtype).astype(f32):
+  XLA on GPU may drop that round trip inside a fusion (its default excess precision), which
+  left split-K's out_proj unrounded there (tests/gpu/test_decode_gpu.py)."""
+  info = jnp.finfo(dtype)
+  return lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
 def _column_blocks(n_blocks: int, programs: int, block) -> None:
   """block(j) for this program's column blocks j = pid, pid + programs, ... < n_blocks."""
   pid = pl.program_id(0)
@@ -510,7 +518,7 @@ def out_proj(gated: Array, ss: Array, norm_weight: Array, kernel_t: Array, h: Ar
       **_compiler(interpret, cfg))(gated, ss, norm_weight.astype(f32), kernel_t,
                                    h.astype(f32))
   if split > 1:   # the partials' f32 sum, rounded once to cd, + h
-    out = h.astype(f32) + jnp.sum(out, axis=0).astype(cd).astype(f32)
+    out = h.astype(f32) + _round_to(jnp.sum(out, axis=0), cd)
   return out
 
 
