@@ -374,8 +374,9 @@ class Sampler:
     if step_impl not in STEP_IMPLS:
       raise ValueError(f"step_impl must be one of {STEP_IMPLS}, got {step_impl!r}")
     if step_impl == "auto":
-      # On an H100 the 3.1B model decodes one row at 301.5 tok/s with fused_gemv's kernels,
-      # 282.3 with the fused step, 241.2 unrolled (BENCHMARKS.md, "Decoding (issue 19)");
+      # On an H100 the 3.1B model decodes one row at 331.2 tok/s with fused_mixed (fused_gemv's
+      # kernels), 284.8 with the fused step, 238.5 unrolled (BENCHMARKS.md, "Decoding,
+      # session 10");
       # fused_gemv's GEMVs are slower than XLA's from 2 rows. On CPU the unrolled step is
       # the plain reference (the fused ones differ by rounding).
       step_impl = "fused_mixed" if jax.default_backend() == "gpu" else "unrolled"
