@@ -34,9 +34,9 @@ small neighbourhood of the batch-1 defaults. --sweep=defaults: the DEFAULTS only
 --sweep=evict: the batch-1 DEFAULTS and three neighbours with and without evict_first
 (Config.eviction) and loading tiles one step ahead (Config.ahead). --sweep=persistent:
 the batch-1 DEFAULTS, then Config.programs (each program normalises the input once and
-loops over column blocks) over a few blocks and program counts, evict_first. Every sweep also times xla_read, a row sum of the nk matrix
-(jnp.sum in f32, no input vector): what XLA's reduction streams the same bytes at, a
-ceiling for a GEMV kernel of this size.
+loops over column blocks) over a few blocks and program counts, evict_first. Every sweep
+also times xla_read, a row sum of the nk matrix (jnp.sum in f32, no input vector): what
+XLA's reduction streams the same bytes at, a ceiling for a GEMV kernel of this size.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ _JSON = flags.DEFINE_string("json", None, "Write the results here.")
 
 EPS = 1e-5
 COLUMNS = ["kernel", "impl", "rows", "block_n", "block_k", "split_k", "num_warps",
-           "num_stages", "unroll", "eviction", "ahead", "programs", "us", "TB/s", "gpu_us", "gpu_TB/s", "err", "stage"]
+           "num_stages", "unroll", "eviction", "ahead", "programs", "us", "TB/s", "gpu_us",
+           "gpu_TB/s", "err", "stage"]
 
 
 class Bench:

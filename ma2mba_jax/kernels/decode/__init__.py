@@ -98,7 +98,8 @@ def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, c
   in_scale's length). gated_rows: instead of yw and ss, return g [gated_rows, E] f32 and ss
   [gated_rows, H] (rows >= B: zero in xla, never written in pallas), as `gemv.out_proj`
   reads them. interpret (pallas only): run the kernel in the Pallas interpreter (default:
-  when not on GPU). split (pallas only): programs per head (default `pallas.SPLIT`)."""
+  when not on GPU). split (pallas only): programs per head (default `pallas.SPLIT`, at most
+  head_dim)."""
   impl = resolve_impl(impl, dims)
   if impl == "xla":
     from ma2mba_jax.kernels.decode import reference
@@ -110,7 +111,7 @@ def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, c
   return pallas.mixer_step(layer, raw, in_scale, params, conv, ssm, dims=dims,
                            interpret=interpret, gated_rows=gated_rows,
                            num_warps=pallas.NUM_WARPS,
-                           split=pallas.SPLIT if split is None else split)
+                           split=min(pallas.SPLIT, dims.head_dim) if split is None else split)
 
 
 __all__ = ["IMPLS", "MixerParams", "Dims", "dims_of", "resolve_impl", "mixer_step"]

@@ -1,12 +1,14 @@
 """`mixer_step` as one Pallas kernel (impl="pallas"; Triton lowering on GPU, the Pallas
-interpreter elsewhere). One program per (batch row b, head h) does the whole middle of the
-layer for its head: the conv of its P x channels and of its group's N B- and N C-channels
-(every head of a group recomputes those 2N, a few hundred multiply-adds), dt, the [P, N]
-state update and readout, the gating and the head's sum of squares. The SSM state stack is
-aliased to the output, so the layer's slice is updated in place; the conv state goes to a
-fresh [B, C, K-1] output (the B/C channels are read by every head of a group, so no program
-may overwrite them in place). Refs are whole arrays, indexed by program id; every load is a
-vector of P or N elements (powers of two, as Triton needs)."""
+interpreter elsewhere). Programs (batch row b, head h, part): `split` programs a head (SPLIT
+by default), each doing the whole middle of the layer for P / split of its head's rows: the
+conv of its x channels and of its group's N B- and N C-channels (every program of a group
+recomputes those 2N, a few hundred multiply-adds), dt, its [P / split, N] slice of the state
+update and readout, the gating and its sum of squares. Every load is issued before any
+store. The SSM state stack is aliased to the output, so the layer's slice is updated in
+place; the conv state goes to a fresh [B, C, K-1] output (the B/C channels are read by
+every program of a group, so no program may overwrite them in place). Refs are whole
+arrays, indexed by program id; every load is a vector of P / split or N elements (powers of
+two, as Triton needs)."""
 
 from __future__ import annotations
 
