@@ -11,13 +11,16 @@ processes to compare XLA's command buffers (CUDA graphs) on the while loop.
 
 Columns: step (unrolled: models/decode.decode_step; fused: fused_decode_step, one kernel
 per layer's middle; fused_gemv: the same with the matmuls and norms as Pallas kernels too;
-scan: Mamba2LM.step), loop (device: one dispatch for the answer; host:
-one per token), tok/s (median of --repeats answers of --tokens greedy tokens, no stop
-rule), ms/token, same as host (the device loop's tokens equal the host loop's of the same
-step), parts from unrolled at (first token where this step's greedy answer differs from the
-unrolled step's, '-' nowhere), kernels/token (kernel-launching ops of the compiled step's
-optimized HLO, bench.common.kernel_counts); with --profile_dir, gpu ms/token and gaps
-ms/token (see the flag) and each step's top kernels per token.
+fused_mixed: fused_gemv's kernels for one row, fused for more; scan: Mamba2LM.step), loop
+(device: one dispatch for the answer; host: one per token), tok/s (median of --repeats
+answers of --tokens greedy tokens, no stop rule), ms/token, TB/s (`bytes_per_token` over
+the time of a step: the least a step moves, the matrices once and the recurrent states read
+and written; 5.74 GB for the 2.7B LM at batch 1), same as host (the device loop's tokens
+equal the host loop's of the same step), parts from unrolled at (first token where this
+step's greedy answer differs from the unrolled step's, '-' nowhere), kernels/token
+(kernel-launching ops of the compiled step's optimized HLO, bench.common.kernel_counts);
+with --profile_dir, gpu ms/token and gaps ms/token (see the flag) and each step's top
+kernels per token.
 """
 
 from __future__ import annotations
@@ -68,6 +71,19 @@ def build(preset: str) -> Mamba2LM:
   return nnx.merge(graphdef, state)
 
 
+def bytes_per_token(config, batch: int) -> int:
+  """The least a decode step must move at `batch` rows: every layer's two matrices and the
+  head's [V, D] in the compute dtype (the decode steps' copies), once; the SSM and conv
+  states read and written in f32. (Norm and mixer vectors, a few MB, left out.)"""
+  c = config
+  itemsize = jnp.dtype(c.compute_dtype).itemsize
+  matrices = c.n_layers * (c.d_model * c.d_in_proj + c.d_inner * c.d_model)
+  head = c.padded_vocab_size * c.d_model
+  channels = c.d_inner + 2 * c.n_groups * c.d_state
+  state = c.n_layers * batch * (c.n_heads * c.head_dim * c.d_state + channels * (c.d_conv - 1))
+  return (matrices + head) * itemsize + 2 * 4 * state
+
+
 def step_kernels(llm: Mamba2LM, sampler: Sampler) -> int:
   """Kernel-launching ops of the Sampler's compiled LM step (--batch rows)."""
   token = jnp.zeros((_BATCH.value,), jnp.int32)
@@ -94,6 +110,7 @@ def main(argv):
   jax.block_until_ready(states)
   build_s = time.perf_counter() - start
   params = SamplingParams(max_new_tokens=_TOKENS.value, stop_on_repeat=False)
+  moved = bytes_per_token(llm.config, _BATCH.value)
   rows, answers = [], {}
   for impl in _STEPS.value:
     sampler = Sampler(llm, vocab_size=vocab, step_impl=impl)
@@ -119,7 +136,8 @@ def main(argv):
       median = statistics.median(seconds)
       per_token = median * 1e3 / len(answer[0].sampled)
       row = {"run": _LABEL.value, "step": impl, "loop": loop, "batch": _BATCH.value,
-             "tok/s": tokens / median, "ms/token": per_token, "first call s": compile_s,
+             "tok/s": tokens / median, "ms/token": per_token,
+             "TB/s": moved / per_token / 1e9, "first call s": compile_s,
              "kernels/token": kernels}
       if _PROFILE.value and loop == "device" and jax.default_backend() == "gpu":
         from ma2mba_jax.bench import kernel_profile
@@ -144,7 +162,7 @@ def main(argv):
     row["parts from unrolled at"] = parts
   print(f"\n{_PRESET.value} LM, {_COMPUTE_DTYPE.value} compute, {_PARAM_DTYPE.value} matrices, "
         f"{_TOKENS.value} greedy tokens, {common.environment()['device']}, built and "
-        f"prompted in {build_s:.1f} s {_LABEL.value}")
+        f"prompted in {build_s:.1f} s, {moved / 1e9:.3f} GB moved a step {_LABEL.value}")
   common.print_table(rows, list(dict.fromkeys(k for row in rows for k in row)))
   common.write_json(_JSON.value, {"bench": "decode", "preset": _PRESET.value,
                                   "label": _LABEL.value, "rows": rows,
