@@ -31,10 +31,11 @@ over num_warps x num_stages; stage C, the best config at 2 and 4 rows and the tl
 (16 rows) over a few blocks. New configs stop after --budget_s seconds (what was measured
 is printed and written). --sweep=confirm: the DEFAULTS at 1, 2, 4 and 16 rows, then a
 small neighbourhood of the batch-1 defaults. --sweep=defaults: the DEFAULTS only.
---sweep=evict: the batch-1 DEFAULTS and three neighbours with and without evict_first
-(Config.eviction) and loading tiles one step ahead (Config.ahead). --sweep=persistent:
-the batch-1 DEFAULTS, then Config.programs (each program normalises the input once and
-loops over column blocks) over a few blocks and program counts, evict_first. Every sweep
+--sweep=evict: the batch-1 DEFAULTS on the one-program-a-block grid (programs=0) and three
+neighbours, with and without evict_first (Config.eviction) and loading tiles one step ahead
+(Config.ahead). --sweep=persistent: the batch-1 DEFAULTS, then Config.programs (each
+program normalises the input once and loops over column blocks) over a few blocks and
+program counts, evict_first. Every sweep
 also times xla_read, a row sum of the nk matrix (jnp.sum in f32, no input vector): what
 XLA's reduction streams the same bytes at, a ceiling for a GEMV kernel of this size.
 """
@@ -294,8 +295,8 @@ def main(argv):
   elif _SWEEP.value == "evict":
     for eviction, ahead in itertools.product((None, "evict_first"), (False, True)):
       for kernel in ("in_proj", "out_proj"):
-        base = gemv.DEFAULTS[(kernel, gemv.path_of(rows1))]._replace(eviction=eviction,
-                                                                      ahead=ahead)
+        base = gemv.DEFAULTS[(kernel, gemv.path_of(rows1))]._replace(
+            eviction=eviction, ahead=ahead, programs=0)                  # the grid kernels
         run(kernel, rows1, base, "E")
         run(kernel, rows1, base._replace(num_warps=4, num_stages=1), "E")
         run(kernel, rows1, base._replace(block_n=base.block_n * 2), "E")

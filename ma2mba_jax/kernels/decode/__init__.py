@@ -109,9 +109,7 @@ def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, c
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   return pallas.mixer_step(layer, raw, in_scale, params, conv, ssm, dims=dims,
-                           interpret=interpret, gated_rows=gated_rows,
-                           num_warps=pallas.NUM_WARPS,
-                           split=min(pallas.SPLIT, dims.head_dim) if split is None else split)
+                           interpret=interpret, gated_rows=gated_rows, split=split)
 
 
 __all__ = ["IMPLS", "MixerParams", "Dims", "dims_of", "resolve_impl", "mixer_step"]

@@ -162,7 +162,8 @@ def effective(kernel: str, rows: int, n: int, k: int, n_groups: int = 1,
               config: Config | None = None) -> Config:
   """The configuration the kernel `kernel` ('in_proj' | 'out_proj') runs with for `rows`
   rows, n output columns and contraction k: `config` (default: DEFAULTS) with its blocks
-  fitted to the shapes (and the vector path's block_k to its registers, _ACC_PER_WARP)."""
+  fitted to the shapes (and the vector path's block_k to its registers, _ACC_PER_WARP);
+  with persistent programs, unroll=True and ahead=False, as those kernels run."""
   path = path_of(rows)
   config = config or DEFAULTS[(kernel, path)]
   floor = 16 if path == "dot" else 1
@@ -176,8 +177,11 @@ def effective(kernel: str, rows: int, n: int, k: int, n_groups: int = 1,
   programs = config.programs
   if path != "vec" or split > 1 or k // block_k > _MAX_UNROLLED:
     programs = 0
-  return config._replace(block_n=block_n, block_k=block_k, split_k=split,
-                         programs=min(programs, n // block_n))
+  config = config._replace(block_n=block_n, block_k=block_k, split_k=split,
+                           programs=min(programs, n // block_n))
+  if config.programs:   # the persistent kernels load a block's tiles at once
+    config = config._replace(unroll=True, ahead=False)
+  return config
 
 
 def _rows(r: int, vec: bool) -> list:
@@ -235,6 +239,34 @@ def _stream(n: int, load, step, acc, *, unroll: bool, ahead: bool, first=None):
   return step(n - 1, acc, tile)
 
 
+def _inv_rms(h_ref, sel: list, width: int, piece: int, eps: float, unroll: bool) -> list:
+  """1 / rms(h) of each row selection of h_ref [R, D] ([1 | R] f32 each): the squares summed
+  in pieces of `piece`, in order."""
+  d = h_ref.shape[1]
+
+  def squares(k, acc):
+    out = []
+    for a, s in zip(acc, sel):
+      x = h_ref[s, _chunk(k, piece)]                                           # [1|R, pc]
+      out.append(a + jnp.sum(x * x, axis=1))
+    return tuple(out)
+
+  ss = _loop(d // piece, squares, tuple(jnp.zeros((width,), f32) for _ in sel), unroll)
+  return [lax.rsqrt(s / d + eps) for s in ss]
+
+
+def _group_inv_rms(ss_ref, s, group_index, hpg: int, width: int, group: int,
+                   eps: float) -> Array:
+  """The gated norm's 1 / rms of group `group_index` for rows s ([1 | R] f32): the group's hpg
+  columns of per-head sums of squares in ss_ref [R, G * hpg], added in pieces of a power of
+  two (Triton's loads need one), in order, over its `group` channels."""
+  piece = hpg & -hpg
+  ss = jnp.zeros((width,), f32)
+  for j in range(hpg // piece):
+    ss = ss + jnp.sum(ss_ref[s, pl.ds(group_index * hpg + j * piece, piece)], axis=1)
+  return lax.rsqrt(ss / group + eps)
+
+
 def _in_proj_kernel(h_ref, w_norm_ref, w_ref, out_ref, *, eps, cd, block_k, k_blocks, vec,
                     unroll, eviction, ahead):
   r, d = h_ref.shape
@@ -250,17 +282,7 @@ def _in_proj_kernel(h_ref, w_norm_ref, w_ref, out_ref, *, eps, cd, block_k, k_bl
   # The vector path sums the squares in pieces of up to 1024, unrolled (their loads issued
   # at once: one latency); the tl.dot path, with 16 rows, in a loop of block_k.
   piece = _fit(1024, d, 1) if vec else block_k
-
-  def squares(k, acc):
-    out = []
-    for a, s in zip(acc, sel):
-      x = h_ref[s, _chunk(k, piece)]                                           # [1|R, pc]
-      out.append(a + jnp.sum(x * x, axis=1))
-    return tuple(out)
-
-  ss = _loop(d // piece, squares, tuple(jnp.zeros((width,), f32) for _ in sel),
-             unroll=vec and d // piece <= 16)
-  scales = [lax.rsqrt(s / d + eps) for s in ss]                                # [1|R] each
+  scales = _inv_rms(h_ref, sel, width, piece, eps, unroll=vec and d // piece <= 16)
 
   def step(k, acc, w):
     ks = chunk(k0 + k)
@@ -312,18 +334,12 @@ def _in_proj_persistent(h_ref, w_norm_ref, w_ref, out_ref, *, eps, cd, block_k, 
   """in_proj with Config.programs > 0 (vector path): the same sums as _in_proj_kernel."""
   r, d = h_ref.shape
   kb = d // block_k
-  piece = _fit(1024, d, 1)                      # the squares as _in_proj_kernel sums them
   chunk = lambda k: _chunk(k, block_k)
-  u = []                                        # per row: kb pieces [1, bk] cd
-  for i in range(r):
-    s = pl.ds(i, 1)
-    ss = jnp.zeros((1,), f32)
-    for k in range(d // piece):
-      x = h_ref[s, _chunk(k, piece)]
-      ss = ss + jnp.sum(x * x, axis=1)
-    scale = lax.rsqrt(ss / d + eps)
-    u.append([(h_ref[s, chunk(k)] * scale[:, None] * w_norm_ref[chunk(k)][None, :]
-               ).astype(cd) for k in range(kb)])
+  sel = _rows(r, True)
+  # The squares as _in_proj_kernel's vector path sums them.
+  scales = _inv_rms(h_ref, sel, 1, _fit(1024, d, 1), eps, unroll=True)
+  u = [[(h_ref[s, chunk(k)] * scale[:, None] * w_norm_ref[chunk(k)][None, :]).astype(cd)
+        for k in range(kb)] for s, scale in zip(sel, scales)]   # per row: kb [1, bk] cd
 
   def block(j):
     cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
@@ -341,18 +357,11 @@ def _out_proj_persistent(g_ref, ss_ref, w_norm_ref, w_ref, h_ref, out_ref, *, ep
   r, e = g_ref.shape
   group = e // n_groups
   hpg = ss_ref.shape[1] // n_groups
-  piece = hpg & -hpg
   kb = e // block_k
   chunk = lambda k: _chunk(k, block_k)
   u = []                                        # per live row: kb pieces [1, bk] cd
-  for i in range(min(r, rows)):
-    s = pl.ds(i, 1)
-    scales = []
-    for gi in range(n_groups):
-      ss = jnp.zeros((1,), f32)
-      for j in range(hpg // piece):
-        ss = ss + jnp.sum(ss_ref[s, pl.ds(gi * hpg + j * piece, piece)], axis=1)
-      scales.append(lax.rsqrt(ss / group + eps))
+  for s in _rows(min(r, rows), True):
+    scales = [_group_inv_rms(ss_ref, s, gi, hpg, 1, group, eps) for gi in range(n_groups)]
     u.append([(g_ref[s, chunk(k)] * scales[k * block_k // group][:, None]
                * w_norm_ref[chunk(k)][None, :]).astype(cd) for k in range(kb)])
 
@@ -365,6 +374,11 @@ def _out_proj_persistent(g_ref, ss_ref, w_norm_ref, w_ref, h_ref, out_ref, *, ep
                                     if i < len(u) else h)
 
   _column_blocks(out_ref.shape[-1] // block_n, programs, block)
+
+
+def _whole(shape: tuple[int, ...]) -> pl.BlockSpec:
+  """The whole array as every program's block, on a grid of any rank."""
+  return pl.BlockSpec(shape, lambda *ids: (0,) * len(shape))
 
 
 def _output(rows: int, cols: int, block_n: int, split: int, dtype: Any
@@ -389,27 +403,19 @@ def in_proj(h: Array, norm_weight: Array, kernel_t: Array, *, eps: float,
   cfg = effective("in_proj", r, n, d, 1, config)
   bn, bk, split = cfg.block_n, cfg.block_k, cfg.split_k
   cd = kernel_t.dtype
-  k_blocks = d // bk // split
-  if cfg.programs:
-    return pl.pallas_call(
-        functools.partial(_in_proj_persistent, eps=eps, cd=cd, block_k=bk, block_n=bn,
-                          programs=cfg.programs, eviction=cfg.eviction),
-        grid=(cfg.programs,),
-        in_specs=[pl.BlockSpec((r, d), lambda j: (0, 0)),
-                  pl.BlockSpec((d,), lambda j: (0,)),
-                  pl.BlockSpec((n, d), lambda j: (0, 0))],
-        out_specs=pl.BlockSpec((r, n), lambda j: (0, 0)),
-        out_shape=jax.ShapeDtypeStruct((r, n), cd),
-        **_compiler(interpret, cfg))(h.astype(f32), norm_weight.astype(f32), kernel_t)
-  out_spec, out_shape = _output(r, n, bn, split, cd)
+  if cfg.programs:   # (split_k is 1 then)
+    kernel = functools.partial(_in_proj_persistent, eps=eps, cd=cd, block_k=bk, block_n=bn,
+                               programs=cfg.programs, eviction=cfg.eviction)
+    grid = (cfg.programs,)
+    out_spec, out_shape = _whole((r, n)), jax.ShapeDtypeStruct((r, n), cd)
+  else:
+    kernel = functools.partial(_in_proj_kernel, eps=eps, cd=cd, block_k=bk,
+                               k_blocks=d // bk // split, vec=vec, unroll=cfg.unroll,
+                               eviction=cfg.eviction, ahead=cfg.ahead)
+    grid = (n // bn, split)
+    out_spec, out_shape = _output(r, n, bn, split, cd)
   out = pl.pallas_call(
-      functools.partial(_in_proj_kernel, eps=eps, cd=cd, block_k=bk, k_blocks=k_blocks,
-                        vec=vec, unroll=cfg.unroll, eviction=cfg.eviction,
-                        ahead=cfg.ahead),
-      grid=(n // bn, split),
-      in_specs=[pl.BlockSpec((r, d), lambda j, s: (0, 0)),
-                pl.BlockSpec((d,), lambda j, s: (0,)),
-                pl.BlockSpec((n, d), lambda j, s: (0, 0))],
+      kernel, grid=grid, in_specs=[_whole((r, d)), _whole((d,)), _whole((n, d))],
       out_specs=out_spec, out_shape=out_shape,
       **_compiler(interpret, cfg))(h.astype(f32), norm_weight.astype(f32), kernel_t)
   if split > 1:   # the partials' f32 sum, rounded once
@@ -431,8 +437,6 @@ def _out_proj_kernel(g_ref, ss_ref, w_norm_ref, w_ref, h_ref, out_ref, *, eps, c
   sel = _rows(min(r, rows), vec)             # vector path: the live rows only
   width = 1 if vec else r
   live = lax.broadcasted_iota(jnp.int32, (r, 1), 0) < rows                   # [R, 1]
-  # The group's per-head sums in pieces of a power of two (Triton's loads need one).
-  piece = hpg & -hpg
 
   def seg_body(t, acc):
     first = k0 + t * seg
@@ -441,10 +445,7 @@ def _out_proj_kernel(g_ref, ss_ref, w_norm_ref, w_ref, h_ref, out_ref, *, eps, c
     gi = first // per_group
     scales = []
     for s in sel:
-      ss = jnp.zeros((width,), f32)
-      for j in range(hpg // piece):
-        ss = ss + jnp.sum(ss_ref[s, pl.ds(gi * hpg + j * piece, piece)], axis=1)  # [1|R]
-      scale = lax.rsqrt(ss / group + eps)
+      scale = _group_inv_rms(ss_ref, s, gi, hpg, width, group, eps)            # [1|R]
       scales.append(scale if vec else jnp.where(live[:, 0], scale, 0.0))
 
     def step(k, acc, w):
@@ -487,33 +488,23 @@ def out_proj(gated: Array, ss: Array, norm_weight: Array, kernel_t: Array, h: Ar
   cfg = effective("out_proj", r, d, e, n_groups, config)
   bn, bk, split = cfg.block_n, cfg.block_k, cfg.split_k
   cd = kernel_t.dtype
-  if cfg.programs:
-    return pl.pallas_call(
-        functools.partial(_out_proj_persistent, eps=eps, cd=cd, block_k=bk, block_n=bn,
-                          n_groups=n_groups, rows=rows, programs=cfg.programs,
-                          eviction=cfg.eviction),
-        grid=(cfg.programs,),
-        in_specs=[pl.BlockSpec((r, e), lambda j: (0, 0)),
-                  pl.BlockSpec(ss.shape, lambda j: (0, 0)),
-                  pl.BlockSpec((e,), lambda j: (0,)),
-                  pl.BlockSpec((d, e), lambda j: (0, 0)),
-                  pl.BlockSpec((r, d), lambda j: (0, 0))],
-        out_specs=pl.BlockSpec((r, d), lambda j: (0, 0)),
-        out_shape=jax.ShapeDtypeStruct((r, d), f32),
-        **_compiler(interpret, cfg))(gated, ss, norm_weight.astype(f32), kernel_t,
-                                     h.astype(f32))
-  out_spec, out_shape = _output(r, d, bn, split, f32)
+  if cfg.programs:   # (split_k is 1 then)
+    kernel = functools.partial(_out_proj_persistent, eps=eps, cd=cd, block_k=bk, block_n=bn,
+                               n_groups=n_groups, rows=rows, programs=cfg.programs,
+                               eviction=cfg.eviction)
+    grid = (cfg.programs,)
+    out_spec, out_shape = _whole((r, d)), jax.ShapeDtypeStruct((r, d), f32)
+  else:
+    kernel = functools.partial(_out_proj_kernel, eps=eps, cd=cd, block_k=bk,
+                               k_blocks=e // bk // split, n_groups=n_groups, rows=rows,
+                               vec=vec, final=split == 1, unroll=cfg.unroll,
+                               eviction=cfg.eviction, ahead=cfg.ahead)
+    grid = (d // bn, split)
+    out_spec, out_shape = _output(r, d, bn, split, f32)
   out = pl.pallas_call(
-      functools.partial(_out_proj_kernel, eps=eps, cd=cd, block_k=bk,
-                        k_blocks=e // bk // split, n_groups=n_groups, rows=rows, vec=vec,
-                        final=split == 1, unroll=cfg.unroll, eviction=cfg.eviction,
-                        ahead=cfg.ahead),
-      grid=(d // bn, split),
-      in_specs=[pl.BlockSpec((r, e), lambda j, s: (0, 0)),
-                pl.BlockSpec(ss.shape, lambda j, s: (0, 0)),
-                pl.BlockSpec((e,), lambda j, s: (0,)),
-                pl.BlockSpec((d, e), lambda j, s: (0, 0)),
-                pl.BlockSpec((r, d), lambda j, s: (0, 0))],
+      kernel, grid=grid,
+      in_specs=[_whole((r, e)), _whole(ss.shape), _whole((e,)), _whole((d, e)),
+                _whole((r, d))],
       out_specs=out_spec, out_shape=out_shape,
       **_compiler(interpret, cfg))(gated, ss, norm_weight.astype(f32), kernel_t,
                                    h.astype(f32))

@@ -39,23 +39,16 @@ def _softplus(v):
   return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
 
 
-def _kernel(*refs, dims: Dims, gated_out: bool, split: int):
-  """One program of the grid (batch row b, head h, part)."""
-  # The program ids are read here and passed down (the interpreter needs them outside any
-  # pl.when, should the body grow one).
-  _mix(*refs, ids=(pl.program_id(0), pl.program_id(1), pl.program_id(2)), dims=dims,
-       gated_out=gated_out, split=split)
-
-
-def _mix(layer_ref, raw_ref, scale_ref, conv_w_ref, conv_b_ref, dt_bias_ref, a_log_ref,
-         d_ref, norm_w_ref, conv_ref, ssm_ref,
-         yw_ref, ss_ref, conv_out_ref, ssm_out_ref, *, ids, dims: Dims, gated_out: bool,
-         split: int):
+def _kernel(layer_ref, raw_ref, scale_ref, conv_w_ref, conv_b_ref, dt_bias_ref, a_log_ref,
+            d_ref, norm_w_ref, conv_ref, ssm_ref,
+            yw_ref, ss_ref, conv_out_ref, ssm_out_ref, *, dims: Dims, gated_out: bool,
+            split: int):
   e, p, n, g, k = dims.d_inner, dims.head_dim, dims.d_state, dims.n_groups, dims.d_conv
   hpg = dims.n_heads // g
   ps = p // split                                              # this program's head rows
   cd = dims.compute_dtype
-  b, h, part = ids                                             # part: which [ps] of the head
+  b, h = pl.program_id(0), pl.program_id(1)
+  part = pl.program_id(2)                                      # which [ps] slice of the head
   layer = layer_ref[0]
   scale = scale_ref[b]
   group = h // hpg
@@ -122,14 +115,17 @@ def _mix(layer_ref, raw_ref, scale_ref, conv_w_ref, conv_b_ref, dt_bias_ref, a_l
 @functools.partial(jax.jit, static_argnames=("dims", "interpret", "num_warps", "gated_rows",
                                              "split"))
 def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, conv: Array,
-               ssm: Array, *, dims: Dims, interpret: bool = False, num_warps: int = NUM_WARPS,
-               gated_rows: int | None = None, split: int = SPLIT
-               ) -> tuple[Array, Array, Array, Array]:
+               ssm: Array, *, dims: Dims, interpret: bool = False,
+               num_warps: int | None = None, gated_rows: int | None = None,
+               split: int | None = None) -> tuple[Array, Array, Array, Array]:
   """See the package docstring; the ssm stack is updated in place (aliased). raw: [R, >=
   2E+2GN+H] in any float dtype, rows >= B = in_scale's length never read. split: programs
   per head (each takes P / split of its rows; a power of two dividing P); ss then holds
-  one sum per program, [rows, H * split], a head's `split` sums side by side."""
+  one sum per program, [rows, H * split], a head's `split` sums side by side. Defaults:
+  split SPLIT (at most head_dim), num_warps NUM_WARPS."""
   p = dims.head_dim
+  split = min(SPLIT, p) if split is None else split
+  num_warps = NUM_WARPS if num_warps is None else num_warps
   if split < 1 or p % split or split & (split - 1):
     raise ValueError(f"decode mixer_step: split must be a power of two dividing head_dim="
                      f"{p}, got {split}")
