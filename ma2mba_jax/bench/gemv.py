@@ -7,6 +7,9 @@ For one layer's shapes of the preset (bf16 weights, f32 accumulation), times
   xla       jnp.einsum of the cd-rounded input with the kernel as fused_decode_step(matmul=
             "xla") calls it (kn: [D, N] / [E, D], the stored layout), and on the transposed
             layout (nk) that the gemv kernels read; the matmul alone, no norm;
+  xla_mulsum  each kernel's whole job (norm, matmul, rounding, residual) written as XLA's
+            multiply-and-reduce of the nk matrix (a reduction fusion, not a dot);
+  xla_reduce  (in_proj) gemv.in_proj_reduce, as the fused_reduce decode step calls it;
   in_proj / out_proj  gemv.in_proj (RMS norm inside) and gemv.out_proj (gated norm and
             residual inside) on the transposed, padded matrices, one row per config of the
             sweep (split_k > 1 includes its XLA epilogue, the sum of the partials).
@@ -85,7 +88,7 @@ class Bench:
     self.c = c
     self.d, self.e, self.h, self.g = c.d_model, c.d_inner, c.n_heads, c.n_groups
     self.n = c.d_in_proj
-    self.np_ = self.n + (-self.n % 256)                  # padded_decode_weights' Np
+    self.np_ = self.n + 256 - self.n % 256               # padded_decode_weights' Np
     bf = jnp.bfloat16
     keys = iter(jax.random.split(jax.random.key(0), 4 * _MATRICES.value + 8))
 
@@ -168,15 +171,50 @@ class Bench:
     u = (x["g"] * scale * x["w_gate"][None, :]).astype(w_kn.dtype)
     return jnp.einsum("re,ed->rd", u, w_kn, preferred_element_type=jnp.float32)
 
+  def mulsum_in(self, x, w_nk):
+    import jax
+    import jax.numpy as jnp
+    h = x["h"]
+    scale = jax.lax.rsqrt(jnp.mean(h * h, axis=1) + EPS)
+    u = (h * scale[:, None] * x["w_norm"][None, :]).astype(w_nk.dtype)
+    out = jnp.sum(w_nk[None].astype(jnp.float32) * u[:, None, :].astype(jnp.float32), axis=2)
+    return out.astype(w_nk.dtype)
+
+  def mulsum_out(self, x, w_nk):
+    import jax
+    import jax.numpy as jnp
+    r = x["g"].shape[0]
+    group = self.e // self.g
+    ss = x["ss"].reshape(r, self.g, -1).sum(-1)
+    scale = jnp.repeat(jax.lax.rsqrt(ss / group + EPS), group, axis=1)
+    u = (x["g"] * scale * x["w_gate"][None, :]).astype(w_nk.dtype)
+    out = jnp.sum(w_nk[None].astype(jnp.float32) * u[:, None, :].astype(jnp.float32), axis=2)
+    return x["h_res"] + out.astype(w_nk.dtype).astype(jnp.float32)
+
   # ---- one measurement
 
   def xla(self, kernel: str, layout: str, rows: int) -> dict:
-    """XLA's einsum on the kn or nk layout; layout "read": the nk matrix's row sums."""
+    """XLA's einsum on the kn or nk layout; layout "read": the nk matrix's row sums;
+    "mulsum": the kernel's whole job as XLA's multiply-and-reduce; "reduce" (in_proj):
+    gemv.in_proj_reduce."""
     import jax.numpy as jnp
+
+    from ma2mba_jax.kernels.decode.gemv import in_proj_reduce
     if layout == "read":
       weights = self.w_in_nk if kernel == "in_proj" else self.w_out_nk
       nbytes = 2 * self.d * (self.np_ if kernel == "in_proj" else self.e)
       fn = lambda x, w: jnp.sum(w, axis=1, dtype=jnp.float32)
+    elif layout == "reduce":
+      # gemv.in_proj_reduce as the fused_reduce step calls it: u (h * w in cd) and h in,
+      # f32 out (the sum of squares of h in column N).
+      weights, nbytes = self.w_in_nk, 2 * self.d * self.np_
+      fn = lambda x, w: in_proj_reduce(x["u"], x["h"], w, self.n)
+    elif layout == "mulsum":
+      # The kernels' whole job (norm, matmul, rounding, residual) with the matmul written as
+      # XLA's multiply-and-reduce of the nk matrix (a reduction fusion, not a dot).
+      weights = self.w_in_nk if kernel == "in_proj" else self.w_out_nk
+      nbytes = 2 * self.d * (self.np_ if kernel == "in_proj" else self.e)
+      fn = functools.partial(self.mulsum_in if kernel == "in_proj" else self.mulsum_out)
     elif kernel == "in_proj":
       weights = self.w_in_kn if layout == "kn" else self.w_in_nk
       eq = "rd,dn->rn" if layout == "kn" else "rd,nd->rn"
@@ -187,10 +225,18 @@ class Bench:
       eq = "re,ed->rd" if layout == "kn" else "re,de->rd"
       fn = lambda x, w: jnp.einsum(eq, x["y"], w, preferred_element_type=jnp.float32)
       nbytes = 2 * self.d * self.e
-    us, _, gpu_us = self.time_us(fn, rows, weights)
+    us, outs, gpu_us = self.time_us(fn, rows, weights)
+    err = {}
+    if layout == "mulsum":
+      from ma2mba_jax.testing import rel_err
+      x = self.inputs(rows)[0]
+      if kernel == "in_proj":
+        err["err"] = rel_err(outs[0][:, :self.n], self.ref_in(x, self.w_in_kn[0]))
+      else:
+        err["err"] = rel_err(outs[0] - x["h_res"], self.ref_out(x, self.w_out_kn[0]))
     return dict(kernel=kernel, impl=f"xla_{layout}", rows=0 if layout == "read" else rows,
                 us=us,
-                **{"TB/s": nbytes / us / 1e6}, **_gpu(gpu_us, nbytes))
+                **{"TB/s": nbytes / us / 1e6}, **_gpu(gpu_us, nbytes), **err)
 
   def gemv(self, kernel: str, rows: int, config, stage: str) -> dict:
     from ma2mba_jax.kernels.decode import gemv
@@ -274,7 +320,7 @@ def main(argv):
     add(bench.gemv(kernel, rows, cfg, stage))
 
   for kernel in ("in_proj", "out_proj"):
-    for layout in ("kn", "nk", "read"):
+    for layout in ("kn", "nk", "read", "mulsum") + (("reduce",) if kernel == "in_proj" else ()):
       add(bench.xla(kernel, layout, rows1))
 
   if _SWEEP.value == "confirm":

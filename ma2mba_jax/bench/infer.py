@@ -9,8 +9,8 @@ A length L is the video's tokens, ceil(L / K) frames of K tokens (K = 144 for th
 models: 2,097,152 tokens = 14,564 frames, about 4 h at 1 FPS). Each run goes through the same
 code as `generate`: Streamer.read_frames (system prompt, then the frames M = --frames_per_step
 at a time: encoder + LM layers in one jitted step, states carried), Streamer.ask (a question),
-then Sampler.generate (--decode_tokens greedy tokens, no stop rule) once per
---decode_impls loop, from the same state.
+then Sampler.generate (--decode_tokens greedy tokens, no stop rule) --decode_repeats times
+per --decode_impls loop, from the same state (the decode columns: their median).
 
 Columns:
   frames/s, prefill tok/s   end to end over the whole video (encoding included), wall time
@@ -27,6 +27,8 @@ Columns:
   decode tok/s device_fused the device loop with `models/decode.fused_decode_step` (one
                             kernel for each layer's middle; host_fused: the host loop;
                             _fused_gemv: the matmuls and norms as kernels too;
+                            _fused_reduce: in_proj as XLA's multiply-and-reduce, out_proj
+                            the Pallas kernel;
                             _fused_mixed: fused_gemv for one row, fused for more, the
                             Sampler's default on GPU);
   same tokens               whether the host and device loops of the same step decoded the
@@ -96,6 +98,9 @@ _DECODE_IMPLS = flags.DEFINE_list("decode_impls", ["host", "device"], "Decoding 
                                   "time (infer/sample.py), each from the same state: host, "
                                   "device, host_scan, device_scan, host_fused, device_fused.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls of each step part (median).")
+_DECODE_REPEATS = flags.DEFINE_integer("decode_repeats", 1, "Answers decoded per length and "
+                                       "loop, from the same state; the decode columns are "
+                                       "their median, each answer's time is logged.")
 _JSON = flags.DEFINE_string("json", None, "Write the results here.")
 _VISION_ATTENTION = flags.DEFINE_list(
     "vision_attention", ["auto"], "Encoder attention implementations (auto: the Streamer's "
@@ -233,18 +238,23 @@ def run_length(streamer: Streamer, samplers: dict[str, Sampler], tokens: int,
   jax.block_until_ready(conv.logits)
   decoded, sampled = {}, {}
   for impl in decode_impls:
-    start = time.perf_counter()
-    generation = samplers[impl].generate(conv.states, conv.logits, SamplingParams(
-        max_new_tokens=decode_tokens, stop_on_repeat=False),
-                                         decode_impl=impl.split("_")[0])
-    decoded[f"decode tok/s {impl}"] = len(generation.sampled) / (time.perf_counter() - start)
+    rates = []
+    for _ in range(max(_DECODE_REPEATS.value, 1)):
+      start = time.perf_counter()
+      generation = samplers[impl].generate(conv.states, conv.logits, SamplingParams(
+          max_new_tokens=decode_tokens, stop_on_repeat=False),
+                                           decode_impl=impl.split("_")[0])
+      rates.append(len(generation.sampled) / (time.perf_counter() - start))
+    logging.info("decode %s, %d tokens: %s tok/s", impl, decode_tokens,
+                 ", ".join(f"{r:.1f}" for r in rates))
+    decoded[f"decode tok/s {impl}"] = float(np.median(rates))
     sampled[impl] = generation.sampled
   by_step = {}
   for impl, tokens in sampled.items():
     by_step.setdefault(impl.partition("_")[2] or "unrolled", []).append(tokens)
   same = all(t == group[0] for group in by_step.values() for t in group)
   parts = {}
-  for step in ("scan", "fused", "fused_gemv", "fused_mixed"):
+  for step in ("scan", "fused", "fused_gemv", "fused_reduce", "fused_mixed"):
     if step in by_step and "unrolled" in by_step:
       unrolled, other = by_step["unrolled"][0], by_step[step][0]
       parts[f"{step} parts at"] = next(
@@ -298,7 +308,7 @@ def main(argv):
   scan_sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer), step_impl="scan")
   samplers = {"host": sampler, "device": sampler, "host_scan": scan_sampler,
               "device_scan": scan_sampler}
-  for step in ("fused", "fused_gemv", "fused_mixed"):
+  for step in ("fused", "fused_gemv", "fused_reduce", "fused_mixed"):
     if f"host_{step}" in impls or f"device_{step}" in impls:
       samplers[f"host_{step}"] = samplers[f"device_{step}"] = Sampler(
           model.llm, vocab_size=vocab_size(tokenizer), step_impl=step)
@@ -306,8 +316,8 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--decode_impls: unknown {sorted(unknown)}; expected some of "
                          f"host, device, host_scan, device_scan, host_fused, device_fused, "
-                         f"host_fused_gemv, device_fused_gemv, host_fused_mixed, "
-                         f"device_fused_mixed")
+                         f"host_fused_gemv, device_fused_gemv, host_fused_reduce, "
+                         f"device_fused_reduce, host_fused_mixed, device_fused_mixed")
   # The unrolled frame step reads the weights the Sampler already split per layer.
   weights = sampler.device_weights() if "unrolled" in _LAYER_LOOPS.value else None
   rows, parts = [], {}
@@ -354,7 +364,8 @@ def main(argv):
   print()
   columns = ["loop", "M", "tokens", "frames", "prefill s", "frames/s", "prefill tok/s",
              *[f"decode tok/s {impl}" for impl in impls], "same tokens", "scan parts at",
-             "fused parts at", "fused_gemv parts at", "fused_mixed parts at",
+             "fused parts at", "fused_gemv parts at", "fused_reduce parts at",
+             "fused_mixed parts at",
              "peak GB", "live GB"]
   write_results(rows, parts, impls)
   common.print_table(rows, columns)

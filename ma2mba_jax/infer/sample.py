@@ -23,9 +23,11 @@ step_impl="fused": the unrolled loop with each layer's middle (conv, dt, SSM upd
 readout, gating) one kernel (`models/decode.fused_decode_step`, a Pallas kernel on GPU)
 and the RMS norms folded around the matmuls; or step_impl="fused_gemv": the same with the
 matmuls also Pallas kernels that compute the norms inside (three kernels a layer; in_proj
-padded once; at most 16 rows); or step_impl="fused_mixed": fused_gemv's kernels for one
-row (the fastest at batch 1 on an H100) and the fused step for more rows (faster there), on
-one copy of the weights (fused_gemv's). The unrolled and scanned steps compute the
+padded once; at most 16 rows); or step_impl="fused_reduce": fused_gemv with in_proj as
+XLA's multiply-and-reduce (its norm folded as in "fused") and out_proj's kernel writing the
+next layer's norm input; or step_impl="fused_mixed": fused_reduce for one row (the fastest
+at batch 1 on an H100) and the fused step for more rows (faster there), on one copy of the
+weights (fused_gemv's). The unrolled and scanned steps compute the
 same function (bit for bit on CPU; on GPU XLA fuses them differently, so their last bits
 may differ and long greedy answers of a random model may part); the fused one the same up
 to rounding.
@@ -78,7 +80,10 @@ Array = jax.Array
 DECODE_IMPLS = ("device", "host")
 # Both loops' LM step (see the module docstring); "auto": fused_mixed on GPU, unrolled
 # elsewhere.
-STEP_IMPLS = ("auto", "unrolled", "scan", "fused", "fused_gemv", "fused_mixed")
+# fused_mixed's matmuls for one row (fused_decode_step's `matmul`): fused_reduce's.
+MIXED_ONE_ROW = "reduce"
+STEP_IMPLS = ("auto", "unrolled", "scan", "fused", "fused_gemv", "fused_reduce",
+              "fused_mixed")
 STOP_REASONS = ("", "eos", "repeat", "length")  # the device loop's codes 0..3
 
 
@@ -362,8 +367,9 @@ class Sampler:
   in one, or 8 when tokens are streamed to an `on_tokens` callback). step_impl: the LM step
   of both loops, 'unrolled' (per-layer weights, made at the first decode), 'fused' (the
   same weights, one kernel per layer's middle), 'fused_gemv' (three kernels a layer),
-  'fused_mixed' (fused_gemv for one row, fused for more), 'scan' (`Mamba2LM.step`) or
-  'auto' (the default: fused_mixed on GPU, unrolled elsewhere).
+  'fused_reduce' (fused_gemv with XLA's reduction for in_proj), 'fused_mixed'
+  (fused_reduce for one row, fused for more), 'scan' (`Mamba2LM.step`) or 'auto' (the
+  default: fused_mixed on GPU, unrolled elsewhere).
   """
 
   def __init__(self, llm: Mamba2LM, *, vocab_size: int, stop_ids: Sequence[int] = (),
@@ -374,11 +380,10 @@ class Sampler:
     if step_impl not in STEP_IMPLS:
       raise ValueError(f"step_impl must be one of {STEP_IMPLS}, got {step_impl!r}")
     if step_impl == "auto":
-      # On an H100 the 3.1B model decodes one row at 331.2 tok/s with fused_mixed (fused_gemv's
-      # kernels), 284.8 with the fused step, 238.5 unrolled (BENCHMARKS.md, "Decoding,
-      # session 10");
-      # fused_gemv's GEMVs are slower than XLA's from 2 rows. On CPU the unrolled step is
-      # the plain reference (the fused ones differ by rounding).
+      # On an H100 the 3.1B model decodes one row at 379.5 tok/s with fused_mixed
+      # (fused_reduce's kernels), 345.2 with fused_gemv, 241.9 unrolled (BENCHMARKS.md,
+      # "Decoding, session 11"); the Pallas GEMVs are slower than XLA's from 2 rows. On CPU
+      # the unrolled step is the plain reference (the fused ones differ by rounding).
       step_impl = "fused_mixed" if jax.default_backend() == "gpu" else "unrolled"
     if block_tokens is not None and block_tokens < 1:
       raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
@@ -392,7 +397,8 @@ class Sampler:
     config, block_graphdef = llm.config, llm.split_layers()[0]
     # The unrolled step's weights: made by the first device decode, then kept.
     # The fused step reads its matrices output-major (decode_weights' `transposed`).
-    make = {"fused_gemv": padded_decode_weights, "fused_mixed": padded_decode_weights,
+    make = {"fused_gemv": padded_decode_weights, "fused_reduce": padded_decode_weights,
+            "fused_mixed": padded_decode_weights,
             "fused": functools.partial(decode_weights, transposed=True)
             }.get(step_impl, decode_weights)
     self._make_weights = jax.jit(lambda params: make(nnx.merge(graphdef, params)))
@@ -405,17 +411,19 @@ class Sampler:
 
     def lm_step(weights, token, cache):
       """token int32 [B] -> (logits [B, V], cache) with the step of `step_impl`; weights:
-      the DecodeWeights (padded for 'fused_gemv' and 'fused_mixed') or the LM's params
+      the DecodeWeights (padded for 'fused_gemv', 'fused_reduce' and 'fused_mixed') or the
+      LM's params
       ('scan')."""
       if step_impl == "unrolled":
         return decode_step(config, block_graphdef, weights, token, cache)
       if step_impl.startswith("fused"):
-        # fused_mixed: fused_gemv's kernels for one row; the fused step (XLA's GEMVs) for
-        # more, which never reads the padded in_proj's zero columns.
-        pallas = step_impl == "fused_gemv" or (step_impl == "fused_mixed"
-                                               and token.shape[0] == 1)
-        return fused_decode_step(config, weights, token, cache,
-                                 matmul="pallas" if pallas else "xla", transposed=True)
+        # fused_mixed: fused_reduce's kernels for one row; the fused step (XLA's GEMVs)
+        # for more, which never reads the padded in_proj's zero columns.
+        matmul = {"fused_gemv": "pallas", "fused_reduce": "reduce"}.get(step_impl, "xla")
+        if step_impl == "fused_mixed" and token.shape[0] == 1:
+          matmul = MIXED_ONE_ROW
+        return fused_decode_step(config, weights, token, cache, matmul=matmul,
+                                 transposed=True)
       return nnx.merge(graphdef, weights).step(token, cache)
 
     def advance(weights, cache, token, seen, key, knobs, allowed, mode):

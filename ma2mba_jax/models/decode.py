@@ -103,12 +103,13 @@ def _head(config: Mamba2Config, weights: DecodeWeights, h: Array) -> Array:
 
 def padded_decode_weights(llm: Mamba2LM, multiple: int = 256) -> DecodeWeights:
   """`decode_weights` laid out for `kernels.decode.gemv`: every in_proj kernel [D, N] padded
-  with zero columns to a multiple of `multiple` (what gemv.in_proj splits over its
-  programs) and stored transposed, [Np, D]; every out_proj kernel stored transposed,
+  with zero columns to the next multiple of `multiple` above N (what gemv.in_proj splits
+  over its programs; at least one padding column, where gemv.in_proj_reduce puts the sum
+  of squares) and stored transposed, [Np, D]; every out_proj kernel stored transposed,
   [D, E] (each program of the gemv kernels reads whole rows of the contraction)."""
   weights = decode_weights(llm, transposed=True)
   width = llm.config.d_in_proj
-  pad = -width % multiple
+  pad = multiple - width % multiple   # at least one zero row (matmul="reduce" uses it)
 
   def layer(state: nnx.State) -> nnx.State:
     def widen(path, a):
@@ -142,11 +143,22 @@ def fused_decode_step(config: Mamba2Config, weights: DecodeWeights, token: Array
   and a conv-state update a layer, the norms computed as `decode_step` does; needs
   `padded_decode_weights` (the matrices transposed) and B <= 16 (batches of more than
   gemv.VEC_ROWS rows are padded to 16 rows once per token, smaller ones are not).
+
+  matmul="reduce": as "pallas", but in_proj is XLA's multiply-and-reduce of the transposed
+  matrix (`gemv.in_proj_reduce`, faster than the Pallas GEMV at one row on an H100) with
+  its norm folded as in "xla" (h * w rounded to cd before the matmul; the same reduction
+  puts sum(h^2) in the first padding column, from which the mixer kernel applies 1/rms(h)),
+  and each out_proj kernel also writes the next layer's h * w
+  (`gemv.out_proj_then_norm`): three kernels a layer (reduction, mixer, out_proj).
+  Both update the conv states in place: each mixer kernel writes its layer's x taps and the
+  previous layer's B/C taps (`mixer_step(conv_in_place=True)`), one small update a token
+  writes the last layer's.
   """
-  if matmul == "pallas":
-    return _pallas_matmul_step(config, weights, token, cache)
+  if matmul in ("pallas", "reduce"):
+    return _pallas_matmul_step(config, weights, token, cache, reduce_in=matmul == "reduce")
   if matmul != "xla":
-    raise ValueError(f"fused_decode_step: matmul must be 'xla' or 'pallas', got {matmul!r}")
+    raise ValueError(f"fused_decode_step: matmul must be 'xla', 'pallas' or 'reduce', got "
+                     f"{matmul!r}")
   c = config
   cd, eps = c.compute_dtype, c.norm_eps
   dims = mixer_kernels.dims_of(c)
@@ -180,8 +192,9 @@ def fused_decode_step(config: Mamba2Config, weights: DecodeWeights, token: Array
 
 
 def _pallas_matmul_step(config: Mamba2Config, weights: DecodeWeights, token: Array,
-                       cache: LayerStates) -> tuple[Array, LayerStates]:
-  """fused_decode_step(matmul="pallas"): see there."""
+                       cache: LayerStates, reduce_in: bool = False
+                       ) -> tuple[Array, LayerStates]:
+  """fused_decode_step(matmul="pallas" | "reduce" (reduce_in)): see there."""
   from ma2mba_jax.kernels.decode import gemv
   c = config
   batch = token.shape[0]
@@ -193,22 +206,37 @@ def _pallas_matmul_step(config: Mamba2Config, weights: DecodeWeights, token: Arr
   dims = mixer_kernels.dims_of(c)
   h = jnp.take(weights.embedding, token, axis=0).astype(f32)      # [B, D]
   h = jnp.pad(h, ((0, rows - batch), (0, 0)))                      # [R, D], rows >= B zero
-  ones = jnp.ones((batch,), f32)
+  scale, in_norm = jnp.ones((batch,), f32), None
+  norm_w = [layer["norm"]["weight"][...] for layer in weights.layers]
+  if reduce_in:   # the first layer's h * w; later ones from the out_proj kernels
+    u = gemv.round_to(h * norm_w[0].astype(f32), c.compute_dtype).astype(c.compute_dtype)
+    in_norm = (c.d_model, c.norm_eps)
   conv, ssm = cache
+  bc = None   # the previous layer's new B/C conv taps, written by the next mixer kernel
   for i, layer in enumerate(weights.layers):
     mixer = layer["mixer"]
-    zx = gemv.in_proj(h, layer["norm"]["weight"][...], mixer["in_proj"]["kernel"][...],
-                      eps=c.norm_eps, interpret=interpret)                     # [R, Np] cd
+    if reduce_in:   # column N of the padded output: h's sum of squares
+      zx = gemv.in_proj_reduce(u, h, mixer["in_proj"]["kernel"][...],
+                               c.d_in_proj)                                   # [R, Np] f32
+    else:
+      zx = gemv.in_proj(h, norm_w[i], mixer["in_proj"]["kernel"][...], eps=c.norm_eps,
+                        interpret=interpret)                                   # [R, Np] cd
     params = mixer_kernels.MixerParams(
         mixer["conv_weight"][...], mixer["conv_bias"][...], mixer["dt_bias"][...],
         mixer["A_log"][...], mixer["D"][...], mixer["norm"]["weight"][...])
-    gated, ss, conv_i, ssm = mixer_kernels.mixer_step(
-        jnp.int32(i), zx, ones, params, conv, ssm, dims=dims, impl="pallas",
-        interpret=interpret, gated_rows=rows)
-    conv = jax.lax.dynamic_update_index_in_dim(conv, conv_i, i, 0)
-    h = gemv.out_proj(gated, ss, mixer["norm"]["weight"][...], mixer["out_proj"]["kernel"][...],
-                      h, eps=c.norm_eps, n_groups=c.n_groups, rows=batch,
-                      interpret=interpret)                                     # [R, D] f32
+    gated, ss, conv, ssm, bc = mixer_kernels.mixer_step(
+        jnp.int32(i), zx, scale, params, conv, ssm, dims=dims, impl="pallas",
+        interpret=interpret, gated_rows=rows, in_norm=in_norm, conv_in_place=True,
+        bc_prev=bc)
+    out = (mixer["norm"]["weight"][...], mixer["out_proj"]["kernel"][...])
+    if reduce_in and i + 1 < len(weights.layers):
+      h, u = gemv.out_proj_then_norm(gated, ss, *out, h, norm_w[i + 1], eps=c.norm_eps,
+                                     n_groups=c.n_groups, rows=batch,
+                                     interpret=interpret)                # [R, D] f32, cd
+    else:
+      h = gemv.out_proj(gated, ss, *out, h, eps=c.norm_eps, n_groups=c.n_groups, rows=batch,
+                        interpret=interpret)                                   # [R, D] f32
+  conv = mixer_kernels.write_bc(conv, len(weights.layers) - 1, bc, dims)
   return _head(c, weights, h[:batch]), LayerStates(conv=conv, ssm=ssm)
 
 

@@ -36,11 +36,12 @@ def test_kernel_matches_the_float64_oracle_on_gpu(name):
 
 
 @pytest.mark.parametrize("matmul,batch", [("xla", 2), ("xla_t", 2), ("pallas", 2),
-                                          ("pallas", 5)])
+                                          ("pallas", 5), ("reduce", 1), ("reduce", 5)])
 @pytest.mark.parametrize("variant", ["g1_tied", "g2_untied"])
 def test_fused_step_equals_the_reference_step_on_gpu(variant, matmul, batch):
   """xla_t: the matrices output-major (the Sampler's fused step); pallas at batch 2 runs the
-  gemv kernels' vector path, at 5 their tl.dot path."""
+  gemv kernels' vector path, at 5 their tl.dot path; reduce: XLA's in_proj reduction,
+  out_proj_then_norm, the mixer's in_norm and in-place conv states."""
   worst = step_errors(seed=3, impl="pallas" if matmul == "pallas" else "auto",
                       variant=variant, matmul=matmul, batch=batch)
   print(variant, matmul, worst)
@@ -51,7 +52,8 @@ SMALL = Mamba2Config(d_model=256, n_layers=4, vocab_size=1000, d_state=128, head
                      chunk_len=64)
 
 
-@pytest.mark.parametrize("step_impl", ["unrolled", "fused", "fused_gemv", "fused_mixed"])
+@pytest.mark.parametrize("step_impl", ["unrolled", "fused", "fused_gemv", "fused_reduce",
+                                       "fused_mixed"])
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
 def test_greedy_host_and_device_loops_give_the_same_tokens(step_impl, compute_dtype):
   config = SMALL.replace(compute_dtype=compute_dtype)

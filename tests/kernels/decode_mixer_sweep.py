@@ -4,6 +4,7 @@ for seeds 0..N-1, per backend, the worst relative error per (dtype, output).
 
   JAX_PLATFORMS=cpu python -m tests.kernels.decode_mixer_sweep [--seeds 20]  # xla, interpret
   JAX_PLATFORMS=cuda python -m tests.kernels.decode_mixer_sweep --impls pallas  # the GPU kernel
+  ... --fused_reduce    # the 1/rms from raw's extra column, the conv stack in place
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--seeds", type=int, default=20)
   parser.add_argument("--impls", default="xla,pallas")
+  parser.add_argument("--fused_reduce", action="store_true",
+                      help="call mixer_step as the fused_reduce step does (errors(...))")
   args = parser.parse_args()
   worst = collections.defaultdict(lambda: (0.0, ""))
   for impl in args.impls.split(","):
     for name, case in CASES.items():
       for seed in range(args.seeds):
-        for out, err in errors(case, seed, impl).items():
+        for out, err in errors(case, seed, impl, fused_reduce=args.fused_reduce).items():
           key = (impl, case.dtype, out)
           if err > worst[key][0]:
             worst[key] = (err, f"{name} seed {seed}")

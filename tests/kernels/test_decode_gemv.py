@@ -146,3 +146,42 @@ def test_persistent_programs_give_the_grids_sums_exactly(programs, rows, live):
   # The tl.dot path and split-K have no persistent form: the grid runs instead.
   assert gemv.effective("in_proj", gemv.ROWS, NP, D, 1, persistent).programs == 0
   assert gemv.effective("out_proj", 1, D, E, 1, persistent._replace(split_k=2)).programs == 0
+
+
+@pytest.mark.parametrize("config", ["default", "small_blocks", "split2", "persistent"])
+@pytest.mark.parametrize("rows,live", [(1, 1), (4, 3), (16, 5)])
+@pytest.mark.parametrize("cd", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_out_proj_then_norm_adds_the_next_norms_input(config, rows, live, cd):
+  # The same h as out_proj (bit for bit, on its grid kernel without split-K, which
+  # out_proj_then_norm always runs: other configs' programs and split_k are dropped) and
+  # u = h * w_next rounded to cd, every row (rows >= live: h itself).
+  x = _inputs(200 + rows, rows, cd)
+  w_next = 1 + 0.1 * jnp.asarray(np.random.default_rng(rows).normal(size=D), f32)
+  h, u = gemv.out_proj_then_norm(x["g"], x["ss"], x["w_gate"], x["w_out"], x["h"], w_next,
+                                 eps=EPS, n_groups=2, rows=live, config=CONFIGS[config],
+                                 interpret=True)
+  base = (CONFIGS[config] or gemv.DEFAULTS[("out_proj", gemv.path_of(rows))])._replace(
+      programs=0, split_k=1)
+  ref = gemv.out_proj(x["g"], x["ss"], x["w_gate"], x["w_out"], x["h"], eps=EPS, n_groups=2,
+                      rows=live, config=base, interpret=True)
+  np.testing.assert_array_equal(h, ref)
+  assert u.dtype == cd and u.shape == (rows, D)
+  np.testing.assert_array_equal(u, (ref * w_next[None, :]).astype(cd))
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("cd", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_in_proj_reduce_is_the_matmul_with_the_sum_of_squares_in_a_padding_column(rows, cd):
+  # in_proj_reduce(u, h, Wt, n): u @ Wt^T in f32 (XLA's reduction), column n replaced by
+  # sum(h^2), against float64 (the f32 sums' rounding only).
+  x = _inputs(300 + rows, rows, cd)
+  n = NP - 5
+  w = x["w_in"].at[n:].set(0)                                    # n.. are padding rows
+  u = (x["h"] * x["w_norm"]).astype(cd)
+  raw = gemv.in_proj_reduce(u, x["h"], w, n)
+  assert raw.shape == (rows, NP) and raw.dtype == f32
+  ref = np.asarray(u, np.float64) @ np.asarray(w, np.float64).T
+  ref[:, n] = np.sum(np.asarray(x["h"], np.float64) ** 2, axis=1)
+  assert rel_err(raw, ref) < F32_TOL
+  with pytest.raises(ValueError, match="not a row"):
+    gemv.in_proj_reduce(u, x["h"], w, NP)

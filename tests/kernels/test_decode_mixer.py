@@ -29,6 +29,17 @@ def test_mixer_kernel_split_over_programs_matches_the_oracle(name, split):
   assert all(err < TOLERANCES[case.dtype] for err in errs.values()), (name, split, errs)
 
 
+@pytest.mark.parametrize("name,impl", [("g1_f32", "pallas"), ("g2_f32", "pallas"),
+                                       ("g1_bf16", "pallas"), ("g2_bf16_b1", "pallas"),
+                                       ("g2_f32", "xla")])
+def test_mixer_step_with_the_norm_column_and_in_place_conv_matches_the_oracle(name, impl):
+  # The fused_reduce step's call: 1/rms from raw's extra column, conv stack in place.
+  case = CASES[name]
+  errs = errors(case, seed=5, impl=impl, interpret=True if impl == "pallas" else None,
+                fused_reduce=True)
+  assert all(err < TOLERANCES[case.dtype] for err in errs.values()), (name, impl, errs)
+
+
 def test_impl_resolution():
   dims = dims_of_case(CASES["g1_f32"])
   assert resolve_impl("auto", dims, platform="gpu") == "pallas"

@@ -92,24 +92,46 @@ def _pallas_fits(dims: Dims) -> bool:
 
 def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, conv: Array,
                ssm: Array, *, dims: Dims, impl: str = "auto", interpret: bool | None = None,
-               gated_rows: int | None = None, split: int | None = None
-               ) -> tuple[Array, Array, Array, Array]:
+               gated_rows: int | None = None, split: int | None = None,
+               in_norm: tuple[int, float] | None = None, conv_in_place: bool = False,
+               bc_prev: Array | None = None) -> tuple[Array, ...]:
   """See the module docstring. raw may have more rows and columns than read (the batch is
   in_scale's length). gated_rows: instead of yw and ss, return g [gated_rows, E] f32 and ss
   [gated_rows, H] (rows >= B: zero in xla, never written in pallas), as `gemv.out_proj`
   reads them. interpret (pallas only): run the kernel in the Pallas interpreter (default:
   when not on GPU). split (pallas only): programs per head (default `pallas.SPLIT`, at most
-  head_dim)."""
+  head_dim). in_norm = (D, eps): in_scale is not read (only its length, the batch); raw
+  has a column past the in_proj outputs, 2E+2GN+H, that holds the sum of squares of the
+  norm's input h (`gemv.in_proj_reduce`), and 1/rms(h) = rsqrt(it / D + eps) is computed
+  inside.
+
+  conv_in_place=True: no fresh conv state; instead the conv stack itself is returned with
+  the layer's x channels' new taps written (in place in the pallas backend: the stack is
+  aliased to the output) and, if `bc_prev` [B, 2GN, K-1] is given, layer - 1's B/C
+  channels set to it; a fifth output is this layer's new B/C taps [B, 2GN, K-1], for the
+  next layer's call (or `write_bc` after the last layer). Every program of a group reads
+  the layer's old B/C taps, so none may overwrite them in place: the next layer's kernel,
+  which reads other taps, does."""
   impl = resolve_impl(impl, dims)
   if impl == "xla":
     from ma2mba_jax.kernels.decode import reference
     return reference.mixer_step(layer, raw, in_scale, params, conv, ssm, dims=dims,
-                                gated_rows=gated_rows)
+                                gated_rows=gated_rows, in_norm=in_norm,
+                                conv_in_place=conv_in_place, bc_prev=bc_prev)
   from ma2mba_jax.kernels.decode import pallas
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   return pallas.mixer_step(layer, raw, in_scale, params, conv, ssm, dims=dims,
-                           interpret=interpret, gated_rows=gated_rows, split=split)
+                           interpret=interpret, gated_rows=gated_rows, split=split,
+                           in_norm=in_norm, conv_in_place=conv_in_place, bc_prev=bc_prev)
 
 
-__all__ = ["IMPLS", "MixerParams", "Dims", "dims_of", "resolve_impl", "mixer_step"]
+def write_bc(conv: Array, layer: int | Array, bc: Array, dims: Dims) -> Array:
+  """The conv stack [L, B, C, K-1] with layer `layer`'s B/C channels set to bc [B, 2GN, K-1]
+  (what `mixer_step(conv_in_place=True)` leaves to the next layer's call)."""
+  return jax.lax.dynamic_update_slice(conv, bc[None].astype(conv.dtype),
+                                      (layer, 0, dims.d_inner, 0))
+
+
+__all__ = ["IMPLS", "MixerParams", "Dims", "dims_of", "resolve_impl", "mixer_step",
+           "write_bc"]

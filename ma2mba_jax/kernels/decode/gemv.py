@@ -300,7 +300,7 @@ def _in_proj_kernel(h_ref, w_norm_ref, w_ref, out_ref, *, eps, cd, block_k, k_bl
     out_ref[s, :] = _total(a, vec).astype(out_ref.dtype)                     # [1|R, bn]
 
 
-def _round_to(x: Array, dtype) -> Array:
+def round_to(x: Array, dtype) -> Array:
   """x rounded to `dtype`'s precision, kept in x's dtype. Not x.astype(dtype).astype(f32):
   XLA on GPU may drop that round trip inside a fusion (its default excess precision), which
   left split-K's out_proj unrounded there (tests/gpu/test_decode_gpu.py)."""
@@ -423,8 +423,12 @@ def in_proj(h: Array, norm_weight: Array, kernel_t: Array, *, eps: float,
   return out
 
 
-def _out_proj_kernel(g_ref, ss_ref, w_norm_ref, w_ref, h_ref, out_ref, *, eps, cd, block_k,
-                     k_blocks, n_groups, rows, vec, final, unroll, eviction, ahead):
+def _out_proj_kernel(g_ref, ss_ref, w_norm_ref, w_ref, h_ref, *refs, eps, cd, block_k,
+                     k_blocks, n_groups, rows, vec, final, unroll, eviction, ahead, then):
+  if then:   # out_proj_then_norm: the next norm's weight in, its input h * w out
+    w_next_ref, out_ref, u_ref = refs
+  else:
+    (out_ref,) = refs
   r, e = g_ref.shape
   group = e // n_groups
   hpg = ss_ref.shape[1] // n_groups
@@ -465,12 +469,20 @@ def _out_proj_kernel(g_ref, ss_ref, w_norm_ref, w_ref, h_ref, out_ref, *, eps, c
   shape = (bn, block_k) if vec else (r, bn)
   acc = _loop(k_blocks // seg, seg_body, tuple(jnp.zeros(shape, f32) for _ in sel), unroll)
   acc = [_total(a, vec) for a in acc]                                        # [1|R, bn]
+  news = []
   for a, s in zip(acc, sel):
-    out_ref[s, :] = h_ref[s, cols] + a.astype(cd).astype(f32) if final else a
+    out = h_ref[s, cols] + a.astype(cd).astype(f32) if final else a
+    out_ref[s, :] = out
+    news.append((s, out))
   if vec:   # the rows past `rows`: h itself (final) or nothing (a zero partial)
     for i in range(len(sel), r):
-      out_ref[pl.ds(i, 1), :] = (h_ref[pl.ds(i, 1), cols] if final
-                                 else jnp.zeros((1, bn), f32))
+      out = h_ref[pl.ds(i, 1), cols] if final else jnp.zeros((1, bn), f32)
+      out_ref[pl.ds(i, 1), :] = out
+      news.append((pl.ds(i, 1), out))
+  if then:   # the next RMS norm's input times its weight, rounded to cd
+    w_next = w_next_ref[cols][None, :]                                         # [1, bn]
+    for s, out in news:
+      u_ref[s, :] = (out * w_next).astype(u_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "n_groups", "rows", "config",
@@ -482,36 +494,88 @@ def out_proj(gated: Array, ss: Array, norm_weight: Array, kernel_t: Array, h: Ar
   never read), norm_weight [E], kernel_t [D, E] (cd: out_proj's kernel transposed), h
   [R, D] f32 -> the new residual stream h + out_proj(...) [R, D] f32."""
   r, e = gated.shape
+  cfg = effective("out_proj", r, kernel_t.shape[0], e, n_groups, config)
+  return _out_proj(gated, ss, norm_weight, kernel_t, h, None, eps=eps, n_groups=n_groups,
+                   rows=r if rows is None else rows, cfg=cfg, interpret=interpret)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "n_groups", "rows", "config",
+                                             "interpret"))
+def out_proj_then_norm(gated: Array, ss: Array, norm_weight: Array, kernel_t: Array,
+                       h: Array, next_norm_weight: Array, *, eps: float, n_groups: int,
+                       rows: int | None = None, config: Config | None = None,
+                       interpret: bool = False) -> tuple[Array, Array]:
+  """`out_proj`, and the next layer's `in_proj_reduce` input, written by the same programs
+  from the block of h each computes (next_norm_weight [D]):
+    h_new [R, D] f32 (= out_proj's), u = h_new * next_norm_weight rounded to cd [R, D].
+  Always the one-program-a-block grid kernel (the config's programs and split_k are set
+  to 0 and 1)."""
+  r, e = gated.shape
+  cfg = effective("out_proj", r, kernel_t.shape[0], e, n_groups,
+                  (config or DEFAULTS[("out_proj", path_of(r))])._replace(programs=0,
+                                                                          split_k=1))
+  return _out_proj(gated, ss, norm_weight, kernel_t, h, next_norm_weight, eps=eps,
+                   n_groups=n_groups, rows=r if rows is None else rows, cfg=cfg,
+                   interpret=interpret)
+
+
+def _out_proj(gated, ss, norm_weight, kernel_t, h, next_norm_weight, *, eps, n_groups, rows,
+              cfg, interpret) -> tuple[Array, ...]:
+  """out_proj's one pallas_call (and split-K's epilogue); with next_norm_weight (grid
+  kernel, split_k 1), out_proj_then_norm's two outputs."""
+  r, e = gated.shape
   d = kernel_t.shape[0]
-  rows = r if rows is None else rows
   vec = path_of(r) == "vec"
-  cfg = effective("out_proj", r, d, e, n_groups, config)
   bn, bk, split = cfg.block_n, cfg.block_k, cfg.split_k
   cd = kernel_t.dtype
+  then = next_norm_weight is not None
+  inputs = [gated, ss, norm_weight.astype(f32), kernel_t, h.astype(f32)]
+  in_specs = [_whole((r, e)), _whole(ss.shape), _whole((e,)), _whole((d, e)), _whole((r, d))]
   if cfg.programs:   # (split_k is 1 then)
     kernel = functools.partial(_out_proj_persistent, eps=eps, cd=cd, block_k=bk, block_n=bn,
                                n_groups=n_groups, rows=rows, programs=cfg.programs,
                                eviction=cfg.eviction)
     grid = (cfg.programs,)
-    out_spec, out_shape = _whole((r, d)), jax.ShapeDtypeStruct((r, d), f32)
+    out_specs, out_shapes = [_whole((r, d))], [jax.ShapeDtypeStruct((r, d), f32)]
   else:
     kernel = functools.partial(_out_proj_kernel, eps=eps, cd=cd, block_k=bk,
                                k_blocks=e // bk // split, n_groups=n_groups, rows=rows,
                                vec=vec, final=split == 1, unroll=cfg.unroll,
-                               eviction=cfg.eviction, ahead=cfg.ahead)
+                               eviction=cfg.eviction, ahead=cfg.ahead, then=then)
     grid = (d // bn, split)
-    out_spec, out_shape = _output(r, d, bn, split, f32)
-  out = pl.pallas_call(
-      kernel, grid=grid,
-      in_specs=[_whole((r, e)), _whole(ss.shape), _whole((e,)), _whole((d, e)),
-                _whole((r, d))],
-      out_specs=out_spec, out_shape=out_shape,
-      **_compiler(interpret, cfg))(gated, ss, norm_weight.astype(f32), kernel_t,
-                                   h.astype(f32))
+    spec, shape = _output(r, d, bn, split, f32)
+    out_specs, out_shapes = [spec], [shape]
+    if then:
+      inputs.append(next_norm_weight.astype(f32))
+      in_specs.append(_whole((d,)))
+      out_specs.append(pl.BlockSpec((r, bn), lambda j, s: (0, j)))
+      out_shapes.append(jax.ShapeDtypeStruct((r, d), cd))
+  outs = pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shapes,
+      **_compiler(interpret, cfg))(*inputs)
   if split > 1:   # the partials' f32 sum, rounded once to cd, + h
-    out = h.astype(f32) + _round_to(jnp.sum(out, axis=0), cd)
-  return out
+    outs = [h.astype(f32) + round_to(jnp.sum(outs[0], axis=0), cd)]
+  return tuple(outs)
+
+
+def in_proj_reduce(u: Array, h: Array, kernel_t: Array, ss_column: int) -> Array:
+  """u [R, D] (cd: the RMS norm's input times its weight, h * w, rounded) @ kernel_t^T
+  ([Np, D] cd) -> raw [R, Np] f32, with raw[:, ss_column] (one of kernel_t's zero padding
+  rows) replaced by the sum of squares of h [R, D] f32, the norm's input: all in one XLA
+  multiply-and-reduce over D (a reduction fusion, not a dot; the padding row's products
+  are swapped for h^2 by a select). On an H100 XLA's reduction emitter streams in_proj's
+  54 MB at 2.7 TB/s where `in_proj`'s kernels reach 2.4 (BENCHMARKS.md, "Decoding, session
+  11"). The norm's 1/rms = rsqrt(raw[:, ss_column] / D + eps) is left to the caller
+  (`mixer_step(in_norm=...)` applies it): the fused step's folding, not `in_proj`'s
+  rounding of the normalised input."""
+  if not kernel_t.shape[0] > ss_column >= 0:
+    raise ValueError(f"in_proj_reduce: ss_column {ss_column} is not a row of kernel_t "
+                     f"{kernel_t.shape}")
+  products = kernel_t[None].astype(f32) * u[:, None, :].astype(f32)           # [R, Np, D]
+  rows = lax.broadcasted_iota(jnp.int32, products.shape, 1)
+  squares = jnp.square(h.astype(f32))[:, None, :]                              # [R, 1, D]
+  return jnp.sum(jnp.where(rows == ss_column, squares, products), axis=-1)
 
 
 __all__ = ["ROWS", "VEC_ROWS", "Config", "DEFAULTS", "padded_rows", "path_of", "effective",
-           "in_proj", "out_proj"]
+           "in_proj", "out_proj", "out_proj_then_norm", "in_proj_reduce"]

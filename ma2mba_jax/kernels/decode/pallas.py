@@ -40,9 +40,13 @@ def _softplus(v):
 
 
 def _kernel(layer_ref, raw_ref, scale_ref, conv_w_ref, conv_b_ref, dt_bias_ref, a_log_ref,
-            d_ref, norm_w_ref, conv_ref, ssm_ref,
-            yw_ref, ss_ref, conv_out_ref, ssm_out_ref, *, dims: Dims, gated_out: bool,
-            split: int):
+            d_ref, norm_w_ref, conv_ref, ssm_ref, *refs, dims: Dims, gated_out: bool,
+            split: int, in_norm: tuple[int, float] | None, in_place: bool, has_prev: bool):
+  # in_place: conv_out_ref is the conv stack (aliased to conv_ref) and bc_out_ref this
+  # layer's new B/C taps; has_prev: bc_prev_ref, the previous layer's, written here.
+  bc_prev_ref = refs[0] if has_prev else None
+  yw_ref, ss_ref, conv_out_ref, ssm_out_ref = refs[has_prev:has_prev + 4]
+  bc_out_ref = refs[has_prev + 4] if in_place else None
   e, p, n, g, k = dims.d_inner, dims.head_dim, dims.d_state, dims.n_groups, dims.d_conv
   hpg = dims.n_heads // g
   ps = p // split                                              # this program's head rows
@@ -50,43 +54,73 @@ def _kernel(layer_ref, raw_ref, scale_ref, conv_w_ref, conv_b_ref, dt_bias_ref, 
   b, h = pl.program_id(0), pl.program_id(1)
   part = pl.program_id(2)                                      # which [ps] slice of the head
   layer = layer_ref[0]
-  scale = scale_ref[b]
   group = h // hpg
   x0 = h * p + part * ps                                       # first x / z channel
   bc0, cc0 = e + group * n, e + g * n + group * n              # B's and C's conv channels
 
   # Every load first, every store last: the stores (the conv state, the SSM state aliased
   # to its input) would otherwise keep Triton from issuing later loads early, and each
-  # load after a store costs another memory latency.
-  def proj(start, size):
-    """The in_proj output's [start, start + size) of row b, as Linear rounds it."""
-    return (raw_ref[b, pl.ds(start, size)].astype(f32) * scale).astype(cd).astype(f32)
+  # load after a store costs another memory latency. The in_proj output is loaded raw and
+  # scaled after the other loads.
+  def raw(start, size):
+    return raw_ref[b, pl.ds(start, size)].astype(f32)
 
-  def window(c0, size):
-    """The conv window of channels [c0, c0 + size): K-1 state taps and the new input."""
-    taps = [conv_ref[layer, b, pl.ds(c0, size), j].astype(cd).astype(f32)
+  def taps(c0, size):
+    """The conv state's K-1 taps of channels [c0, c0 + size)."""
+    return [conv_ref[layer, b, pl.ds(c0, size), j].astype(cd).astype(f32)
             for j in range(k - 1)]
-    return taps + [proj(e + c0, size)]
 
-  def conv(c0, size, taps):
-    """silu(conv) of conv channels [c0, c0 + size), rounded to cd."""
-    out = conv_b_ref[pl.ds(c0, size)].astype(f32)
-    for j in range(k):
-      out = out + taps[j] * conv_w_ref[j, pl.ds(c0, size)].astype(f32)
-    return _silu(out).astype(cd).astype(f32)
+  raw_x, raw_b, raw_c = raw(e + x0, ps), raw(e + bc0, n), raw(e + cc0, n)
+  raw_z = raw(x0, ps)                                          # [ps]
+  raw_dt = raw(2 * e + 2 * g * n + h, 1)[0]
+  def conv_params(c0, size):
+    """The conv's bias and K weights of channels [c0, c0 + size)."""
+    return (conv_b_ref[pl.ds(c0, size)].astype(f32),
+            [conv_w_ref[j, pl.ds(c0, size)].astype(f32) for j in range(k)])
 
-  x_taps, b_taps, c_taps = window(x0, ps), window(bc0, n), window(cc0, n)
-  z = proj(x0, ps)                                             # [ps]
-  dt_raw = proj(2 * e + 2 * g * n + h, 1)[0]
+  x_taps, b_taps, c_taps = taps(x0, ps), taps(bc0, n), taps(cc0, n)
+  first_of_group = (h % hpg == 0) & (part == 0)
+  if has_prev:   # the previous layer's new B/C taps (its group's first program writes
+    # them: the others' loads are masked off, no memory traffic)
+    mask = jnp.broadcast_to(first_of_group, (n, 1))
+
+    def prev(c0, j):
+      return plgpu.load(bc_prev_ref.at[b, pl.ds(c0, n), pl.ds(j, 1)], mask=mask,
+                        other=0.0)[:, 0]
+
+    prev_b = [prev(group * n, j) for j in range(k - 1)]
+    prev_c = [prev(g * n + group * n, j) for j in range(k - 1)]
+  x_conv, b_conv, c_conv = conv_params(x0, ps), conv_params(bc0, n), conv_params(cc0, n)
   state = ssm_ref[layer, b, h, pl.ds(part * ps, ps), :]        # [ps, N] f32
   dt_bias = dt_bias_ref[h].astype(f32)
   a = -jnp.exp(a_log_ref[h].astype(f32))
   d_skip = d_ref[h].astype(f32)
   norm_w = None if gated_out else norm_w_ref[pl.ds(x0, ps)].astype(f32)
+  if in_norm is None:
+    scale = scale_ref[b]
+  else:   # raw's column after the in_proj outputs: the sum of squares of the norm's input
+    width, eps = in_norm
+    scale = jax.lax.rsqrt(raw(2 * e + 2 * g * n + dims.n_heads, 1)[0] / width + eps)
 
-  x = conv(x0, ps, x_taps)                                     # [ps]
-  bmat = conv(bc0, n, b_taps)                                  # [N] (every program of
-  cmat = conv(cc0, n, c_taps)                                  #  the group recomputes them)
+  def proj(v):
+    """In_proj output values as Linear rounds them."""
+    return (v * scale).astype(cd).astype(f32)
+
+  def conv(window, bias_weights):
+    """silu(conv) over window (K-1 taps, the new input), rounded to cd."""
+    out, weights = bias_weights
+    for j in range(k):
+      out = out + window[j] * weights[j]
+    return _silu(out).astype(cd).astype(f32)
+
+  x_taps.append(proj(raw_x))
+  b_taps.append(proj(raw_b))
+  c_taps.append(proj(raw_c))
+  z = proj(raw_z)
+  dt_raw = proj(raw_dt)
+  x = conv(x_taps, x_conv)                                     # [ps]
+  bmat = conv(b_taps, b_conv)                                  # [N] (every program of
+  cmat = conv(c_taps, c_conv)                                  #  the group recomputes them)
   dt = _softplus(dt_raw + dt_bias)
   lo, hi = dims.dt_limit
   if lo > 0.0 or hi != float("inf"):
@@ -97,29 +131,44 @@ def _kernel(layer_ref, raw_ref, scale_ref, conv_w_ref, conv_b_ref, dt_bias_ref, 
 
   ssm_out_ref[layer, b, h, pl.ds(part * ps, ps), :] = state
   for j in range(k - 1):
-    conv_out_ref[b, pl.ds(x0, ps), j] = x_taps[j + 1]
+    if in_place:   # this program alone reads and writes its x channels
+      conv_out_ref[layer, b, pl.ds(x0, ps), j] = x_taps[j + 1]
+    else:
+      conv_out_ref[b, pl.ds(x0, ps), j] = x_taps[j + 1]
   ss_ref[b, h * split + part] = jnp.sum(gated * gated)
   if gated_out:
     yw_ref[b, pl.ds(x0, ps)] = gated
   else:
     yw_ref[b, pl.ds(x0, ps)] = (gated * norm_w).astype(cd)
 
-  # B's and C's new conv state: written once per group, by its first program.
-  @pl.when((h % hpg == 0) & (part == 0))
+  # B's and C's new conv state: written once per group, by its first program; in place,
+  # to bc_out (every program of the group reads the stack's old B/C taps, in any order),
+  # and the previous layer's into the stack (no program reads that layer).
+  @pl.when(first_of_group)
   def _():
     for j in range(k - 1):
-      conv_out_ref[b, pl.ds(bc0, n), j] = b_taps[j + 1]
-      conv_out_ref[b, pl.ds(cc0, n), j] = c_taps[j + 1]
+      if in_place:
+        bc_out_ref[b, pl.ds(group * n, n), j] = b_taps[j + 1]
+        bc_out_ref[b, pl.ds(g * n + group * n, n), j] = c_taps[j + 1]
+        if has_prev:
+          conv_out_ref[layer - 1, b, pl.ds(bc0, n), j] = prev_b[j]
+          conv_out_ref[layer - 1, b, pl.ds(cc0, n), j] = prev_c[j]
+      else:
+        conv_out_ref[b, pl.ds(bc0, n), j] = b_taps[j + 1]
+        conv_out_ref[b, pl.ds(cc0, n), j] = c_taps[j + 1]
 
 
 @functools.partial(jax.jit, static_argnames=("dims", "interpret", "num_warps", "gated_rows",
-                                             "split"))
+                                             "split", "in_norm", "conv_in_place"))
 def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, conv: Array,
                ssm: Array, *, dims: Dims, interpret: bool = False,
                num_warps: int | None = None, gated_rows: int | None = None,
-               split: int | None = None) -> tuple[Array, Array, Array, Array]:
+               split: int | None = None, in_norm: tuple[int, float] | None = None,
+               conv_in_place: bool = False, bc_prev: Array | None = None
+               ) -> tuple[Array, ...]:
   """See the package docstring; the ssm stack is updated in place (aliased). raw: [R, >=
-  2E+2GN+H] in any float dtype, rows >= B = in_scale's length never read. split: programs
+  2E+2GN+H] in any float dtype (in_norm: > 2E+2GN+H columns), rows >= B = in_scale's length
+  never read. split: programs
   per head (each takes P / split of its rows; a power of two dividing P); ss then holds
   one sum per program, [rows, H * split], a head's `split` sums side by side. Defaults:
   split SPLIT (at most head_dim), num_warps NUM_WARPS."""
@@ -135,15 +184,28 @@ def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, c
   rows = batch if gated_rows is None else gated_rows
   first = (jax.ShapeDtypeStruct((rows, dims.d_inner), dims.compute_dtype) if gated_rows is None
            else jax.ShapeDtypeStruct((rows, dims.d_inner), f32))
+  bc = 2 * dims.n_groups * dims.d_state
   out_shape = [first,                                                            # yw | g
                jax.ShapeDtypeStruct((rows, dims.n_heads * split), f32),          # ss
-               jax.ShapeDtypeStruct((batch, c, dims.d_conv - 1), f32),           # conv
+               (jax.ShapeDtypeStruct(conv.shape, f32) if conv_in_place           # conv
+                else jax.ShapeDtypeStruct((batch, c, dims.d_conv - 1), f32)),
                jax.ShapeDtypeStruct(ssm.shape, f32)]                             # ssm
-  inputs = (layer, raw, in_scale.astype(f32), *params, conv, ssm)
+  if conv_in_place:
+    out_shape.append(jax.ShapeDtypeStruct((batch, bc, dims.d_conv - 1), f32))    # B/C taps
+  elif bc_prev is not None:
+    raise ValueError("decode mixer_step: bc_prev needs conv_in_place=True")
+  inputs = [layer, raw, in_scale.astype(f32), *params, conv, ssm]
+  aliases = {len(inputs) - 1: 3}                                      # the ssm stack
+  if conv_in_place:
+    aliases[len(inputs) - 2] = 2                                      # the conv stack
+  if bc_prev is not None:
+    inputs.append(bc_prev)
   kwargs = {}
   if not interpret:
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
   return tuple(pl.pallas_call(
-      functools.partial(_kernel, dims=dims, gated_out=gated_rows is not None, split=split),
+      functools.partial(_kernel, dims=dims, gated_out=gated_rows is not None, split=split,
+                        in_norm=in_norm, in_place=conv_in_place,
+                        has_prev=bc_prev is not None),
       grid=(batch, dims.n_heads, split), out_shape=out_shape,
-      input_output_aliases={len(inputs) - 1: 3}, interpret=interpret, **kwargs)(*inputs))
+      input_output_aliases=aliases, interpret=interpret, **kwargs)(*inputs))

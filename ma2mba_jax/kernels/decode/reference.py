@@ -17,15 +17,22 @@ f32 = jnp.float32
 
 
 def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, conv: Array,
-               ssm: Array, *, dims: Dims, gated_rows: int | None = None
-               ) -> tuple[Array, Array, Array, Array]:
-  """raw [>=B, >=2E+2GN+H] (the first B rows and 2E+2GN+H columns are read), in_scale [B] ->
+               ssm: Array, *, dims: Dims, gated_rows: int | None = None,
+               in_norm: tuple[int, float] | None = None, conv_in_place: bool = False,
+               bc_prev: Array | None = None) -> tuple[Array, ...]:
+  """raw [>=B, >=2E+2GN+H] (the first B rows and 2E+2GN+H columns are read), in_scale [B]
+  (with in_norm = (D, eps) only its length is read: 1/rms = rsqrt(raw[:, 2E+2GN+H] / D +
+  eps)) ->
   yw [B, E] cd, ss [B, H] f32, conv state of the layer [B, C, K-1] f32, ssm stack
   [L, B, H, P, N] f32 (the layer's slice replaced). gated_rows: return g [gated_rows, E] f32
   and ss [gated_rows, H] instead (rows >= B zero)."""
   cd = dims.compute_dtype
   e, h, p, n, g = dims.d_inner, dims.n_heads, dims.head_dim, dims.d_state, dims.n_groups
   b = in_scale.shape[0]
+  if in_norm is not None:   # raw's column after the in_proj outputs: h's sum of squares
+    width, eps = in_norm
+    ss = raw[:b, 2 * e + 2 * g * n + h].astype(f32)
+    in_scale = jax.lax.rsqrt(ss / width + eps)
   zxbcdt = (raw[:b].astype(jnp.float32) * in_scale[:, None]).astype(cd)
   z, xBC = zxbcdt[:, :e], zxbcdt[:, e:2 * e + 2 * g * n]
   dt = zxbcdt[:, 2 * e + 2 * g * n:2 * e + 2 * g * n + h]              # (raw may be padded)
@@ -44,8 +51,17 @@ def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, c
   gated = y.astype(cd).astype(f32) * jax.nn.silu(z.astype(f32).reshape(b, h, p))
   ss = jnp.sum(jnp.square(gated), axis=-1)                             # [B, H]
   ssm = jax.lax.dynamic_update_index_in_dim(ssm, state, layer, 0)
+  conv_out = (conv_state,)
+  if conv_in_place:   # x's taps into the stack; B/C's returned (the previous layer's in)
+    conv = jax.lax.dynamic_update_slice(conv, conv_state[None, :, :e], (layer, 0, 0, 0))
+    if bc_prev is not None:
+      conv = jax.lax.dynamic_update_slice(conv, bc_prev[None].astype(conv.dtype),
+                                          (layer - 1, 0, e, 0))
+    conv_out = (conv, conv_state[:, e:])
+  elif bc_prev is not None:
+    raise ValueError("decode mixer_step: bc_prev needs conv_in_place=True")
   if gated_rows is not None:  # g itself in f32, rows padded with zeros
     pad = ((0, gated_rows - b), (0, 0))
-    return jnp.pad(gated.reshape(b, e), pad), jnp.pad(ss, pad), conv_state, ssm
+    return jnp.pad(gated.reshape(b, e), pad), jnp.pad(ss, pad), conv_out[0], ssm, *conv_out[1:]
   yw = (gated.reshape(b, e) * params.norm_weight.astype(f32)).astype(cd)
-  return yw, ss, conv_state, ssm
+  return yw, ss, conv_out[0], ssm, *conv_out[1:]
