@@ -108,7 +108,9 @@ _VISION_ATTENTION = flags.DEFINE_list(
     "the videos, each is timed in the parts table.")
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", None, "Profile the encoder step, the LM layers' step and each device "
-    "decode loop (bench/kernel_profile.py) into this folder and print their top kernels.")
+    "decode loop (bench/kernel_profile.py) into this folder and print their top kernels; "
+    "and at each length one more answer of each device loop after the timed ones: column "
+    "'gpu ms/token <loop>', its kernels' GPU time a token (against the wall time).")
 
 QUESTION = "What happens in the video?"
 _GB, _MB = 1e9, 1e6
@@ -225,8 +227,11 @@ def step_hlo(model: VideoMa2mba, streamer: Streamer, sampler: Sampler, directory
 
 
 def run_length(streamer: Streamer, samplers: dict[str, Sampler], tokens: int,
-               decode_tokens: int, decode_impls: list[str]) -> dict[str, float]:
-  """One video of `tokens` tokens: prefill, question, decoding; timings and memory."""
+               decode_tokens: int, decode_impls: list[str],
+               profile_dir: str | None = None) -> dict[str, float]:
+  """One video of `tokens` tokens: prefill, question, decoding; timings and memory. With
+  profile_dir, one more answer of each device loop is profiled after the timed ones (same
+  state): its kernels' GPU time per token (gpu ms/token), to set against the wall time."""
   k, m = streamer.tokens_per_frame, streamer.frames_per_step
   frames = math.ceil(tokens / k)
   start = time.perf_counter()
@@ -249,6 +254,15 @@ def run_length(streamer: Streamer, samplers: dict[str, Sampler], tokens: int,
                  ", ".join(f"{r:.1f}" for r in rates))
     decoded[f"decode tok/s {impl}"] = float(np.median(rates))
     sampled[impl] = generation.sampled
+    if profile_dir and impl.startswith("device"):   # one more answer, its kernels' GPU time
+      rows = kernel_profile.profile(
+          lambda i=impl: samplers[i].generate(conv.states, conv.logits, SamplingParams(
+              max_new_tokens=decode_tokens, stop_on_repeat=False)).sampled,
+          os.path.join(profile_dir, f"answer_{impl}_{tokens}"), calls=1)
+      busy = sum(r["us/call"] for r in rows) / 1e3 / decode_tokens
+      decoded[f"gpu ms/token {impl}"] = busy
+      logging.info("decode %s: GPU busy %.3f ms/token, wall %.3f ms/token", impl, busy,
+                   1e3 / decoded[f"decode tok/s {impl}"])
   by_step = {}
   for impl, tokens in sampled.items():
     by_step.setdefault(impl.partition("_")[2] or "unrolled", []).append(tokens)
@@ -346,7 +360,8 @@ def main(argv):
     parts[f"{loop} M={m} step plan MB"] = max(streamer.step_footprints(m + 1).values()) / _MB
     for length in lengths:
       try:
-        row = run_length(streamer, samplers, length, _DECODE_TOKENS.value, impls)
+        row = run_length(streamer, samplers, length, _DECODE_TOKENS.value, impls,
+                         _PROFILE_DIR.value)
         row = {"loop": loop, **row}
       except Exception as e:  # report an OOM as a row, keep the table
         if not common.is_oom(e):

@@ -23,9 +23,10 @@ step_impl="fused": the unrolled loop with each layer's middle (conv, dt, SSM upd
 readout, gating) one kernel (`models/decode.fused_decode_step`, a Pallas kernel on GPU)
 and the RMS norms folded around the matmuls; or step_impl="fused_gemv": the same with the
 matmuls also Pallas kernels that compute the norms inside (three kernels a layer; in_proj
-padded once; at most 16 rows); or step_impl="fused_reduce": fused_gemv with in_proj as
-XLA's multiply-and-reduce (its norm folded as in "fused") and out_proj's kernel writing the
-next layer's norm input; or step_impl="fused_mixed": fused_reduce for one row (the fastest
+padded once; at most 16 rows); or step_impl="fused_reduce": the fused step's function in
+three kernels a layer, in_proj as XLA's multiply-and-reduce and out_proj a Pallas kernel
+that also writes the next layer's norm input; or step_impl="fused_mixed": fused_reduce for
+one row (the fastest
 at batch 1 on an H100) and the fused step for more rows (faster there), on one copy of the
 weights (fused_gemv's). The unrolled and scanned steps compute the
 same function (bit for bit on CPU; on GPU XLA fuses them differently, so their last bits
@@ -367,7 +368,7 @@ class Sampler:
   in one, or 8 when tokens are streamed to an `on_tokens` callback). step_impl: the LM step
   of both loops, 'unrolled' (per-layer weights, made at the first decode), 'fused' (the
   same weights, one kernel per layer's middle), 'fused_gemv' (three kernels a layer),
-  'fused_reduce' (fused_gemv with XLA's reduction for in_proj), 'fused_mixed'
+  'fused_reduce' (three kernels a layer, XLA's reduction for in_proj), 'fused_mixed'
   (fused_reduce for one row, fused for more), 'scan' (`Mamba2LM.step`) or 'auto' (the
   default: fused_mixed on GPU, unrolled elsewhere).
   """
@@ -380,8 +381,8 @@ class Sampler:
     if step_impl not in STEP_IMPLS:
       raise ValueError(f"step_impl must be one of {STEP_IMPLS}, got {step_impl!r}")
     if step_impl == "auto":
-      # On an H100 the 3.1B model decodes one row at 379.5 tok/s with fused_mixed
-      # (fused_reduce's kernels), 345.2 with fused_gemv, 241.9 unrolled (BENCHMARKS.md,
+      # On an H100 the 3.1B model decodes one row at 382.6 tok/s with fused_mixed
+      # (fused_reduce's kernels), 345.8 with fused_gemv, 241.1 unrolled (BENCHMARKS.md,
       # "Decoding, session 11"); the Pallas GEMVs are slower than XLA's from 2 rows. On CPU
       # the unrolled step is the plain reference (the fused ones differ by rounding).
       step_impl = "fused_mixed" if jax.default_backend() == "gpu" else "unrolled"

@@ -144,12 +144,13 @@ def fused_decode_step(config: Mamba2Config, weights: DecodeWeights, token: Array
   `padded_decode_weights` (the matrices transposed) and B <= 16 (batches of more than
   gemv.VEC_ROWS rows are padded to 16 rows once per token, smaller ones are not).
 
-  matmul="reduce": as "pallas", but in_proj is XLA's multiply-and-reduce of the transposed
-  matrix (`gemv.in_proj_reduce`, faster than the Pallas GEMV at one row on an H100) with
-  its norm folded as in "xla" (h * w rounded to cd before the matmul; the same reduction
-  puts sum(h^2) in the first padding column, from which the mixer kernel applies 1/rms(h)),
-  and each out_proj kernel also writes the next layer's h * w
-  (`gemv.out_proj_then_norm`): three kernels a layer (reduction, mixer, out_proj).
+  matmul="reduce": both norms folded as in "xla" (the same function up to the f32
+  summation order), in_proj as XLA's multiply-and-reduce of the transposed matrix
+  (`gemv.in_proj_reduce`, faster than the Pallas GEMV at one row on an H100; h * w rounded
+  to cd before the matmul, the same reduction puts sum(h^2) in the first padding column,
+  from which the mixer kernel applies 1/rms(h)) and out_proj as a Pallas kernel on the
+  mixer's yw that applies the gated norm's 1/rms after the matmul and also writes the next
+  layer's h * w (`gemv.out_proj_folded`): three kernels a layer.
   Both update the conv states in place: each mixer kernel writes its layer's x taps and the
   previous layer's B/C taps (`mixer_step(conv_in_place=True)`), one small update a token
   writes the last layer's.
@@ -226,16 +227,18 @@ def _pallas_matmul_step(config: Mamba2Config, weights: DecodeWeights, token: Arr
         mixer["A_log"][...], mixer["D"][...], mixer["norm"]["weight"][...])
     gated, ss, conv, ssm, bc = mixer_kernels.mixer_step(
         jnp.int32(i), zx, scale, params, conv, ssm, dims=dims, impl="pallas",
-        interpret=interpret, gated_rows=rows, in_norm=in_norm, conv_in_place=True,
-        bc_prev=bc)
-    out = (mixer["norm"]["weight"][...], mixer["out_proj"]["kernel"][...])
-    if reduce_in and i + 1 < len(weights.layers):
-      h, u = gemv.out_proj_then_norm(gated, ss, *out, h, norm_w[i + 1], eps=c.norm_eps,
-                                     n_groups=c.n_groups, rows=batch,
-                                     interpret=interpret)                # [R, D] f32, cd
+        interpret=interpret, gated_rows=None if reduce_in else rows, in_norm=in_norm,
+        conv_in_place=True, bc_prev=bc)
+    w_out = mixer["out_proj"]["kernel"][...]
+    if reduce_in:   # gated: yw = g * w in cd [B, E]; the gated norm's 1/rms after W
+      pad = ((0, rows - batch), (0, 0))
+      nxt = norm_w[i + 1] if i + 1 < len(weights.layers) else weights.final_norm
+      h, u = gemv.out_proj_folded(jnp.pad(gated, pad), jnp.pad(ss, pad), w_out, h, nxt,
+                                  eps=c.norm_eps, n_groups=c.n_groups, rows=batch,
+                                  interpret=interpret)                # [R, D] f32, cd
     else:
-      h = gemv.out_proj(gated, ss, *out, h, eps=c.norm_eps, n_groups=c.n_groups, rows=batch,
-                        interpret=interpret)                                   # [R, D] f32
+      h = gemv.out_proj(gated, ss, mixer["norm"]["weight"][...], w_out, h, eps=c.norm_eps,
+                        n_groups=c.n_groups, rows=batch, interpret=interpret)  # [R, D] f32
   conv = mixer_kernels.write_bc(conv, len(weights.layers) - 1, bc, dims)
   return _head(c, weights, h[:batch]), LayerStates(conv=conv, ssm=ssm)
 

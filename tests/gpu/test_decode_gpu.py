@@ -41,7 +41,7 @@ def test_kernel_matches_the_float64_oracle_on_gpu(name):
 def test_fused_step_equals_the_reference_step_on_gpu(variant, matmul, batch):
   """xla_t: the matrices output-major (the Sampler's fused step); pallas at batch 2 runs the
   gemv kernels' vector path, at 5 their tl.dot path; reduce: XLA's in_proj reduction,
-  out_proj_then_norm, the mixer's in_norm and in-place conv states."""
+  out_proj_folded, the mixer's in_norm and in-place conv states."""
   worst = step_errors(seed=3, impl="pallas" if matmul == "pallas" else "auto",
                       variant=variant, matmul=matmul, batch=batch)
   print(variant, matmul, worst)

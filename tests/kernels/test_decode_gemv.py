@@ -1,7 +1,8 @@
 """kernels/decode/gemv (in_proj with the RMS norm inside, out_proj with the gated norm and
-the residual inside) in the Pallas interpreter against plain jnp references of the same
-operations: the normalised input rounded to the compute dtype, an f32-accumulated matmul,
-the output rounded to cd. Both row paths (vector: 1-4 rows unpadded; tl.dot: 16 rows),
+the residual inside, out_proj_folded with the gated norm applied after the matmul) in the
+Pallas interpreter against plain jnp references of the same operations: the normalised
+input rounded to the compute dtype, an f32-accumulated matmul, the output rounded to cd;
+in_proj_reduce (XLA) against float64. Both row paths (vector: 1-4 rows unpadded; tl.dot: 16 rows),
 split-K on and off, one and two groups, float32 and bfloat16, with blocks that do not
 divide the shapes (shrunk by `effective`). Fixed seeds, small shapes."""
 
@@ -148,27 +149,6 @@ def test_persistent_programs_give_the_grids_sums_exactly(programs, rows, live):
   assert gemv.effective("out_proj", 1, D, E, 1, persistent._replace(split_k=2)).programs == 0
 
 
-@pytest.mark.parametrize("config", ["default", "small_blocks", "split2", "persistent"])
-@pytest.mark.parametrize("rows,live", [(1, 1), (4, 3), (16, 5)])
-@pytest.mark.parametrize("cd", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_out_proj_then_norm_adds_the_next_norms_input(config, rows, live, cd):
-  # The same h as out_proj (bit for bit, on its grid kernel without split-K, which
-  # out_proj_then_norm always runs: other configs' programs and split_k are dropped) and
-  # u = h * w_next rounded to cd, every row (rows >= live: h itself).
-  x = _inputs(200 + rows, rows, cd)
-  w_next = 1 + 0.1 * jnp.asarray(np.random.default_rng(rows).normal(size=D), f32)
-  h, u = gemv.out_proj_then_norm(x["g"], x["ss"], x["w_gate"], x["w_out"], x["h"], w_next,
-                                 eps=EPS, n_groups=2, rows=live, config=CONFIGS[config],
-                                 interpret=True)
-  base = (CONFIGS[config] or gemv.DEFAULTS[("out_proj", gemv.path_of(rows))])._replace(
-      programs=0, split_k=1)
-  ref = gemv.out_proj(x["g"], x["ss"], x["w_gate"], x["w_out"], x["h"], eps=EPS, n_groups=2,
-                      rows=live, config=base, interpret=True)
-  np.testing.assert_array_equal(h, ref)
-  assert u.dtype == cd and u.shape == (rows, D)
-  np.testing.assert_array_equal(u, (ref * w_next[None, :]).astype(cd))
-
-
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("cd", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_in_proj_reduce_is_the_matmul_with_the_sum_of_squares_in_a_padding_column(rows, cd):
@@ -185,3 +165,35 @@ def test_in_proj_reduce_is_the_matmul_with_the_sum_of_squares_in_a_padding_colum
   assert rel_err(raw, ref) < F32_TOL
   with pytest.raises(ValueError, match="not a row"):
     gemv.in_proj_reduce(u, x["h"], w, NP)
+
+
+def out_proj_folded_reference(yw, ss, w_t, h, n_groups):
+  cd = w_t.dtype
+  r, e = yw.shape
+  group = e // n_groups
+  scale = jax.lax.rsqrt(ss.reshape(r, n_groups, -1).sum(-1) / group + EPS)     # [R, G]
+  parts = jnp.einsum("rge,dge->rgd", yw.reshape(r, n_groups, group),
+                     w_t.reshape(-1, n_groups, group), preferred_element_type=f32)
+  return h + jnp.sum(parts * scale[:, :, None], axis=1).astype(cd).astype(f32)
+
+
+@pytest.mark.parametrize("config", ["default", "small_blocks", "ahead_evict_split2"])
+@pytest.mark.parametrize("rows,live", [(1, 1), (4, 3), (16, 16), (16, 5)])
+@pytest.mark.parametrize("n_groups", [1, 2])
+@pytest.mark.parametrize("cd", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_out_proj_folded_matches_the_reference(config, rows, live, n_groups, cd):
+  # The gated norm folded: the group's 1/rms times its part of yw @ Wt^T, summed, rounded,
+  # + h; rows >= live (garbage, as the mixer leaves padding) give h; u = h_new * w_next.
+  x = _inputs(400 + 10 * rows + live, rows, cd)
+  yw = (x["g"] * x["w_gate"]).astype(cd)
+  dead = jnp.arange(rows)[:, None] >= live
+  w_next = 1 + 0.1 * jnp.asarray(np.random.default_rng(live).normal(size=D), f32)
+  out, u = gemv.out_proj_folded(jnp.where(dead, jnp.nan, yw).astype(cd),
+                                jnp.where(dead, jnp.nan, x["ss"]), x["w_out"], x["h"], w_next,
+                                eps=EPS, n_groups=n_groups, rows=live,
+                                config=CONFIGS[config], interpret=True)
+  assert out.shape == (rows, D) and out.dtype == f32 and u.dtype == cd
+  ref = out_proj_folded_reference(yw, x["ss"], x["w_out"], x["h"], n_groups)
+  np.testing.assert_array_equal(out[live:], x["h"][live:])
+  check(out[:live], ref[:live], cd, base=x["h"][:live])
+  np.testing.assert_array_equal(u, (out * w_next[None, :]).astype(cd))

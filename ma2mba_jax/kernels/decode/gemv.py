@@ -34,6 +34,12 @@ layer for the 2.7B LM in bf16), so:
   * eviction="evict_first" streams the weights past the L2; ahead=True loads each tile one
     contraction step before its use (out_proj's default).
 
+Two more functions serve `fused_decode_step(matmul="reduce")`, whose norms are folded as
+the fused step's: `in_proj_reduce` (in_proj as XLA's multiply-and-reduce, not a kernel
+here: XLA's reduction emitter streams the matrix faster at one row; the sum of squares of
+h in a padding row) and `out_proj_folded` (a kernel: the mixer's yw = g * w in cd @ Wt^T,
+each group's part times its 1/rms, rounded, + h; it also writes the next layer's h * w).
+
 Rounding: identical to the f32-accumulated matmul of the cd-rounded normalised input; the
 vector path sums the products in another order than tl.dot/XLA (f32 either way). The sums
 of squares (in_proj's norm) are taken over all of h by every program.
@@ -423,12 +429,8 @@ def in_proj(h: Array, norm_weight: Array, kernel_t: Array, *, eps: float,
   return out
 
 
-def _out_proj_kernel(g_ref, ss_ref, w_norm_ref, w_ref, h_ref, *refs, eps, cd, block_k,
-                     k_blocks, n_groups, rows, vec, final, unroll, eviction, ahead, then):
-  if then:   # out_proj_then_norm: the next norm's weight in, its input h * w out
-    w_next_ref, out_ref, u_ref = refs
-  else:
-    (out_ref,) = refs
+def _out_proj_kernel(g_ref, ss_ref, w_norm_ref, w_ref, h_ref, out_ref, *, eps, cd, block_k,
+                     k_blocks, n_groups, rows, vec, final, unroll, eviction, ahead):
   r, e = g_ref.shape
   group = e // n_groups
   hpg = ss_ref.shape[1] // n_groups
@@ -469,20 +471,12 @@ def _out_proj_kernel(g_ref, ss_ref, w_norm_ref, w_ref, h_ref, *refs, eps, cd, bl
   shape = (bn, block_k) if vec else (r, bn)
   acc = _loop(k_blocks // seg, seg_body, tuple(jnp.zeros(shape, f32) for _ in sel), unroll)
   acc = [_total(a, vec) for a in acc]                                        # [1|R, bn]
-  news = []
   for a, s in zip(acc, sel):
-    out = h_ref[s, cols] + a.astype(cd).astype(f32) if final else a
-    out_ref[s, :] = out
-    news.append((s, out))
+    out_ref[s, :] = h_ref[s, cols] + a.astype(cd).astype(f32) if final else a
   if vec:   # the rows past `rows`: h itself (final) or nothing (a zero partial)
     for i in range(len(sel), r):
-      out = h_ref[pl.ds(i, 1), cols] if final else jnp.zeros((1, bn), f32)
-      out_ref[pl.ds(i, 1), :] = out
-      news.append((pl.ds(i, 1), out))
-  if then:   # the next RMS norm's input times its weight, rounded to cd
-    w_next = w_next_ref[cols][None, :]                                         # [1, bn]
-    for s, out in news:
-      u_ref[s, :] = (out * w_next).astype(u_ref.dtype)
+      out_ref[pl.ds(i, 1), :] = (h_ref[pl.ds(i, 1), cols] if final
+                                 else jnp.zeros((1, bn), f32))
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "n_groups", "rows", "config",
@@ -494,68 +488,114 @@ def out_proj(gated: Array, ss: Array, norm_weight: Array, kernel_t: Array, h: Ar
   never read), norm_weight [E], kernel_t [D, E] (cd: out_proj's kernel transposed), h
   [R, D] f32 -> the new residual stream h + out_proj(...) [R, D] f32."""
   r, e = gated.shape
-  cfg = effective("out_proj", r, kernel_t.shape[0], e, n_groups, config)
-  return _out_proj(gated, ss, norm_weight, kernel_t, h, None, eps=eps, n_groups=n_groups,
-                   rows=r if rows is None else rows, cfg=cfg, interpret=interpret)[0]
-
-
-@functools.partial(jax.jit, static_argnames=("eps", "n_groups", "rows", "config",
-                                             "interpret"))
-def out_proj_then_norm(gated: Array, ss: Array, norm_weight: Array, kernel_t: Array,
-                       h: Array, next_norm_weight: Array, *, eps: float, n_groups: int,
-                       rows: int | None = None, config: Config | None = None,
-                       interpret: bool = False) -> tuple[Array, Array]:
-  """`out_proj`, and the next layer's `in_proj_reduce` input, written by the same programs
-  from the block of h each computes (next_norm_weight [D]):
-    h_new [R, D] f32 (= out_proj's), u = h_new * next_norm_weight rounded to cd [R, D].
-  Always the one-program-a-block grid kernel (the config's programs and split_k are set
-  to 0 and 1)."""
-  r, e = gated.shape
-  cfg = effective("out_proj", r, kernel_t.shape[0], e, n_groups,
-                  (config or DEFAULTS[("out_proj", path_of(r))])._replace(programs=0,
-                                                                          split_k=1))
-  return _out_proj(gated, ss, norm_weight, kernel_t, h, next_norm_weight, eps=eps,
-                   n_groups=n_groups, rows=r if rows is None else rows, cfg=cfg,
-                   interpret=interpret)
-
-
-def _out_proj(gated, ss, norm_weight, kernel_t, h, next_norm_weight, *, eps, n_groups, rows,
-              cfg, interpret) -> tuple[Array, ...]:
-  """out_proj's one pallas_call (and split-K's epilogue); with next_norm_weight (grid
-  kernel, split_k 1), out_proj_then_norm's two outputs."""
-  r, e = gated.shape
   d = kernel_t.shape[0]
+  rows = r if rows is None else rows
   vec = path_of(r) == "vec"
+  cfg = effective("out_proj", r, d, e, n_groups, config)
   bn, bk, split = cfg.block_n, cfg.block_k, cfg.split_k
   cd = kernel_t.dtype
-  then = next_norm_weight is not None
-  inputs = [gated, ss, norm_weight.astype(f32), kernel_t, h.astype(f32)]
-  in_specs = [_whole((r, e)), _whole(ss.shape), _whole((e,)), _whole((d, e)), _whole((r, d))]
   if cfg.programs:   # (split_k is 1 then)
     kernel = functools.partial(_out_proj_persistent, eps=eps, cd=cd, block_k=bk, block_n=bn,
                                n_groups=n_groups, rows=rows, programs=cfg.programs,
                                eviction=cfg.eviction)
     grid = (cfg.programs,)
-    out_specs, out_shapes = [_whole((r, d))], [jax.ShapeDtypeStruct((r, d), f32)]
+    out_spec, out_shape = _whole((r, d)), jax.ShapeDtypeStruct((r, d), f32)
   else:
     kernel = functools.partial(_out_proj_kernel, eps=eps, cd=cd, block_k=bk,
                                k_blocks=e // bk // split, n_groups=n_groups, rows=rows,
                                vec=vec, final=split == 1, unroll=cfg.unroll,
-                               eviction=cfg.eviction, ahead=cfg.ahead, then=then)
+                               eviction=cfg.eviction, ahead=cfg.ahead)
     grid = (d // bn, split)
-    spec, shape = _output(r, d, bn, split, f32)
-    out_specs, out_shapes = [spec], [shape]
-    if then:
-      inputs.append(next_norm_weight.astype(f32))
-      in_specs.append(_whole((d,)))
-      out_specs.append(pl.BlockSpec((r, bn), lambda j, s: (0, j)))
-      out_shapes.append(jax.ShapeDtypeStruct((r, d), cd))
-  outs = pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shapes,
-      **_compiler(interpret, cfg))(*inputs)
+    out_spec, out_shape = _output(r, d, bn, split, f32)
+  out = pl.pallas_call(
+      kernel, grid=grid,
+      in_specs=[_whole((r, e)), _whole(ss.shape), _whole((e,)), _whole((d, e)),
+                _whole((r, d))],
+      out_specs=out_spec, out_shape=out_shape,
+      **_compiler(interpret, cfg))(gated, ss, norm_weight.astype(f32), kernel_t,
+                                   h.astype(f32))
   if split > 1:   # the partials' f32 sum, rounded once to cd, + h
-    outs = [h.astype(f32) + round_to(jnp.sum(outs[0], axis=0), cd)]
-  return tuple(outs)
+    out = h.astype(f32) + round_to(jnp.sum(out, axis=0), cd)
+  return out
+
+
+def _out_proj_folded_kernel(yw_ref, ss_ref, w_ref, h_ref, w_next_ref, out_ref, u_ref, *, eps,
+                            cd, block_k, n_groups, rows, vec, eviction, ahead):
+  r, e = yw_ref.shape
+  group = e // n_groups
+  hpg = ss_ref.shape[1] // n_groups
+  per_group = group // block_k
+  bn = out_ref.shape[-1]
+  cols = pl.ds(pl.program_id(0) * bn, bn)
+  chunk = lambda k: _chunk(k, block_k)
+  sel = _rows(min(r, rows), vec)             # vector path: the live rows only
+  width = 1 if vec else r
+  shape = (bn, block_k) if vec else (r, bn)
+  totals = [jnp.zeros((width, bn), f32) for _ in sel]
+  for gi in range(n_groups):                 # each group's blocks, then its 1/rms
+    first = gi * per_group
+    load = lambda k, first=first: _tile(w_ref, cols, chunk(first + k), eviction)
+    tile0 = load(0) if ahead else None
+
+    def step(k, acc, w, first=first):
+      ks = chunk(first + k)
+      return tuple(_contract(a, yw_ref[s, ks], w.astype(cd), vec) for a, s in zip(acc, sel))
+
+    acc = _stream(per_group, load, step, tuple(jnp.zeros(shape, f32) for _ in sel),
+                  unroll=False, ahead=ahead, first=tile0)
+    for i, s in enumerate(sel):
+      scale = _group_inv_rms(ss_ref, s, gi, hpg, width, group, eps)            # [1|R]
+      totals[i] = totals[i] + scale[:, None] * _total(acc[i], vec)             # [1|R, bn]
+  w_next = w_next_ref[cols][None, :]                                           # [1, bn]
+  live = lax.broadcasted_iota(jnp.int32, (width, 1), 0) < rows                 # [1|R, 1]
+  for total, s in zip(totals, sel):
+    h = h_ref[s, cols]
+    out = h + total.astype(cd).astype(f32)
+    out = out if vec else jnp.where(live, out, h)
+    out_ref[s, :] = out
+    u_ref[s, :] = (out * w_next).astype(u_ref.dtype)
+  if vec:   # the rows past `rows`: h itself
+    for i in range(len(sel), r):
+      h = h_ref[pl.ds(i, 1), cols]
+      out_ref[pl.ds(i, 1), :] = h
+      u_ref[pl.ds(i, 1), :] = (h * w_next).astype(u_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "n_groups", "rows", "config",
+                                             "interpret"))
+def out_proj_folded(yw: Array, ss: Array, kernel_t: Array, h: Array, next_norm_weight: Array,
+                    *, eps: float, n_groups: int, rows: int | None = None,
+                    config: Config | None = None, interpret: bool = False
+                    ) -> tuple[Array, Array]:
+  """out_proj with the gated norm folded as the fused step folds it (`fused_decode_step`):
+  yw [R, E] cd = g * norm_weight rounded (`mixer_step`'s yw), ss [R, H * split] f32 its
+  per-head sums of g^2 (rows >= `rows`, default R, never used), kernel_t [D, E] cd, h [R, D]
+  f32, next_norm_weight [D] ->
+    h_new = h + (sum over groups of 1/rms(g of the group) * (yw_group @ Wt_group^T))
+            rounded to cd                                                       [R, D] f32
+    u = h_new * next_norm_weight rounded to cd (the next `in_proj_reduce`'s input) [R, D]
+  Each program reads its input once in cd (no per-element norm), where `out_proj` reads g
+  and the norm weight in f32. The grid kernel, split_k 1 (the config's programs and split_k
+  are dropped); 1/rms per group from ss as in `out_proj`."""
+  r, e = yw.shape
+  d = kernel_t.shape[0]
+  rows = r if rows is None else rows
+  cfg = effective("out_proj", r, d, e, n_groups,
+                  (config or DEFAULTS[("out_proj", path_of(r))])._replace(programs=0,
+                                                                          split_k=1))
+  cd = kernel_t.dtype
+  kernel = functools.partial(_out_proj_folded_kernel, eps=eps, cd=cd, block_k=cfg.block_k,
+                             n_groups=n_groups, rows=rows, vec=path_of(r) == "vec",
+                             eviction=cfg.eviction, ahead=cfg.ahead)
+  spec = pl.BlockSpec((r, cfg.block_n), lambda j: (0, j))
+  return tuple(pl.pallas_call(
+      kernel, grid=(d // cfg.block_n,),
+      in_specs=[_whole((r, e)), _whole(ss.shape), _whole((d, e)), _whole((r, d)),
+                _whole((d,))],
+      out_specs=[spec, spec],
+      out_shape=[jax.ShapeDtypeStruct((r, d), f32), jax.ShapeDtypeStruct((r, d), cd)],
+      **_compiler(interpret, cfg))(yw.astype(cd), ss, kernel_t, h.astype(f32),
+                                   next_norm_weight.astype(f32)))
 
 
 def in_proj_reduce(u: Array, h: Array, kernel_t: Array, ss_column: int) -> Array:
@@ -578,4 +618,4 @@ def in_proj_reduce(u: Array, h: Array, kernel_t: Array, ss_column: int) -> Array
 
 
 __all__ = ["ROWS", "VEC_ROWS", "Config", "DEFAULTS", "padded_rows", "path_of", "effective",
-           "in_proj", "out_proj", "out_proj_then_norm", "in_proj_reduce"]
+           "in_proj", "out_proj", "out_proj_folded", "in_proj_reduce"]
