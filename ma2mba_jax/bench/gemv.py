@@ -153,43 +153,47 @@ class Bench:
 
   # ---- the references (f32-accumulated einsums of the same cd-rounded inputs)
 
-  def ref_in(self, x, w_kn):
+  def u_in(self, x, dtype):
+    """in_proj's input: rmsnorm(h) * w rounded to dtype [R, D]."""
     import jax
     import jax.numpy as jnp
     h = x["h"]
     scale = jax.lax.rsqrt(jnp.mean(h * h, axis=1) + EPS)
-    u = (h * scale[:, None] * x["w_norm"][None, :]).astype(w_kn.dtype)
-    return jnp.einsum("rd,dn->rn", u, w_kn, preferred_element_type=jnp.float32)
+    return (h * scale[:, None] * x["w_norm"][None, :]).astype(dtype)
+
+  def u_out(self, x, dtype):
+    """out_proj's input: the gated norm's g / rms(group) * w rounded to dtype [R, E]."""
+    import jax
+    import jax.numpy as jnp
+    r = x["g"].shape[0]
+    group = self.e // self.g
+    ss = x["ss"].reshape(r, self.g, -1).sum(-1)
+    scale = jnp.repeat(jax.lax.rsqrt(ss / group + EPS), group, axis=1)
+    return (x["g"] * scale * x["w_gate"][None, :]).astype(dtype)
+
+  def ref_in(self, x, w_kn):
+    import jax.numpy as jnp
+    return jnp.einsum("rd,dn->rn", self.u_in(x, w_kn.dtype), w_kn,
+                      preferred_element_type=jnp.float32)
 
   def ref_out(self, x, w_kn):
-    import jax
     import jax.numpy as jnp
-    r = x["g"].shape[0]
-    group = self.e // self.g
-    ss = x["ss"].reshape(r, self.g, -1).sum(-1)
-    scale = jnp.repeat(jax.lax.rsqrt(ss / group + EPS), group, axis=1)
-    u = (x["g"] * scale * x["w_gate"][None, :]).astype(w_kn.dtype)
-    return jnp.einsum("re,ed->rd", u, w_kn, preferred_element_type=jnp.float32)
+    return jnp.einsum("re,ed->rd", self.u_out(x, w_kn.dtype), w_kn,
+                      preferred_element_type=jnp.float32)
+
+  @staticmethod
+  def _mulsum(u, w_nk):
+    """u [R, K] @ w_nk^T as XLA's multiply-and-reduce, rounded to w_nk's dtype."""
+    import jax.numpy as jnp
+    f32 = jnp.float32
+    return jnp.sum(w_nk[None].astype(f32) * u[:, None, :].astype(f32), axis=2).astype(w_nk.dtype)
 
   def mulsum_in(self, x, w_nk):
-    import jax
-    import jax.numpy as jnp
-    h = x["h"]
-    scale = jax.lax.rsqrt(jnp.mean(h * h, axis=1) + EPS)
-    u = (h * scale[:, None] * x["w_norm"][None, :]).astype(w_nk.dtype)
-    out = jnp.sum(w_nk[None].astype(jnp.float32) * u[:, None, :].astype(jnp.float32), axis=2)
-    return out.astype(w_nk.dtype)
+    return self._mulsum(self.u_in(x, w_nk.dtype), w_nk)
 
   def mulsum_out(self, x, w_nk):
-    import jax
     import jax.numpy as jnp
-    r = x["g"].shape[0]
-    group = self.e // self.g
-    ss = x["ss"].reshape(r, self.g, -1).sum(-1)
-    scale = jnp.repeat(jax.lax.rsqrt(ss / group + EPS), group, axis=1)
-    u = (x["g"] * scale * x["w_gate"][None, :]).astype(w_nk.dtype)
-    out = jnp.sum(w_nk[None].astype(jnp.float32) * u[:, None, :].astype(jnp.float32), axis=2)
-    return x["h_res"] + out.astype(w_nk.dtype).astype(jnp.float32)
+    return x["h_res"] + self._mulsum(self.u_out(x, w_nk.dtype), w_nk).astype(jnp.float32)
 
   # ---- one measurement
 

@@ -6,7 +6,10 @@ recomputes those 2N, a few hundred multiply-adds), dt, its [P / split, N] slice 
 update and readout, the gating and its sum of squares. Every load is issued before any
 store. The SSM state stack is aliased to the output, so the layer's slice is updated in
 place; the conv state goes to a fresh [B, C, K-1] output (the B/C channels are read by
-every program of a group, so no program may overwrite them in place). Refs are whole
+every program of a group, so no program may overwrite them in place), or, conv_in_place,
+the conv stack is aliased too: each program writes its x channels' taps in place, the
+group's first program the previous layer's B/C taps (bc_prev) and this layer's to a small
+fresh output. in_norm: the RMS norm's 1/rms from raw's sum-of-squares column. Refs are whole
 arrays, indexed by program id; every load is a vector of P / split or N elements (powers of
 two, as Triton needs)."""
 
