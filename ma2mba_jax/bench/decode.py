@@ -11,7 +11,8 @@ processes to compare XLA's command buffers (CUDA graphs) on the while loop.
 
 Columns: step (unrolled: models/decode.decode_step; fused: fused_decode_step, one kernel
 per layer's middle; fused_gemv: the same with the matmuls and norms as Pallas kernels too;
-fused_mixed: fused_gemv's kernels for one row, fused for more; scan: Mamba2LM.step), loop
+fused_reduce: fused's function in three kernels a layer, in_proj as XLA's reduction;
+fused_mixed: fused_reduce's kernels for one row, fused for more; scan: Mamba2LM.step), loop
 (device: one dispatch for the answer; host: one per token), tok/s (median of --repeats
 answers of --tokens greedy tokens, no stop rule), ms/token, TB/s (`bytes_per_token` over
 the time of a step: the least a step moves, the matrices once and the recurrent states read

@@ -29,7 +29,7 @@ Columns:
                             _fused_gemv: the matmuls and norms as kernels too;
                             _fused_reduce: in_proj as XLA's multiply-and-reduce, out_proj
                             the Pallas kernel;
-                            _fused_mixed: fused_gemv for one row, fused for more, the
+                            _fused_mixed: fused_reduce for one row, fused for more, the
                             Sampler's default on GPU);
   same tokens               whether the host and device loops of the same step decoded the
                             same greedy tokens;
