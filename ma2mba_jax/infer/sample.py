@@ -368,9 +368,9 @@ class Sampler:
   in one, or 8 when tokens are streamed to an `on_tokens` callback). step_impl: the LM step
   of both loops, 'unrolled' (per-layer weights, made at the first decode), 'fused' (the
   same weights, one kernel per layer's middle), 'fused_gemv' (three kernels a layer),
-  'fused_reduce' (three kernels a layer, XLA's reduction for in_proj), 'fused_mixed'
-  (fused_reduce for one row, fused for more), 'scan' (`Mamba2LM.step`) or 'auto' (the
-  default: fused_mixed on GPU, unrolled elsewhere).
+  'fused_reduce' (three kernels a layer, XLA's reduction for in_proj; tuned and timed at
+  one row only), 'fused_mixed' (fused_reduce for one row, fused for more), 'scan'
+  (`Mamba2LM.step`) or 'auto' (the default: fused_mixed on GPU, unrolled elsewhere).
   """
 
   def __init__(self, llm: Mamba2LM, *, vocab_size: int, stop_ids: Sequence[int] = (),
