@@ -47,7 +47,8 @@ default, cuDNN flash attention on a GPU in bf16) and the LM layers alone (tokens
 gives XLA's compiled plan for the frame step (temporaries + outputs + non-parameter inputs;
 the same for every length, as only fixed shapes are compiled). --profile_dir adds the top
 GPU kernels (bench/kernel_profile.py) of the encoder step, the LM layers' step and each
-device decode loop (per token). Weights are made on the host and moved to the device
+device decode loop (per token, from one more answer after the timed ones at each length;
+column gpu ms/token, their GPU time a token against the wall time of decode tok/s). Weights are made on the host and moved to the device
 already cast (--param_dtype), so the weights' f32 init never inflates the device peak.
 There are no allocator stats on CPU ('-').
 """
@@ -108,9 +109,10 @@ _VISION_ATTENTION = flags.DEFINE_list(
     "the videos, each is timed in the parts table.")
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", None, "Profile the encoder step, the LM layers' step and each device "
-    "decode loop (bench/kernel_profile.py) into this folder and print their top kernels; "
-    "and at each length one more answer of each device loop after the timed ones: column "
-    "'gpu ms/token <loop>', its kernels' GPU time a token (against the wall time).")
+    "decode loop (bench/kernel_profile.py) into this folder and print their top kernels: "
+    "the decode loops' from one more answer at each length, after the timed ones (same "
+    "state); column 'gpu ms/token <loop>', its kernels' GPU time a token (against the "
+    "wall time).")
 
 QUESTION = "What happens in the video?"
 _GB, _MB = 1e9, 1e6
@@ -231,7 +233,7 @@ def run_length(streamer: Streamer, samplers: dict[str, Sampler], tokens: int,
                profile_dir: str | None = None) -> dict[str, float]:
   """One video of `tokens` tokens: prefill, question, decoding; timings and memory. With
   profile_dir, one more answer of each device loop is profiled after the timed ones (same
-  state): its kernels' GPU time per token (gpu ms/token), to set against the wall time."""
+  state): its top kernels and GPU time per token (gpu ms/token), against the wall time."""
   k, m = streamer.tokens_per_frame, streamer.frames_per_step
   frames = math.ceil(tokens / k)
   start = time.perf_counter()
@@ -241,28 +243,28 @@ def run_length(streamer: Streamer, samplers: dict[str, Sampler], tokens: int,
   live = common.device_memory_stats().get("bytes_in_use")
   conv = streamer.ask(conv, QUESTION)
   jax.block_until_ready(conv.logits)
+  params = SamplingParams(max_new_tokens=decode_tokens, stop_on_repeat=False)
   decoded, sampled = {}, {}
   for impl in decode_impls:
+    answer = lambda i=impl: samplers[i].generate(conv.states, conv.logits, params,
+                                                 decode_impl=i.split("_")[0]).sampled
     rates = []
     for _ in range(max(_DECODE_REPEATS.value, 1)):
       start = time.perf_counter()
-      generation = samplers[impl].generate(conv.states, conv.logits, SamplingParams(
-          max_new_tokens=decode_tokens, stop_on_repeat=False),
-                                           decode_impl=impl.split("_")[0])
-      rates.append(len(generation.sampled) / (time.perf_counter() - start))
+      sampled[impl] = answer()
+      rates.append(len(sampled[impl]) / (time.perf_counter() - start))
     logging.info("decode %s, %d tokens: %s tok/s", impl, decode_tokens,
                  ", ".join(f"{r:.1f}" for r in rates))
     decoded[f"decode tok/s {impl}"] = float(np.median(rates))
-    sampled[impl] = generation.sampled
-    if profile_dir and impl.startswith("device"):   # one more answer, its kernels' GPU time
-      rows = kernel_profile.profile(
-          lambda i=impl: samplers[i].generate(conv.states, conv.logits, SamplingParams(
-              max_new_tokens=decode_tokens, stop_on_repeat=False)).sampled,
-          os.path.join(profile_dir, f"answer_{impl}_{tokens}"), calls=1)
-      busy = sum(r["us/call"] for r in rows) / 1e3 / decode_tokens
-      decoded[f"gpu ms/token {impl}"] = busy
-      logging.info("decode %s: GPU busy %.3f ms/token, wall %.3f ms/token", impl, busy,
-                   1e3 / decoded[f"decode tok/s {impl}"])
+    if profile_dir and impl.startswith("device"):   # one more answer: its kernels a token
+      rows = kernel_profile.profile(answer, os.path.join(profile_dir, f"{impl}_{tokens}"),
+                                    calls=1)
+      for row in rows:
+        row["us/call"] /= decode_tokens
+        row["launches/call"] /= decode_tokens
+      kernel_profile.print_rows(f"decode {impl}, {tokens}-token video, per token", rows,
+                                top=30)
+      decoded[f"gpu ms/token {impl}"] = sum(r["us/call"] for r in rows) / 1e3
   by_step = {}
   for impl, tokens in sampled.items():
     by_step.setdefault(impl.partition("_")[2] or "unrolled", []).append(tokens)
@@ -279,24 +281,6 @@ def run_length(streamer: Streamer, samplers: dict[str, Sampler], tokens: int,
           **decoded, "same tokens": same, **parts,
           "peak GB": None if peak is None else peak / _GB,
           "live GB": None if live is None else live / _GB}
-
-
-def profile_decoding(streamer: Streamer, samplers: dict[str, Sampler], impls: list[str],
-                     directory: str, tokens: int = 32) -> None:
-  """Top kernels of each device decode loop: `tokens` greedy tokens after a short video."""
-  conv = streamer.read_frames(frame_batches(1, 1, streamer.image_size), 1)
-  conv = streamer.ask(conv, QUESTION)
-  params = SamplingParams(max_new_tokens=tokens, stop_on_repeat=False)
-  for impl in impls:
-    if impl.startswith("device"):
-      rows = kernel_profile.profile(
-          lambda i=impl: samplers[i].generate(conv.states, conv.logits, params,
-                                              decode_impl="device").sampled,
-          os.path.join(directory, impl))
-      for row in rows:  # per token, not per answer
-        row["us/call"] /= tokens
-        row["launches/call"] /= tokens
-      kernel_profile.print_rows(f"decode {impl}, per token", rows, top=30)
 
 
 def write_results(rows: list[dict], parts: dict, impls: list[str]) -> None:
@@ -352,8 +336,6 @@ def main(argv):
     if not parts.get("encoder frames/s"):
       parts.update(time_step_parts(model, m, _REPEATS.value, _VISION_ATTENTION.value,
                                    _PROFILE_DIR.value))
-      if _PROFILE_DIR.value:
-        profile_decoding(streamer, samplers, impls, _PROFILE_DIR.value)
     if _HLO_DIR.value and m == sizes[0]:
       parts.update(step_hlo(model, streamer, sampler, _HLO_DIR.value,
                             decode="decode_step_scan kernels" not in parts))
@@ -378,7 +360,10 @@ def main(argv):
   common.print_table([parts], list(parts))
   print()
   columns = ["loop", "M", "tokens", "frames", "prefill s", "frames/s", "prefill tok/s",
-             *[f"decode tok/s {impl}" for impl in impls], "same tokens", "scan parts at",
+             *[f"decode tok/s {impl}" for impl in impls],
+             *[f"gpu ms/token {impl}" for impl in impls
+               if _PROFILE_DIR.value and impl.startswith("device")],
+             "same tokens", "scan parts at",
              "fused parts at", "fused_gemv parts at", "fused_reduce parts at",
              "fused_mixed parts at",
              "peak GB", "live GB"]

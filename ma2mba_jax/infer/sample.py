@@ -26,10 +26,9 @@ matmuls also Pallas kernels that compute the norms inside (three kernels a layer
 padded once; at most 16 rows); or step_impl="fused_reduce": the fused step's function in
 three kernels a layer, in_proj as XLA's multiply-and-reduce and out_proj a Pallas kernel
 that also writes the next layer's norm input; or step_impl="fused_mixed": fused_reduce for
-one row (the fastest
-at batch 1 on an H100) and the fused step for more rows (faster there), on one copy of the
-weights (fused_gemv's). The unrolled and scanned steps compute the
-same function (bit for bit on CPU; on GPU XLA fuses them differently, so their last bits
+one row (the fastest at batch 1 on an H100) and the fused step for more rows (faster
+there), on one copy of the weights (fused_gemv's). The unrolled and scanned steps compute
+the same function (bit for bit on CPU; on GPU XLA fuses them differently, so their last bits
 may differ and long greedy answers of a random model may part); the fused one the same up
 to rounding.
 
@@ -81,8 +80,6 @@ Array = jax.Array
 DECODE_IMPLS = ("device", "host")
 # Both loops' LM step (see the module docstring); "auto": fused_mixed on GPU, unrolled
 # elsewhere.
-# fused_mixed's matmuls for one row (fused_decode_step's `matmul`): fused_reduce's.
-MIXED_ONE_ROW = "reduce"
 STEP_IMPLS = ("auto", "unrolled", "scan", "fused", "fused_gemv", "fused_reduce",
               "fused_mixed")
 STOP_REASONS = ("", "eos", "repeat", "length")  # the device loop's codes 0..3
@@ -413,8 +410,7 @@ class Sampler:
     def lm_step(weights, token, cache):
       """token int32 [B] -> (logits [B, V], cache) with the step of `step_impl`; weights:
       the DecodeWeights (padded for 'fused_gemv', 'fused_reduce' and 'fused_mixed') or the
-      LM's params
-      ('scan')."""
+      LM's params ('scan')."""
       if step_impl == "unrolled":
         return decode_step(config, block_graphdef, weights, token, cache)
       if step_impl.startswith("fused"):
@@ -422,7 +418,7 @@ class Sampler:
         # for more, which never reads the padded in_proj's zero columns.
         matmul = {"fused_gemv": "pallas", "fused_reduce": "reduce"}.get(step_impl, "xla")
         if step_impl == "fused_mixed" and token.shape[0] == 1:
-          matmul = MIXED_ONE_ROW
+          matmul = "reduce"
         return fused_decode_step(config, weights, token, cache, matmul=matmul,
                                  transposed=True)
       return nnx.merge(graphdef, weights).step(token, cache)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ma2mba_jax.kernels.decode import Dims, MixerParams
+from ma2mba_jax.kernels.decode import Dims, MixerParams, write_bc
 from ma2mba_jax.kernels.ssd import process_dt
 from ma2mba_jax.models.mamba2 import causal_conv_step
 
@@ -55,8 +55,7 @@ def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, c
   if conv_in_place:   # x's taps into the stack; B/C's returned (the previous layer's in)
     conv = jax.lax.dynamic_update_slice(conv, conv_state[None, :, :e], (layer, 0, 0, 0))
     if bc_prev is not None:
-      conv = jax.lax.dynamic_update_slice(conv, bc_prev[None].astype(conv.dtype),
-                                          (layer - 1, 0, e, 0))
+      conv = write_bc(conv, layer - 1, bc_prev, dims)
     conv_out = (conv, conv_state[:, e:])
   elif bc_prev is not None:
     raise ValueError("decode mixer_step: bc_prev needs conv_in_place=True")
