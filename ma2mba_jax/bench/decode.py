@@ -142,10 +142,13 @@ def main(argv):
              "kernels/token": kernels}
       if _PROFILE.value and loop == "device" and jax.default_backend() == "gpu":
         from ma2mba_jax.bench import kernel_profile
-        kernel_rows = kernel_profile.profile(decode, f"{_PROFILE.value}/{impl}", calls=1)
+        trace = kernel_profile.profile_trace(decode, f"{_PROFILE.value}/{impl}", calls=1)
+        kernel_rows = kernel_profile.kernel_rows(trace, calls=1)
         steps = len(answer[0].sampled)
         busy = sum(r["us/call"] for r in kernel_rows) / 1e3 / steps
         row.update({"gpu ms/token": busy, "gaps ms/token": per_token - busy})
+        kernel_profile.print_idle(f"{impl} step, {steps} tokens, GPU timeline",
+                                  kernel_profile.idle(trace, calls=1), per=steps, unit="token")
         kernel_profile.print_rows(f"{impl} step, {steps} tokens",
                                   [dict(r, **{"us/call": r["us/call"] / steps,
                                               "launches/call": r["launches/call"] / steps})

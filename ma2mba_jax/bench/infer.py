@@ -48,7 +48,10 @@ gives XLA's compiled plan for the frame step (temporaries + outputs + non-parame
 the same for every length, as only fixed shapes are compiled). --profile_dir adds the top
 GPU kernels (bench/kernel_profile.py) of the encoder step, the LM layers' step and each
 device decode loop (per token, from one more answer after the timed ones at each length;
-column gpu ms/token, their GPU time a token against the wall time of decode tok/s). Weights are made on the host and moved to the device
+column gpu ms/token, their GPU time a token against the wall time of decode tok/s; column
+gpu span ms/token, the first kernel's start to the last one's end: its excess over gpu
+ms/token is the GPU waiting between kernels, printed by gap size). Weights are made on the
+host and moved to the device
 already cast (--param_dtype), so the weights' f32 init never inflates the device peak.
 There are no allocator stats on CPU ('-').
 """
@@ -111,8 +114,8 @@ _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", None, "Profile the encoder step, the LM layers' step and each device "
     "decode loop (bench/kernel_profile.py) into this folder and print their top kernels: "
     "the decode loops' from one more answer at each length, after the timed ones (same "
-    "state); column 'gpu ms/token <loop>', its kernels' GPU time a token (against the "
-    "wall time).")
+    "state); columns 'gpu ms/token <loop>', its kernels' GPU time a token (against the "
+    "wall time), and 'gpu span ms/token <loop>' (first kernel's start to last one's end).")
 
 QUESTION = "What happens in the video?"
 _GB, _MB = 1e9, 1e6
@@ -233,7 +236,8 @@ def run_length(streamer: Streamer, samplers: dict[str, Sampler], tokens: int,
                profile_dir: str | None = None) -> dict[str, float]:
   """One video of `tokens` tokens: prefill, question, decoding; timings and memory. With
   profile_dir, one more answer of each device loop is profiled after the timed ones (same
-  state): its top kernels and GPU time per token (gpu ms/token), against the wall time."""
+  state): its top kernels, GPU time per token (gpu ms/token) against the wall time, and
+  the GPU's waits between kernels (gpu span ms/token)."""
   k, m = streamer.tokens_per_frame, streamer.frames_per_step
   frames = math.ceil(tokens / k)
   start = time.perf_counter()
@@ -257,14 +261,20 @@ def run_length(streamer: Streamer, samplers: dict[str, Sampler], tokens: int,
                  ", ".join(f"{r:.1f}" for r in rates))
     decoded[f"decode tok/s {impl}"] = float(np.median(rates))
     if profile_dir and impl.startswith("device"):   # one more answer: its kernels a token
-      rows = kernel_profile.profile(answer, os.path.join(profile_dir, f"{impl}_{tokens}"),
-                                    calls=1)
+      trace = kernel_profile.profile_trace(
+          answer, os.path.join(profile_dir, f"{impl}_{tokens}"), calls=1)
+      rows = kernel_profile.kernel_rows(trace, calls=1)
       for row in rows:
         row["us/call"] /= decode_tokens
         row["launches/call"] /= decode_tokens
       kernel_profile.print_rows(f"decode {impl}, {tokens}-token video, per token", rows,
                                 top=30)
       decoded[f"gpu ms/token {impl}"] = sum(r["us/call"] for r in rows) / 1e3
+      timeline = kernel_profile.idle(trace, calls=1)
+      kernel_profile.print_idle(f"decode {impl}, {tokens}-token video, GPU timeline",
+                                timeline, per=decode_tokens, unit="token")
+      if timeline:   # first kernel's start to the last one's end, a token
+        decoded[f"gpu span ms/token {impl}"] = timeline["span us/call"] / decode_tokens / 1e3
   by_step = {}
   for impl, tokens in sampled.items():
     by_step.setdefault(impl.partition("_")[2] or "unrolled", []).append(tokens)
@@ -361,7 +371,7 @@ def main(argv):
   print()
   columns = ["loop", "M", "tokens", "frames", "prefill s", "frames/s", "prefill tok/s",
              *[f"decode tok/s {impl}" for impl in impls],
-             *[f"gpu ms/token {impl}" for impl in impls
+             *[f"gpu {what}ms/token {impl}" for impl in impls for what in ("", "span ")
                if _PROFILE_DIR.value and impl.startswith("device")],
              "same tokens", "scan parts at",
              "fused parts at", "fused_gemv parts at", "fused_reduce parts at",

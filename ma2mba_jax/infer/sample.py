@@ -7,11 +7,16 @@ as one on-device loop (the default) or one jitted step per token driven from the
 
 Two loops compute the same tokens (tests/infer/test_decode.py checks it):
   * decode_impl="device": a jitted `lax.while_loop` carries the LM's recurrent cache, the
-    buffer of generated tokens [B, max_new_tokens] and the stop state; the model step, the
-    choice of the next token and the stop checks all run on the device. It runs until every
-    row stopped or `block_tokens` more tokens were generated; the host then reads the new
-    tokens (to stream them) and dispatches the next block. Without a block size (and no
-    `on_tokens` callback) an answer is one dispatch.
+    buffer of generated tokens [B, max_new_tokens + k - 1] and the stop state; the model
+    step, the choice of the next token and the stop checks all run on the device. It runs
+    until every row stopped or `block_tokens` more tokens were generated; the host then
+    reads the new tokens (to stream them) and dispatches the next block. Without a block
+    size (and no `on_tokens` callback) an answer is one dispatch. Each iteration of the
+    while loop decodes k = `tokens_per_iteration` tokens (an inner loop of a fixed trip
+    count): on a GPU, XLA copies a while loop's condition to the host and waits for it
+    before every iteration, and with k tokens that wait comes once every k tokens. Tokens
+    decoded after a row stopped change nothing of its answer; the loop ends at most k - 1
+    tokens after the last row stopped (block sizes are rounded up to multiples of k).
   * decode_impl="host": the reference. One call of a jitted step per token, the host
     checking the stop rules (`RepeatStop`) between tokens.
 Both loops run the same LM step (step_impl="auto", the default: "fused_mixed" on GPU,
@@ -83,6 +88,8 @@ DECODE_IMPLS = ("device", "host")
 STEP_IMPLS = ("auto", "unrolled", "scan", "fused", "fused_gemv", "fused_reduce",
               "fused_mixed")
 STOP_REASONS = ("", "eos", "repeat", "length")  # the device loop's codes 0..3
+# Tokens a device-loop iteration decodes (Sampler's tokens_per_iteration).
+TOKENS_PER_ITERATION = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +324,8 @@ class DecodeState(NamedTuple):
 
   cache: LayerStates (batch B) after reading every token but the last chosen one.
   token: int32 [B], the last chosen token (not read by the LM yet).
-  tokens: int32 [B, T], every chosen token (positions >= count unused).
+  tokens: int32 [B, T + k - 1], every chosen token (positions >= count unused; the k - 1
+    past T take the tokens decoded after the last row stopped).
   seen: bool [B, V] ids chosen so far (for the repetition penalty; [B, 1] without one).
   count: int32 [], tokens chosen so far (every row steps together).
   done: bool [B]; reason: int32 [B] (STOP_REASONS index); length: int32 [B], tokens drawn
@@ -333,8 +341,10 @@ class DecodeState(NamedTuple):
   length: Array
 
 
-def _record(state: DecodeState, token: Array, stop_ids: Array, mode: Mode) -> DecodeState:
-  """Writes the token chosen as number state.count + 1 and checks the stop rules."""
+def _record(state: DecodeState, token: Array, stop_ids: Array, mode: Mode, max_new: int
+            ) -> DecodeState:
+  """Writes the token chosen as number state.count + 1 and checks the stop rules (at most
+  max_new tokens)."""
   index = state.count
   tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], index, axis=1)
   seen = state.seen
@@ -343,7 +353,7 @@ def _record(state: DecodeState, token: Array, stop_ids: Array, mode: Mode) -> De
   eos = jnp.any(token[:, None] == stop_ids[None, :], axis=1)
   repeat = (repeat_hits(tokens, index, mode.repeat_ngram) if mode.stop_on_repeat
             else jnp.zeros_like(eos))
-  full = jnp.broadcast_to(index + 1 >= tokens.shape[1], eos.shape)
+  full = jnp.broadcast_to(index + 1 >= max_new, eos.shape)
   code = jnp.where(eos, 1, jnp.where(repeat, 2, jnp.where(full, 3, 0))).astype(jnp.int32)
   stopping = ~state.done & (code > 0)
   return DecodeState(
@@ -362,7 +372,10 @@ class Sampler:
   stop_ids: ids that end the answer (`<|endoftext|>`); banned_ids: ids never chosen.
   decode_impl: 'device' (the on-device loop) or 'host' (one dispatch per token, the
   reference). block_tokens: tokens per dispatch of the device loop (None: the whole answer
-  in one, or 8 when tokens are streamed to an `on_tokens` callback). step_impl: the LM step
+  in one, or 8 when tokens are streamed to an `on_tokens` callback; rounded up to a multiple
+  of tokens_per_iteration). tokens_per_iteration: tokens the device loop decodes between
+  two reads of its condition by the host (default TOKENS_PER_ITERATION; the loop may decode
+  up to this many - 1 tokens after the last row stopped). step_impl: the LM step
   of both loops, 'unrolled' (per-layer weights, made at the first decode), 'fused' (the
   same weights, one kernel per layer's middle), 'fused_gemv' (three kernels a layer),
   'fused_reduce' (three kernels a layer, XLA's reduction for in_proj; tuned and timed at
@@ -372,7 +385,8 @@ class Sampler:
 
   def __init__(self, llm: Mamba2LM, *, vocab_size: int, stop_ids: Sequence[int] = (),
                banned_ids: Sequence[int] = (), decode_impl: str = "device",
-               block_tokens: int | None = None, step_impl: str = "auto"):
+               block_tokens: int | None = None, step_impl: str = "auto",
+               tokens_per_iteration: int | None = None):
     if decode_impl not in DECODE_IMPLS:
       raise ValueError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
     if step_impl not in STEP_IMPLS:
@@ -385,7 +399,10 @@ class Sampler:
       step_impl = "fused_mixed" if jax.default_backend() == "gpu" else "unrolled"
     if block_tokens is not None and block_tokens < 1:
       raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
-    self.decode_impl, self.block_tokens = decode_impl, block_tokens
+    k = TOKENS_PER_ITERATION if tokens_per_iteration is None else tokens_per_iteration
+    if k < 1:
+      raise ValueError(f"tokens_per_iteration must be >= 1, got {k}")
+    self.decode_impl, self.block_tokens, self.tokens_per_iteration = decode_impl, block_tokens, k
     self.stop_ids = frozenset(int(i) for i in stop_ids)
     self.allowed = vocab_mask(llm.config.padded_vocab_size, vocab_size, banned_ids)
     self.padded_vocab = llm.config.padded_vocab_size
@@ -440,21 +457,28 @@ class Sampler:
       b = logits.shape[0]
       seen = jnp.zeros((b, self.padded_vocab if mode.penalty else 1), bool)
       token = choose(logits, allowed, seen, jax.random.fold_in(key, 0), knobs, mode)
-      state = DecodeState(cache=cache, token=token, tokens=jnp.full((b, max_new), -1, jnp.int32),
+      tokens = jnp.full((b, max_new + k - 1), -1, jnp.int32)
+      state = DecodeState(cache=cache, token=token, tokens=tokens,
                           seen=seen, count=jnp.int32(0), done=jnp.zeros((b,), bool),
                           reason=jnp.zeros((b,), jnp.int32), length=jnp.zeros((b,), jnp.int32))
-      return _record(state, token, stop_ids, mode)
+      return _record(state, token, stop_ids, mode, max_new)
 
     def block(weights, state, end, key, knobs, allowed, stop_ids, *, mode):
-      """Decodes until every row stopped or `end` tokens were chosen."""
+      """Decodes k tokens at a time until every row stopped or `end` tokens were chosen
+      (end - state.count: a multiple of k, or past the answer's last token)."""
+      max_new = state.tokens.shape[1] - (k - 1)
+
       def cond(s):
         return (s.count < end) & ~jnp.all(s.done)
 
-      def body(s):
+      def one(_, s):
         logits, cache = lm_step(weights, s.token, s.cache)
         token = choose(logits, allowed, s.seen, jax.random.fold_in(key, s.count), knobs, mode)
-        return _record(s._replace(cache=cache), token, stop_ids, mode)
+        return _record(s._replace(cache=cache), token, stop_ids, mode, max_new)
 
+      # The inner loop's trip count is static: XLA runs it without asking the host.
+      body = (functools.partial(one, 0) if k == 1 else
+              lambda s: jax.lax.fori_loop(0, k, one, s))
       return jax.lax.while_loop(cond, body, state)
 
     self._start = jax.jit(start, static_argnames=("max_new", "mode"))
@@ -513,6 +537,8 @@ class Sampler:
     stop_ids = jnp.asarray(sorted(self.stop_ids) or [-1], jnp.int32)
     max_new = params.max_new_tokens
     step = self.block_tokens or (8 if on_tokens is not None else max_new)
+    k = self.tokens_per_iteration
+    step = -(-step // k) * k   # a block never ends inside a loop iteration
     state = self._start(states, logits, key, knobs, self.allowed, stop_ids, max_new=max_new,
                         mode=mode)
     shown = 0

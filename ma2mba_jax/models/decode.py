@@ -225,11 +225,11 @@ def _pallas_matmul_step(config: Mamba2Config, weights: DecodeWeights, token: Arr
     params = mixer_kernels.MixerParams(
         mixer["conv_weight"][...], mixer["conv_bias"][...], mixer["dt_bias"][...],
         mixer["A_log"][...], mixer["D"][...], mixer["norm"]["weight"][...])
+    w_out = mixer["out_proj"]["kernel"][...]                        # [D, E]
     gated, ss, conv, ssm, bc = mixer_kernels.mixer_step(
         jnp.int32(i), zx, scale, params, conv, ssm, dims=dims, impl="pallas",
         interpret=interpret, gated_rows=None if reduce_in else rows, in_norm=in_norm,
-        conv_in_place=True, bc_prev=bc)
-    w_out = mixer["out_proj"]["kernel"][...]
+        conv_in_place=True, bc_prev=bc, prefetch=w_out if reduce_in else None)
     if reduce_in:   # gated: yw = g * w in cd [B, E]; the gated norm's 1/rms after W
       pad = ((0, rows - batch), (0, 0))
       nxt = norm_w[i + 1] if i + 1 < len(weights.layers) else weights.final_norm

@@ -1,7 +1,8 @@
 """Decoding on the GPU (marker `gpu`: skipped without an NVIDIA GPU; run through the device
 tool: `pytest -q -m gpu tests/gpu/test_decode_gpu.py`).
 
-  * the decode kernel (kernels/decode, Pallas -> Triton) against its float64 oracle;
+  * the decode kernel (kernels/decode, Pallas -> Triton) against its float64 oracle, and
+    with its L2 prefetch of another matrix (the same outputs);
   * the fused decode step against the reference step, float32, over many tokens;
   * greedy decoding by the host loop (one dispatch per token) and by the device loop
     (lax.while_loop) give the same tokens on small random models, for the unrolled and the
@@ -17,7 +18,7 @@ from flax import nnx
 from ma2mba_jax.infer.sample import Sampler, SamplingParams
 from ma2mba_jax.models.mamba2 import Mamba2Config, Mamba2LM
 from tests.infer.test_fused_decode import step_errors
-from tests.kernels.decode_mixer_cases import CASES, TOLERANCES, errors
+from tests.kernels.decode_mixer_cases import CASES, TOLERANCES, errors, prefetch_unchanged
 
 pytestmark = pytest.mark.gpu
 
@@ -33,6 +34,11 @@ def test_kernel_matches_the_float64_oracle_on_gpu(name):
   errs = errors(case, seed=7, impl="pallas", interpret=False)
   print(name, errs)
   assert all(err < TOLERANCES[case.dtype] for err in errs.values()), (name, errs)
+
+
+@pytest.mark.parametrize("name,rows,in_place", [("g1_f32", 64, False), ("g2_bf16_b1", 32, True)])
+def test_kernel_prefetch_leaves_every_output_unchanged_on_gpu(name, rows, in_place):
+  prefetch_unchanged(CASES[name], rows, in_place, interpret=False, shape=(64, 2048))
 
 
 @pytest.mark.parametrize("matmul,batch", [("xla", 2), ("xla_t", 2), ("pallas", 2),

@@ -13,7 +13,8 @@ import pytest
 
 from ma2mba_jax import evaluate
 from ma2mba_jax.data.errors import DataError
-from ma2mba_jax.infer.answering import AnswerPrinter, ModelAnswerer, chat, stop_note
+from ma2mba_jax.infer.answering import (AnswerPrinter, ModelAnswerer, chat, make_sampler,
+                                        stop_note)
 from ma2mba_jax.infer.sample import (Knobs, SamplingParams, apply_repetition_penalty, choose,
                                      knobs_of, mode_of, sampling_keep)
 
@@ -96,6 +97,40 @@ def test_tokens_stream_as_they_come(sampler, convs):
                                   on_tokens=calls.append, decode_impl=impl)
     assert [t for call in calls for t in call] == list(generation.sampled)
     assert len(calls) >= min(calls_at_least, len(generation.sampled)), impl
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_tokens_per_iteration_change_no_answer(tiny_model, streamer, sampler, convs, k):
+  """The default sampler decodes 4 tokens a loop iteration (the tests above); 1 and 5 (which
+  divides neither the 8-token streaming blocks nor MAX_NEW) give the host loop's answers:
+  a row stopped by EOS or the repeat rule mid-iteration, batched rows stopping apart, and
+  streamed blocks (8 tokens, rounded up to 10 for k = 5)."""
+  other = make_sampler(tiny_model, streamer, tokens_per_iteration=k)
+  plain = SamplingParams(max_new_tokens=MAX_NEW)
+  host = sampler.generate(convs[0].states, convs[0].logits, plain, decode_impl="host")
+  eos_at = next(i for i in range(3, len(host.sampled)) if host.sampled[i] not in
+                host.sampled[:i] and (i + 1) % 5)
+  other.stop_ids = sampler.stop_ids = frozenset({host.sampled[eos_at]})
+  try:
+    host_eos = sampler.generate(convs[0].states, convs[0].logits, plain, decode_impl="host")
+    assert host_eos.stop_reason == "eos" and len(host_eos.sampled) == eos_at + 1
+    assert other.generate(convs[0].states, convs[0].logits, plain) == host_eos
+  finally:
+    sampler.stop_ids = other.stop_ids = frozenset(make_sampler(tiny_model, streamer).stop_ids)
+  states = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *[c.states for c in convs])
+  logits = jnp.stack([c.logits for c in convs])
+  params = SamplingParams(max_new_tokens=MAX_NEW, repeat_ngram=2)
+  rows = other.generate_batch(states, logits, params)
+  assert rows == sampler.generate_batch(states, logits, params, decode_impl="host")
+  assert len({len(g.sampled) for g in rows}) > 1
+  calls = []
+  streamed = other.generate(convs[1].states, convs[1].logits,
+                            SamplingParams(max_new_tokens=MAX_NEW, stop_on_repeat=False),
+                            on_tokens=calls.append)
+  assert [t for call in calls for t in call] == list(streamed.sampled)
+  assert len(streamed.sampled) == MAX_NEW
+  # the first token (drawn from the prompt's logits) comes alone, then a block a call
+  assert [len(c) for c in calls] == ([1, 8, 8, 7] if k == 1 else [1, 10, 10, 3])
 
 
 # --------------------------------------------------------------------------- the filters

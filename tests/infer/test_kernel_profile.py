@@ -34,3 +34,24 @@ def test_kernel_rows_without_gpu_rows_is_empty():
   trace = _trace()
   trace["traceEvents"] = [e for e in trace["traceEvents"] if e["pid"] == 1]
   assert kernel_profile.kernel_rows(trace, calls=1) == []
+
+
+def test_idle_reads_the_gaps_between_kernels():
+  meta = {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name",
+          "args": {"name": "Stream #13(Compute)"}}
+  process = {"ph": "M", "pid": 2, "tid": 0, "name": "process_name",
+             "args": {"name": "/device:GPU:0"}}
+  kernel = lambda name, ts, dur: {"ph": "X", "pid": 2, "tid": 7, "name": name, "ts": ts,
+                                  "dur": dur}
+  # a 2 us gap (mixer after gemv), a 100 us one (gemv after cond), none after the mixer
+  events = [process, meta, kernel("cond", 200.0, 10.0), kernel("gemv", 0.0, 30.0),
+            kernel("mixer", 32.0, 6.0), kernel("out", 38.0, 12.0), kernel("gemv", 310.0, 30.0)]
+  summary = kernel_profile.idle({"traceEvents": events}, calls=2)
+  assert summary["span us/call"] == 170.0 and summary["busy us/call"] == 44.0
+  assert summary["idle us/call"] == 126.0
+  assert summary["gaps"]["0-5 us"] == {"us/call": 1.0, "count/call": 0.5}
+  assert summary["gaps"]["5-50 us"] == {"us/call": 0.0, "count/call": 0.0}
+  assert summary["gaps"]["50-inf us"] == {"us/call": 125.0, "count/call": 1.0}
+  first = summary["top pairs"][0]
+  assert (first["before"], first["after"], first["us/call"]) == ("out", "cond", 75.0)
+  assert kernel_profile.idle({"traceEvents": [process]}, calls=1) == {}

@@ -1,5 +1,6 @@
 """Cases, inputs and the float64 oracle of kernels/decode.mixer_step (shared by the CPU test,
-the GPU test and the tolerance sweep).
+the GPU test and the tolerance sweep), and the check that the kernel's L2 prefetch changes
+no output.
 
 The oracle is the single-token Mamba-2 recurrence written out in numpy float64, with no
 rounding to the compute dtype anywhere: conv over [state, input] + SiLU, softplus dt,
@@ -11,8 +12,10 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ma2mba_jax.kernels.decode import Dims, MixerParams, mixer_step
 from ma2mba_jax.testing import rel_err
@@ -154,3 +157,29 @@ def errors(case: Case, seed: int, impl: str, interpret: bool | None = None,
   return {"yw": rel_err(yw, ref["yw"]), "ss": rel_err(ss, ref["ss"]),
           "conv": rel_err(conv, ref["conv"]),
           "ssm": rel_err(ssm[case.layer], ref["ssm"][case.layer])}
+
+
+def prefetch_unchanged(case: Case, rows: int, in_place: bool, interpret: bool,
+                       shape: tuple[int, int]) -> None:
+  """mixer_step(impl="pallas") with `prefetch` (rows of a bf16 matrix of `shape` read into
+  L2 by extra programs) returns exactly what it returns without; prefetch_rows=6 (not a
+  multiple of pallas.PREFETCH_ROWS_PER_PROGRAM) is refused."""
+  inputs = make_inputs(case, seed=3)
+  params = MixerParams(*map(jnp.asarray, inputs["params"]))
+  matrix = jax.random.normal(jax.random.key(0), shape, jnp.bfloat16)
+
+  def run(**kwargs):
+    return mixer_step(jnp.int32(case.layer), jnp.asarray(inputs["raw"]),
+                      jnp.asarray(inputs["in_scale"]), params, jnp.asarray(inputs["conv"]),
+                      jnp.asarray(inputs["ssm"]), dims=dims_of_case(case), impl="pallas",
+                      interpret=interpret, conv_in_place=in_place, **kwargs)
+
+  plain = run()
+  fetched = run(prefetch=matrix, prefetch_rows=rows)
+  assert len(fetched) == len(plain)
+  for a, b in zip(plain, fetched):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(run(prefetch=matrix, prefetch_rows=0)[0]),
+                                np.asarray(plain[0]))
+  with pytest.raises(ValueError, match="prefetch_rows=6"):
+    run(prefetch=matrix, prefetch_rows=6)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 from ma2mba_jax.kernels.decode import resolve_impl
-from tests.kernels.decode_mixer_cases import CASES, TOLERANCES, dims_of_case, errors
+from tests.kernels.decode_mixer_cases import (CASES, TOLERANCES, dims_of_case, errors,
+                                              prefetch_unchanged)
 
 
 # Every case with the kernel; the plain-JAX backend on two (it is also the fused decode
@@ -38,6 +39,13 @@ def test_mixer_step_with_the_norm_column_and_in_place_conv_matches_the_oracle(na
   errs = errors(case, seed=5, impl=impl, interpret=True if impl == "pallas" else None,
                 fused_reduce=True)
   assert all(err < TOLERANCES[case.dtype] for err in errs.values()), (name, impl, errs)
+
+
+@pytest.mark.parametrize("name,rows,in_place", [("g1_f32", 8, False), ("g2_bf16_b1", 16, True),
+                                                ("g2_f32", 4, True)])
+def test_mixer_kernel_prefetch_leaves_every_output_unchanged(name, rows, in_place):
+  # The extra programs that read another matrix into L2 write nothing the caller sees.
+  prefetch_unchanged(CASES[name], rows, in_place, interpret=True, shape=(24, 64))
 
 
 def test_impl_resolution():

@@ -94,7 +94,8 @@ def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, c
                ssm: Array, *, dims: Dims, impl: str = "auto", interpret: bool | None = None,
                gated_rows: int | None = None, split: int | None = None,
                in_norm: tuple[int, float] | None = None, conv_in_place: bool = False,
-               bc_prev: Array | None = None) -> tuple[Array, ...]:
+               bc_prev: Array | None = None, prefetch: Array | None = None,
+               prefetch_rows: int | None = None) -> tuple[Array, ...]:
   """See the module docstring. raw may have more rows and columns than read (the batch is
   in_scale's length). gated_rows: instead of yw and ss, return g [gated_rows, E] f32 and ss
   [gated_rows, H] (rows >= B: zero in xla, never written in pallas), as `gemv.out_proj`
@@ -111,7 +112,11 @@ def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, c
   channels set to it; a fifth output is this layer's new B/C taps [B, 2GN, K-1], for the
   next layer's call (or `write_bc` after the last layer). Every program of a group reads
   the layer's old B/C taps, so none may overwrite them in place: the next layer's kernel,
-  which reads other taps, does."""
+  which reads other taps, does.
+
+  prefetch (pallas only, a hint; the results do not change): a matrix [R, C] whose first
+  prefetch_rows rows (default `pallas.PREFETCH_ROWS`) extra programs of the kernel read
+  into L2 for the next kernel (the layer's out_proj) while the mixer runs."""
   impl = resolve_impl(impl, dims)
   if impl == "xla":
     from ma2mba_jax.kernels.decode import reference
@@ -123,7 +128,8 @@ def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, c
     interpret = jax.default_backend() != "gpu"
   return pallas.mixer_step(layer, raw, in_scale, params, conv, ssm, dims=dims,
                            interpret=interpret, gated_rows=gated_rows, split=split,
-                           in_norm=in_norm, conv_in_place=conv_in_place, bc_prev=bc_prev)
+                           in_norm=in_norm, conv_in_place=conv_in_place, bc_prev=bc_prev,
+                           prefetch=prefetch, prefetch_rows=prefetch_rows)
 
 
 def write_bc(conv: Array, layer: int | Array, bc: Array, dims: Dims) -> Array:

@@ -11,7 +11,13 @@ the conv stack is aliased too: each program writes its x channels' taps in place
 group's first program the previous layer's B/C taps (bc_prev) and this layer's to a small
 fresh output. in_norm: the RMS norm's 1/rms from raw's sum-of-squares column. Refs are whole
 arrays, indexed by program id; every load is a vector of P / split or N elements (powers of
-two, as Triton needs)."""
+two, as Triton needs).
+
+prefetch: the kernel reads far less than the card's memory bandwidth allows, so extra
+programs (heads past H on the grid) read the first `prefetch_rows` rows of another matrix,
+the one the next kernel streams (the layer's out_proj), with the evict_last policy, so
+that the next kernel finds them in L2 instead of memory. What they read only feeds a sum
+each program writes to an output that is dropped; the mixer's results are the same."""
 
 from __future__ import annotations
 
@@ -31,6 +37,9 @@ f32 = jnp.float32
 # in the decode step against 6.3 us for 1 program of 4 warps.
 SPLIT = 4        # programs per head (mixer_step's split)
 NUM_WARPS = 2
+PREFETCH_ROWS = 0            # rows of the next matrix read into L2 (mixer_step's default)
+PREFETCH_ROWS_PER_PROGRAM = 4
+PREFETCH_CHUNK = 1024        # columns a load
 
 
 def _silu(v):
@@ -42,20 +51,63 @@ def _softplus(v):
   return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
 
 
+def _prefetch_kernel(pf_ref, sum_ref, *, program, rows: int, per_program: int):
+  """Program `program` of the prefetch: rows [program * per_program, + per_program) of
+  pf_ref [R, C] loaded (evict_last) and summed into sum_ref[program]."""
+  cols = pf_ref.shape[1]
+  chunk = min(PREFETCH_CHUNK, cols)
+
+  @pl.when(program * per_program < rows)
+  def _():
+    tiles = [plgpu.load(pf_ref.at[pl.ds(program * per_program, per_program),
+                                  pl.ds(c0, chunk)], eviction_policy="evict_last")
+             for c0 in range(0, cols, chunk)]                   # [per_program, chunk] each
+    sum_ref[program] = sum(jnp.sum(t.astype(f32)) for t in tiles)
+
+
 def _kernel(layer_ref, raw_ref, scale_ref, conv_w_ref, conv_b_ref, dt_bias_ref, a_log_ref,
             d_ref, norm_w_ref, conv_ref, ssm_ref, *refs, dims: Dims, gated_out: bool,
-            split: int, in_norm: tuple[int, float] | None, in_place: bool, has_prev: bool):
+            split: int, in_norm: tuple[int, float] | None, in_place: bool, has_prev: bool,
+            prefetch: tuple[int, int] | None):
   # in_place: conv_out_ref is the conv stack (aliased to conv_ref) and bc_out_ref this
   # layer's new B/C taps; has_prev: bc_prev_ref, the previous layer's, written here.
+  # prefetch = (rows, per_program): pf_ref, the matrix, and pf_sum_ref (the last output).
   bc_prev_ref = refs[0] if has_prev else None
-  yw_ref, ss_ref, conv_out_ref, ssm_out_ref = refs[has_prev:has_prev + 4]
-  bc_out_ref = refs[has_prev + 4] if in_place else None
+  pf_ref = refs[has_prev] if prefetch else None
+  outs = refs[has_prev + bool(prefetch):]
+  yw_ref, ss_ref, conv_out_ref, ssm_out_ref = outs[:4]
+  bc_out_ref = outs[4] if in_place else None
+  # (The program ids are read here: the interpreter cannot read them inside a pl.when.)
+  ids = (pl.program_id(0), pl.program_id(1), pl.program_id(2))   # (b, h, part)
+  mixer = functools.partial(
+      _mixer, layer_ref, raw_ref, scale_ref, conv_w_ref, conv_b_ref, dt_bias_ref, a_log_ref,
+      d_ref, norm_w_ref, conv_ref, ssm_ref, bc_prev_ref, yw_ref, ss_ref, conv_out_ref,
+      ssm_out_ref, bc_out_ref, ids=ids, dims=dims, gated_out=gated_out, split=split,
+      in_norm=in_norm)
+  if prefetch is None:
+    mixer()
+    return
+  b, h, part = ids
+  pl.when(h < dims.n_heads)(mixer)
+
+  @pl.when((h >= dims.n_heads) & (b == 0))
+  def _():
+    rows, per_program = prefetch
+    _prefetch_kernel(pf_ref, outs[-1], program=(h - dims.n_heads) * split + part,
+                     rows=rows, per_program=per_program)
+
+
+def _mixer(layer_ref, raw_ref, scale_ref, conv_w_ref, conv_b_ref, dt_bias_ref, a_log_ref,
+           d_ref, norm_w_ref, conv_ref, ssm_ref, bc_prev_ref, yw_ref, ss_ref, conv_out_ref,
+           ssm_out_ref, bc_out_ref, *, ids, dims: Dims, gated_out: bool, split: int,
+           in_norm: tuple[int, float] | None):
+  """The program ids = (b, h, part) of the mixer proper (see the module docstring)."""
+  in_place, has_prev = bc_out_ref is not None, bc_prev_ref is not None
   e, p, n, g, k = dims.d_inner, dims.head_dim, dims.d_state, dims.n_groups, dims.d_conv
   hpg = dims.n_heads // g
   ps = p // split                                              # this program's head rows
   cd = dims.compute_dtype
-  b, h = pl.program_id(0), pl.program_id(1)
-  part = pl.program_id(2)                                      # which [ps] slice of the head
+  b, h, part = ids                                             # part: which [ps] slice
   layer = layer_ref[0]
   group = h // hpg
   x0 = h * p + part * ps                                       # first x / z channel
@@ -162,19 +214,24 @@ def _kernel(layer_ref, raw_ref, scale_ref, conv_w_ref, conv_b_ref, dt_bias_ref, 
 
 
 @functools.partial(jax.jit, static_argnames=("dims", "interpret", "num_warps", "gated_rows",
-                                             "split", "in_norm", "conv_in_place"))
+                                             "split", "in_norm", "conv_in_place",
+                                             "prefetch_rows"))
 def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, conv: Array,
                ssm: Array, *, dims: Dims, interpret: bool = False,
                num_warps: int | None = None, gated_rows: int | None = None,
                split: int | None = None, in_norm: tuple[int, float] | None = None,
-               conv_in_place: bool = False, bc_prev: Array | None = None
+               conv_in_place: bool = False, bc_prev: Array | None = None,
+               prefetch: Array | None = None, prefetch_rows: int | None = None
                ) -> tuple[Array, ...]:
   """See the package docstring; the ssm stack is updated in place (aliased). raw: [R, >=
   2E+2GN+H] in any float dtype (in_norm: > 2E+2GN+H columns), rows >= B = in_scale's length
   never read. split: programs
   per head (each takes P / split of its rows; a power of two dividing P); ss then holds
   one sum per program, [rows, H * split], a head's `split` sums side by side. Defaults:
-  split SPLIT (at most head_dim), num_warps NUM_WARPS."""
+  split SPLIT (at most head_dim), num_warps NUM_WARPS. prefetch [R, C] (C a multiple of
+  PREFETCH_CHUNK or less): its first prefetch_rows rows (default PREFETCH_ROWS, at most R,
+  a multiple of PREFETCH_ROWS_PER_PROGRAM; 0: none) are read into L2 by extra programs;
+  the results do not change."""
   p = dims.head_dim
   split = min(SPLIT, p) if split is None else split
   num_warps = NUM_WARPS if num_warps is None else num_warps
@@ -203,12 +260,28 @@ def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, c
     aliases[len(inputs) - 2] = 2                                      # the conv stack
   if bc_prev is not None:
     inputs.append(bc_prev)
+  rows_pf = PREFETCH_ROWS if prefetch_rows is None else prefetch_rows
+  extra_heads, pf = 0, None
+  if prefetch is not None and rows_pf:
+    per = PREFETCH_ROWS_PER_PROGRAM
+    chunk = min(PREFETCH_CHUNK, prefetch.shape[1])
+    if (prefetch.ndim != 2 or not 0 < rows_pf <= prefetch.shape[0] or rows_pf % per
+        or prefetch.shape[1] % chunk):
+      raise ValueError(f"decode mixer_step: prefetch_rows={rows_pf} of a {prefetch.shape} "
+                       f"matrix: expected a multiple of {per} rows, at most its row count, "
+                       f"and a column count that is a multiple of {PREFETCH_CHUNK} or less")
+    programs = rows_pf // per
+    extra_heads = -(-programs // split)
+    pf = (rows_pf, per)
+    inputs.append(prefetch)
+    out_shape.append(jax.ShapeDtypeStruct((extra_heads * split,), f32))   # dropped sums
   kwargs = {}
   if not interpret:
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-  return tuple(pl.pallas_call(
+  outs = tuple(pl.pallas_call(
       functools.partial(_kernel, dims=dims, gated_out=gated_rows is not None, split=split,
                         in_norm=in_norm, in_place=conv_in_place,
-                        has_prev=bc_prev is not None),
-      grid=(batch, dims.n_heads, split), out_shape=out_shape,
+                        has_prev=bc_prev is not None, prefetch=pf),
+      grid=(batch, dims.n_heads + extra_heads, split), out_shape=out_shape,
       input_output_aliases=aliases, interpret=interpret, **kwargs)(*inputs))
+  return outs[:-1] if pf else outs
