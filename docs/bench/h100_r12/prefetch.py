@@ -5,6 +5,7 @@ loop's tokens per while-loop iteration (sample.TOKENS_PER_ITERATION) patched bef
 anything is traced, one setting a process:
   python docs/bench/h100_r12/prefetch.py decode|infer ROWS [PER_PROGRAM [TOKENS]] [flags]."""
 import importlib
+import os
 import sys
 
 from absl import app

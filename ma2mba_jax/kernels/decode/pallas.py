@@ -22,6 +22,7 @@ each program writes to an output that is dropped; the mixer's results are the sa
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,13 @@ f32 = jnp.float32
 # in the decode step against 6.3 us for 1 program of 4 warps.
 SPLIT = 4        # programs per head (mixer_step's split)
 NUM_WARPS = 2
-PREFETCH_ROWS = 0            # rows of the next matrix read into L2 (mixer_step's default)
-PREFETCH_ROWS_PER_PROGRAM = 4
+# The L2 prefetch (mixer_step's prefetch): on an H100, the 2.7B LM's out_proj [2560, 5120]
+# went from 11.7 to 9.6 us a layer with its first 640 rows (6.5 MB) read by 320 programs of
+# 2 rows while the mixer ran (which took 6.3 us instead of 5.4); 960 or 1280 rows, or 1 or
+# 4 rows a program, or the programs before the mixer's on the grid were slower
+# (BENCHMARKS.md, "Decoding, session 12").
+PREFETCH_ROWS = 640          # rows of the next matrix read into L2 (mixer_step's default)
+PREFETCH_ROWS_PER_PROGRAM = 2
 PREFETCH_CHUNK = 1024        # columns a load
 
 
@@ -51,11 +57,16 @@ def _softplus(v):
   return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
 
 
+def _prefetch_chunk(cols: int) -> int:
+  """Columns a prefetch load: the largest power of two <= PREFETCH_CHUNK dividing cols."""
+  return math.gcd(cols, PREFETCH_CHUNK) if PREFETCH_CHUNK & (PREFETCH_CHUNK - 1) == 0 else 1
+
+
 def _prefetch_kernel(pf_ref, sum_ref, *, program, rows: int, per_program: int):
   """Program `program` of the prefetch: rows [program * per_program, + per_program) of
   pf_ref [R, C] loaded (evict_last) and summed into sum_ref[program]."""
   cols = pf_ref.shape[1]
-  chunk = min(PREFETCH_CHUNK, cols)
+  chunk = _prefetch_chunk(cols)
 
   @pl.when(program * per_program < rows)
   def _():
@@ -228,10 +239,11 @@ def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, c
   never read. split: programs
   per head (each takes P / split of its rows; a power of two dividing P); ss then holds
   one sum per program, [rows, H * split], a head's `split` sums side by side. Defaults:
-  split SPLIT (at most head_dim), num_warps NUM_WARPS. prefetch [R, C] (C a multiple of
-  PREFETCH_CHUNK or less): its first prefetch_rows rows (default PREFETCH_ROWS, at most R,
-  a multiple of PREFETCH_ROWS_PER_PROGRAM; 0: none) are read into L2 by extra programs;
-  the results do not change."""
+  split SPLIT (at most head_dim), num_warps NUM_WARPS. prefetch [R, C]: its first
+  prefetch_rows rows (at most R, a multiple of PREFETCH_ROWS_PER_PROGRAM; 0: none; default
+  PREFETCH_ROWS, or fewer to fit R, none if no power of two >= 64 divides C) are read into
+  L2 by extra programs, in loads of up to PREFETCH_CHUNK columns; the results do not
+  change."""
   p = dims.head_dim
   split = min(SPLIT, p) if split is None else split
   num_warps = NUM_WARPS if num_warps is None else num_warps
@@ -260,16 +272,18 @@ def mixer_step(layer: Array, raw: Array, in_scale: Array, params: MixerParams, c
     aliases[len(inputs) - 2] = 2                                      # the conv stack
   if bc_prev is not None:
     inputs.append(bc_prev)
-  rows_pf = PREFETCH_ROWS if prefetch_rows is None else prefetch_rows
   extra_heads, pf = 0, None
+  per = PREFETCH_ROWS_PER_PROGRAM
+  rows_pf = prefetch_rows
+  if prefetch is not None and prefetch_rows is None:   # the default, fitted to the matrix
+    rows_pf = min(PREFETCH_ROWS, prefetch.shape[0]) // per * per
+    if _prefetch_chunk(prefetch.shape[-1]) < 64:   # too many small loads: none
+      rows_pf = 0
   if prefetch is not None and rows_pf:
-    per = PREFETCH_ROWS_PER_PROGRAM
-    chunk = min(PREFETCH_CHUNK, prefetch.shape[1])
-    if (prefetch.ndim != 2 or not 0 < rows_pf <= prefetch.shape[0] or rows_pf % per
-        or prefetch.shape[1] % chunk):
+    if prefetch.ndim != 2 or not 0 < rows_pf <= prefetch.shape[0] or rows_pf % per:
       raise ValueError(f"decode mixer_step: prefetch_rows={rows_pf} of a {prefetch.shape} "
-                       f"matrix: expected a multiple of {per} rows, at most its row count, "
-                       f"and a column count that is a multiple of {PREFETCH_CHUNK} or less")
+                       f"matrix: expected a multiple of {per} rows (PREFETCH_ROWS_PER_PROGRAM), "
+                       f"at most the matrix's row count")
     programs = rows_pf // per
     extra_heads = -(-programs // split)
     pf = (rows_pf, per)
