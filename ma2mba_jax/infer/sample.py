@@ -90,6 +90,8 @@ STEP_IMPLS = ("auto", "unrolled", "scan", "fused", "fused_gemv", "fused_reduce",
 STOP_REASONS = ("", "eos", "repeat", "length")  # the device loop's codes 0..3
 # Tokens a device-loop iteration decodes (Sampler's tokens_per_iteration).
 TOKENS_PER_ITERATION = 4
+# fused_reduce / fused_mixed pad in_proj's rows to a multiple of this (at least one zero row).
+REDUCE_PAD = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,8 +414,11 @@ class Sampler:
     config, block_graphdef = llm.config, llm.split_layers()[0]
     # The unrolled step's weights: made by the first device decode, then kept.
     # The fused step reads its matrices output-major (decode_weights' `transposed`).
-    make = {"fused_gemv": padded_decode_weights, "fused_reduce": padded_decode_weights,
-            "fused_mixed": padded_decode_weights,
+    # fused_reduce's in_proj, XLA's reduction, reads every padding row: 8 at most (the
+    # Pallas GEMV of fused_gemv splits its rows in blocks: 256).
+    reduce_weights = functools.partial(padded_decode_weights, multiple=REDUCE_PAD)
+    make = {"fused_gemv": padded_decode_weights, "fused_reduce": reduce_weights,
+            "fused_mixed": reduce_weights,
             "fused": functools.partial(decode_weights, transposed=True)
             }.get(step_impl, decode_weights)
     self._make_weights = jax.jit(lambda params: make(nnx.merge(graphdef, params)))

@@ -47,13 +47,15 @@ def _steps(variant: str, impl: str, matmul: str = "xla"):
   block_graphdef = llm.split_layers()[0]
   weights = jax.jit(lambda p: decode_weights(nnx.merge(graphdef, p)))
   padded = jax.jit(lambda p: padded_decode_weights(nnx.merge(graphdef, p)))
+  padded8 = jax.jit(lambda p: padded_decode_weights(nnx.merge(graphdef, p), multiple=8))
   transposed = jax.jit(lambda p: decode_weights(nnx.merge(graphdef, p), transposed=True))
   ref_step = jax.jit(lambda w, t, c: decode_step(config, block_graphdef, w, t, c))
   # "xla_t": the matrices output-major (the Sampler's fused step).
   fused = jax.jit(lambda w, t, c: fused_decode_step(
       config, w, t, c, impl=impl, matmul=matmul.removesuffix("_t"),
       transposed=matmul == "xla_t"))
-  fused_weights = {"pallas": padded, "reduce": padded, "xla_t": transposed}.get(matmul,
+  # reduce: in_proj padded as the Sampler pads it for fused_reduce (sample.REDUCE_PAD)
+  fused_weights = {"pallas": padded, "reduce": padded8, "xla_t": transposed}.get(matmul,
                                                                                weights)
   return config, weights, fused_weights, ref_step, fused
 
