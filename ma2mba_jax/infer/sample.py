@@ -487,7 +487,10 @@ class Sampler:
       return jax.lax.while_loop(cond, body, state)
 
     self._start = jax.jit(start, static_argnames=("max_new", "mode"))
-    self._block = jax.jit(block, static_argnames="mode")
+    # The loop state is donated: the while loop updates the cache, tokens and stop state in
+    # the buffers `start` (or the previous block) made, where XLA would otherwise copy them
+    # into fresh ones every dispatch.
+    self._block = jax.jit(block, static_argnames="mode", donate_argnames="state")
 
   # ------------------------------------------------------------------------- API
 
