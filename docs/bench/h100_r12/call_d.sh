@@ -2,6 +2,8 @@
 # (infer_gap.py: the same decode at points of bench.infer's setup); (2) the 2.7B LM's
 # fused_reduce step with the prefetch programs before the mixer's on the grid (FIRST=1)
 # or after, 4 tokens a loop iteration.
+# (FIRST=1 ran with an uncommitted patch of kernels/decode/pallas.py, PREFETCH_FIRST: the
+# prefetch programs first on the grid; it was slower and was not kept.)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python docs/bench/h100_r12/infer_gap.py 2>&1 | grep -v "^W\|^I1\|^ *$"
 run() {  # FIRST ROWS PER

@@ -41,7 +41,7 @@ def parts(sampler, states, logits):
                                                  mode=mode))
     start_ms.append((time.perf_counter() - begin) * 1e3)
     begin = time.perf_counter()
-    jax.block_until_ready(sampler._block(sampler.device_weights(), state, state.count + k,
+    jax.block_until_ready(sampler._block(sampler._leaves(), state, state.count + k,
                                          key, knobs, sampler.allowed, stop, mode=mode))
     block_ms.append((time.perf_counter() - begin) * 1e3)
   print(f"  parts (k={k}): first token {statistics.median(start_ms[1:]):.2f} ms, one loop "

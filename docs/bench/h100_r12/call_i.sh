@@ -1,0 +1,1 @@
+# Session 12, call i: python docs/bench/h100_r12/dispatch.py (2.7B LM, H100)
