@@ -32,10 +32,10 @@ padded once; at most 16 rows); or step_impl="fused_reduce": the fused step's fun
 three kernels a layer, in_proj as XLA's multiply-and-reduce and out_proj a Pallas kernel
 that also writes the next layer's norm input; or step_impl="fused_mixed": fused_reduce for
 one row (the fastest at batch 1 on an H100) and the fused step for more rows (faster
-there), on one copy of the weights (fused_gemv's). The unrolled and scanned steps compute
-the same function (bit for bit on CPU; on GPU XLA fuses them differently, so their last bits
-may differ and long greedy answers of a random model may part); the fused one the same up
-to rounding.
+there), on one copy of the weights (in_proj padded to a multiple of REDUCE_PAD rows).
+The unrolled and scanned steps compute the same function (bit for bit on CPU; on GPU XLA
+fuses them differently, so their last bits may differ and long greedy answers of a random
+model may part); the fused one the same up to rounding.
 
 Choosing a token from the logits [B, V] (the same function in both loops):
   * ids >= vocab_size (the embedding's padding rows) and `banned_ids` (e.g. `<|frame|>`,
@@ -396,9 +396,9 @@ class Sampler:
     if step_impl not in STEP_IMPLS:
       raise ValueError(f"step_impl must be one of {STEP_IMPLS}, got {step_impl!r}")
     if step_impl == "auto":
-      # On an H100 the 3.1B model decodes one row at 382.6 tok/s with fused_mixed
-      # (fused_reduce's kernels), 345.8 with fused_gemv, 241.1 unrolled (BENCHMARKS.md,
-      # "Decoding, session 11"); the Pallas GEMVs are slower than XLA's from 2 rows. On CPU
+      # On an H100 the 3.1B model decodes one row at 395-397 tok/s with fused_mixed
+      # (fused_reduce's kernels), 341-343 with fused_gemv, 240-241 unrolled (BENCHMARKS.md,
+      # "Decoding, session 12"); the Pallas GEMVs are slower than XLA's from 2 rows. On CPU
       # the unrolled step is the plain reference (the fused ones differ by rounding).
       step_impl = "fused_mixed" if jax.default_backend() == "gpu" else "unrolled"
     if block_tokens is not None and block_tokens < 1:
