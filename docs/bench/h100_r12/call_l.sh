@@ -1,0 +1,1 @@
+# Session 12, call l: python docs/bench/h100_r12/infer_nograph.py (3.1B, H100)
