@@ -59,7 +59,7 @@ def _softplus(v):
 
 def _prefetch_chunk(cols: int) -> int:
   """Columns a prefetch load: the largest power of two <= PREFETCH_CHUNK dividing cols."""
-  return math.gcd(cols, PREFETCH_CHUNK) if PREFETCH_CHUNK & (PREFETCH_CHUNK - 1) == 0 else 1
+  return math.gcd(cols, PREFETCH_CHUNK) if (PREFETCH_CHUNK & (PREFETCH_CHUNK - 1)) == 0 else 1
 
 
 def _prefetch_kernel(pf_ref, sum_ref, *, program, rows: int, per_program: int):
