@@ -20,8 +20,9 @@ and written; 5.74 GB for the 2.7B LM at batch 1), same as host (the device loop'
 equal the host loop's of the same step), parts from unrolled at (first token where this
 step's greedy answer differs from the unrolled step's, '-' nowhere), kernels/token
 (kernel-launching ops of the compiled step's optimized HLO, bench.common.kernel_counts);
-with --profile_dir, gpu ms/token and gaps ms/token (see the flag) and each step's top
-kernels per token.
+with --profile_dir, gpu ms/token and gaps ms/token (see the flag), each step's top
+kernels per token and its GPU timeline (kernel_profile.idle: the waits between kernels by
+size, and the kernel pairs around the longest).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ _PROFILE = flags.DEFINE_string("profile_dir", None, "Also profile one device-loo
                                "of each step under this folder (bench/kernel_profile.py): "
                                "columns gpu ms/token (the GPU's kernel busy time) and gaps "
                                "ms/token (wall minus busy: launches and idle), and the top "
-                               "kernels printed.")
+                               "kernels and the GPU timeline printed.")
 _JSON = flags.DEFINE_string("json", None, "Write the results here.")
 
 
