@@ -143,17 +143,11 @@ def main(argv):
              "kernels/token": kernels}
       if _PROFILE.value and loop == "device" and jax.default_backend() == "gpu":
         from ma2mba_jax.bench import kernel_profile
-        trace = kernel_profile.profile_trace(decode, f"{_PROFILE.value}/{impl}", calls=1)
-        kernel_rows = kernel_profile.kernel_rows(trace, calls=1)
         steps = len(answer[0].sampled)
-        busy = sum(r["us/call"] for r in kernel_rows) / 1e3 / steps
+        kernel_rows, _ = kernel_profile.profile_steps(
+            decode, f"{_PROFILE.value}/{impl}", steps, f"{impl} step, {steps} tokens", top=12)
+        busy = sum(r["us/call"] for r in kernel_rows) / 1e3          # a token
         row.update({"gpu ms/token": busy, "gaps ms/token": per_token - busy})
-        kernel_profile.print_idle(f"{impl} step, {steps} tokens, GPU timeline",
-                                  kernel_profile.idle(trace, calls=1), per=steps, unit="token")
-        kernel_profile.print_rows(f"{impl} step, {steps} tokens",
-                                  [dict(r, **{"us/call": r["us/call"] / steps,
-                                              "launches/call": r["launches/call"] / steps})
-                                   for r in kernel_rows], top=12)
       rows.append(row)
   for row in rows:
     mine = answers[(row["step"], row["loop"])]

@@ -51,9 +51,8 @@ device decode loop (per token, from one more answer after the timed ones at each
 column gpu ms/token, their GPU time a token against the wall time of decode tok/s; column
 gpu span ms/token, the first kernel's start to the last one's end: its excess over gpu
 ms/token is the GPU waiting between kernels, printed by gap size). Weights are made on the
-host and moved to the device
-already cast (--param_dtype), so the weights' f32 init never inflates the device peak.
-There are no allocator stats on CPU ('-').
+host and moved to the device already cast (--param_dtype), so the weights' f32 init never
+inflates the device peak. There are no allocator stats on CPU ('-').
 """
 
 from __future__ import annotations
@@ -261,18 +260,10 @@ def run_length(streamer: Streamer, samplers: dict[str, Sampler], tokens: int,
                  ", ".join(f"{r:.1f}" for r in rates))
     decoded[f"decode tok/s {impl}"] = float(np.median(rates))
     if profile_dir and impl.startswith("device"):   # one more answer: its kernels a token
-      trace = kernel_profile.profile_trace(
-          answer, os.path.join(profile_dir, f"{impl}_{tokens}"), calls=1)
-      rows = kernel_profile.kernel_rows(trace, calls=1)
-      for row in rows:
-        row["us/call"] /= decode_tokens
-        row["launches/call"] /= decode_tokens
-      kernel_profile.print_rows(f"decode {impl}, {tokens}-token video, per token", rows,
-                                top=30)
+      rows, timeline = kernel_profile.profile_steps(
+          answer, os.path.join(profile_dir, f"{impl}_{tokens}"), decode_tokens,
+          f"decode {impl}, {tokens}-token video", top=30)
       decoded[f"gpu ms/token {impl}"] = sum(r["us/call"] for r in rows) / 1e3
-      timeline = kernel_profile.idle(trace, calls=1)
-      kernel_profile.print_idle(f"decode {impl}, {tokens}-token video, GPU timeline",
-                                timeline, per=decode_tokens, unit="token")
       if timeline:   # first kernel's start to the last one's end, a token
         decoded[f"gpu span ms/token {impl}"] = timeline["span us/call"] / decode_tokens / 1e3
   by_step = {}

@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 import jax
 
-__all__ = ["profile", "profile_trace", "kernel_rows", "idle", "print_rows", "print_idle"]
+__all__ = ["profile", "profile_trace", "profile_steps", "kernel_rows", "idle", "print_rows",
+           "print_idle"]
 
 
 def _kernel_rows_of(events: list[dict[str, Any]]) -> set[tuple[int, int]]:
@@ -132,6 +133,22 @@ def profile_trace(fn: Callable[[], Any], log_dir: str, *, calls: int = 3) -> dic
 def profile(fn: Callable[[], Any], log_dir: str, *, calls: int = 3) -> list[dict[str, Any]]:
   """kernel_rows of profile_trace(fn, log_dir, calls=calls)."""
   return kernel_rows(profile_trace(fn, log_dir, calls=calls), calls)
+
+
+def profile_steps(fn: Callable[[], Any], log_dir: str, steps: int, title: str, *,
+                  top: int = 25, unit: str = "token"
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """One profiled call of fn (after a warm-up) that runs `steps` steps (e.g. a decode loop's
+  tokens): its kernel rows with launches and us per step, and its timeline (idle) per call;
+  prints both (print_rows, print_idle per step)."""
+  trace = profile_trace(fn, log_dir, calls=1)
+  rows = [dict(r, **{"us/call": r["us/call"] / steps,
+                     "launches/call": r["launches/call"] / steps})
+          for r in kernel_rows(trace, calls=1)]
+  timeline = idle(trace, calls=1)
+  print_rows(f"{title}, per {unit}", rows, top=top)
+  print_idle(f"{title}, GPU timeline", timeline, per=steps, unit=unit)
+  return rows, timeline
 
 
 def print_rows(title: str, rows: list[dict[str, Any]], top: int = 25) -> None:

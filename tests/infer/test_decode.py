@@ -110,13 +110,14 @@ def test_tokens_per_iteration_change_no_answer(tiny_model, streamer, sampler, co
   host = sampler.generate(convs[0].states, convs[0].logits, plain, decode_impl="host")
   eos_at = next(i for i in range(3, len(host.sampled)) if host.sampled[i] not in
                 host.sampled[:i] and (i + 1) % 5)
+  stop_ids = sampler.stop_ids
   other.stop_ids = sampler.stop_ids = frozenset({host.sampled[eos_at]})
   try:
     host_eos = sampler.generate(convs[0].states, convs[0].logits, plain, decode_impl="host")
     assert host_eos.stop_reason == "eos" and len(host_eos.sampled) == eos_at + 1
     assert other.generate(convs[0].states, convs[0].logits, plain) == host_eos
   finally:
-    sampler.stop_ids = other.stop_ids = frozenset(make_sampler(tiny_model, streamer).stop_ids)
+    sampler.stop_ids = other.stop_ids = stop_ids
   states = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *[c.states for c in convs])
   logits = jnp.stack([c.logits for c in convs])
   params = SamplingParams(max_new_tokens=MAX_NEW, repeat_ngram=2)

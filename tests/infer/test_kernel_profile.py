@@ -55,3 +55,14 @@ def test_idle_reads_the_gaps_between_kernels():
   first = summary["top pairs"][0]
   assert (first["before"], first["after"], first["us/call"]) == ("out", "cond", 75.0)
   assert kernel_profile.idle({"traceEvents": [process]}, calls=1) == {}
+
+
+def test_profile_steps_gives_rows_per_step_and_the_timeline(monkeypatch, capsys):
+  monkeypatch.setattr(kernel_profile, "profile_trace", lambda fn, log_dir, calls: _trace())
+  rows, timeline = kernel_profile.profile_steps(lambda: None, "unused", steps=4, title="loop")
+  gemv, mixer = rows
+  assert gemv["launches/call"] == 0.5 and gemv["us/call"] == 16.0 and mixer["us/call"] == 1.5
+  assert gemv["us/launch"] == 32.0                     # per launch, not divided
+  assert timeline["busy us/call"] == 70.0
+  printed = capsys.readouterr().out
+  assert "loop, per token" in printed and "loop, GPU timeline" in printed
