@@ -396,9 +396,9 @@ class Sampler:
     if step_impl not in STEP_IMPLS:
       raise ValueError(f"step_impl must be one of {STEP_IMPLS}, got {step_impl!r}")
     if step_impl == "auto":
-      # On an H100 the 3.1B model decodes one row at 395-397 tok/s with fused_mixed
-      # (fused_reduce's kernels), 341-343 with fused_gemv, 240-241 unrolled (BENCHMARKS.md,
-      # "Decoding, session 12"); the Pallas GEMVs are slower than XLA's from 2 rows. On CPU
+      # On an H100 the 3.1B model decodes one row at 395-401 tok/s with fused_mixed
+      # (fused_reduce's kernels), 341-346 with fused_gemv, 239-241 unrolled (BENCHMARKS.md,
+      # "Decoding, sessions 12 and 13"); the Pallas GEMVs are slower than XLA's from 2 rows. On CPU
       # the unrolled step is the plain reference (the fused ones differ by rounding).
       step_impl = "fused_mixed" if jax.default_backend() == "gpu" else "unrolled"
     if block_tokens is not None and block_tokens < 1:
