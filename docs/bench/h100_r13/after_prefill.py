@@ -13,6 +13,10 @@ these stages, in order (env ORDER, comma-separated):
   dropall  drops every kept stage function and executable, and JAX's Python-level caches
         (jax._src.util.clear_all_caches; the C++ dispatch caches, which hold the decode
         loops' executables, are kept), then gc
+  tiny  200 distinct small executables compiled, run once and kept (many loaded modules,
+        little work: for a next session; not run in session 13)
+  alloc  a 20 GiB array made, written and freed (memory traffic and allocator churn, no
+        large executable: for a next session; not run in session 13)
   newsampler  a new Sampler (its loops compiled afresh) times the answers from then on
 NOGRAPH=1 compiles the enc/lm/full executables without XLA command buffers (CUDA graphs).
 BOTH=1 (needs reuse_buffers.patch, applied in call c only and not committed: it changed
@@ -132,6 +136,17 @@ def main():
       ids = jax.random.randint(jax.random.key(3), (1, LM_TOKENS), 0, 250)
       keep["lmc"] = jit(layers).lower(llm_params, ids, zero).compile()
       del llm_params, ids
+    elif stage == "tiny":
+      small = jnp.ones((1024,), jnp.float32)
+      for i in range(200):
+        fn = jit(lambda v, i=i: jnp.sin(v * (i + 1)) + i)
+        jax.block_until_ready(fn(small))
+        keep[f"tiny{i}"] = fn
+    elif stage == "alloc":
+      big = jnp.zeros((5 * 1024 ** 3,), jnp.float32) + 1.0
+      jax.block_until_ready(big)
+      del big
+      gc.collect()
     elif stage == "dropall":
       from jax._src import util
       keep.clear()
