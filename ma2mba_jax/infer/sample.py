@@ -398,8 +398,9 @@ class Sampler:
     if step_impl == "auto":
       # On an H100 the 3.1B model decodes one row at 395-401 tok/s with fused_mixed
       # (fused_reduce's kernels), 341-346 with fused_gemv, 239-241 unrolled (BENCHMARKS.md,
-      # "Decoding, sessions 12 and 13"); the Pallas GEMVs are slower than XLA's from 2 rows. On CPU
-      # the unrolled step is the plain reference (the fused ones differ by rounding).
+      # "Decoding, sessions 12 and 13"); the Pallas GEMVs are slower than XLA's from 2
+      # rows. On CPU the unrolled step is the plain reference (the fused ones differ by
+      # rounding).
       step_impl = "fused_mixed" if jax.default_backend() == "gpu" else "unrolled"
     if block_tokens is not None and block_tokens < 1:
       raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")

@@ -55,31 +55,28 @@ def jit(fn, **kw):
   return jax.jit(fn, compiler_options=OPTIONS, **kw) if NOGRAPH else jax.jit(fn, **kw)
 
 
+def median_seconds(sampler, states, logits, n, repeats=3):
+  """Median wall seconds of a greedy n-token answer (after one untimed answer)."""
+  params = SamplingParams(max_new_tokens=n, stop_on_repeat=False)
+  sampler.generate(states, logits, params)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    assert len(sampler.generate(states, logits, params).sampled) == n
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
 def rates(sampler, states, logits, label, results):
   if isinstance(sampler, dict):
     for name, one in sampler.items():
       rates(one, states, logits, f"{label} [{name}]", results)
     return
-  short = SamplingParams(max_new_tokens=4, stop_on_repeat=False)
   start = time.perf_counter()
-  sampler.generate(states, logits, short)
+  sampler.generate(states, logits, SamplingParams(max_new_tokens=4, stop_on_repeat=False))
   print(f"  (first 4-token answer {time.perf_counter() - start:.2f} s: a recompile if long)")
-  times = []
-  for _ in range(7):
-    start = time.perf_counter()
-    sampler.generate(states, logits, short)
-    times.append(time.perf_counter() - start)
-  four = statistics.median(times)
-  row = {}
-  for n in LENGTHS:
-    params = SamplingParams(max_new_tokens=n, stop_on_repeat=False)
-    sampler.generate(states, logits, params)
-    times = []
-    for _ in range(3):
-      start = time.perf_counter()
-      assert len(sampler.generate(states, logits, params).sampled) == n
-      times.append(time.perf_counter() - start)
-    row[n] = statistics.median(times)
+  four = median_seconds(sampler, states, logits, 4, repeats=7)
+  row = {n: median_seconds(sampler, states, logits, n) for n in LENGTHS}
   per_token = (row[LENGTHS[1]] - row[LENGTHS[0]]) / (LENGTHS[1] - LENGTHS[0])
   results.append((label, row, per_token))
   print(f"{label:40s} " + "  ".join(f"{n} tok {n / s:6.1f} tok/s" for n, s in row.items())
@@ -180,7 +177,8 @@ def main():
       if NOGRAPH:
         for name in ("_frames_step", "_text_step", "_token_step", "_score_step"):
           setattr(streamer, name, jit(getattr(streamer, name).__wrapped__))
-      conv = streamer.read_frames(bench_infer.frame_batches(FRAMES, 64, streamer.image_size), FRAMES)
+      batches = bench_infer.frame_batches(FRAMES, 64, streamer.image_size)
+      conv = streamer.read_frames(batches, FRAMES)
       conv = streamer.ask(conv, bench_infer.QUESTION)
       jax.block_until_ready(conv.logits)
       del conv, streamer

@@ -8,7 +8,6 @@ Needs out_proj_prefetch.patch (applied in call d only and not committed: slower)
 import os
 import statistics
 import sys
-import time
 
 from ma2mba_jax.kernels.decode import gemv
 
@@ -27,7 +26,9 @@ import jax
 from ma2mba_jax.bench import infer as bench_infer
 from ma2mba_jax.data.template import SYSTEM_PROMPT
 from ma2mba_jax.data.tokenizer import train_tokenizer, vocab_size
-from ma2mba_jax.infer.sample import Sampler, SamplingParams
+from ma2mba_jax.infer.sample import Sampler
+
+from after_prefill import median_seconds   # this folder's script (its directory is on the path)
 
 tokenizer = train_tokenizer([SYSTEM_PROMPT, bench_infer.QUESTION], vocab_size=300)
 model = bench_infer.build_model("3.1b", "bfloat16", "bfloat16", "auto", vocab_size(tokenizer))
@@ -40,16 +41,7 @@ for rows in map(int, sys.argv[1:]):
   gemv.out_proj_folded.clear_cache()   # its default is read at trace time
   del sampler
   sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer), step_impl="fused_mixed")
-  row = {}
-  for n in (256, 1024):
-    params = SamplingParams(max_new_tokens=n, stop_on_repeat=False)
-    sampler.generate(zero, logits, params)
-    times = []
-    for _ in range(3):
-      start = time.perf_counter()
-      assert len(sampler.generate(zero, logits, params).sampled) == n
-      times.append(time.perf_counter() - start)
-    row[n] = n / statistics.median(times)
+  row = {n: n / median_seconds(sampler, zero, logits, n) for n in (256, 1024)}
   rates.setdefault(rows, []).append(row[1024])
   print(f"prefetch {rows:5d} rows: 256 tok {row[256]:6.1f} tok/s, 1024 tok {row[1024]:6.1f} "
         f"tok/s", flush=True)
