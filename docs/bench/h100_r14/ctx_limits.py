@@ -1,0 +1,149 @@
+"""Session 14 exploration (not a library entry point): does the decode slowdown after a
+large LM computation (session 13, after_prefill.py) follow a per-context CUDA setting that
+the computation changes, or the executable staying loaded?
+
+Prints the CUDA context's limits (cuCtxGetLimit through the driver API: stack size a
+thread, printf FIFO, malloc heap, persisting L2) and free memory at the start and after
+each stage, and times greedy 3.1B answers (after_prefill.rates: 256 and 1024 tokens, the
+marginal ms a token) after each. Stages (env ORDER, comma-separated, in order):
+  lm          the LM layers on 9,216 tokens, 4 times (after_prefill's 'lm'), kept
+  lmdel       the same compiled ahead (lower().compile()), run 4 times, then the compiled
+              executable deleted and gc'd (its module unloaded if nothing else holds it)
+  stack_reset cuCtxSetLimit(STACK_SIZE, the value at the start)
+  stack_big   cuCtxSetLimit(STACK_SIZE, 16 KiB) with no large executable
+  tiny, alloc after_prefill's stages (many small executables; a 20 GiB make-and-free)
+  clear       jax.clear_caches() and gc
+
+  ORDER=lmdel,stack_reset python docs/bench/h100_r14/ctx_limits.py
+"""
+import ctypes
+import gc
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "h100_r13"))
+import after_prefill as ap  # noqa: E402
+
+from ma2mba_jax.bench import infer as bench_infer  # noqa: E402
+from ma2mba_jax.data.template import SYSTEM_PROMPT  # noqa: E402
+from ma2mba_jax.data.tokenizer import train_tokenizer, vocab_size  # noqa: E402
+from ma2mba_jax.infer.sample import Sampler  # noqa: E402
+
+LIMITS = {"stack": 0, "printf": 1, "heap": 2, "persisting_l2": 6}
+try:
+  _cuda = ctypes.CDLL("libcuda.so.1")
+except OSError:      # no NVIDIA driver (a CPU smoke run): no limits to read or set
+  _cuda = None
+
+
+class _Ctx:
+  """The device's primary context (the one XLA uses) made current on this thread."""
+
+  def __enter__(self):
+    dev, self.ctx = ctypes.c_int(), ctypes.c_void_p()
+    _check(_cuda.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
+    _check(_cuda.cuDevicePrimaryCtxRetain(ctypes.byref(self.ctx), dev), "PrimaryCtxRetain")
+    self.dev = dev
+    _check(_cuda.cuCtxPushCurrent_v2(self.ctx), "cuCtxPushCurrent")
+    return self
+
+  def __exit__(self, *exc):
+    popped = ctypes.c_void_p()
+    _cuda.cuCtxPopCurrent_v2(ctypes.byref(popped))
+    _cuda.cuDevicePrimaryCtxRelease_v2(self.dev)
+
+
+def _check(code, what):
+  if code != 0:
+    raise RuntimeError(f"{what} returned CUDA error {code}")
+
+
+def limits() -> dict:
+  if _cuda is None:
+    return {}
+  with _Ctx():
+    out = {}
+    for name, code in LIMITS.items():
+      v = ctypes.c_size_t()
+      out[name] = v.value if _cuda.cuCtxGetLimit(ctypes.byref(v), code) == 0 else None
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    _cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total))
+    out["free_GiB"] = round(free.value / 2 ** 30, 2)
+  return out
+
+
+def set_stack(value: int) -> None:
+  if _cuda is None:
+    return
+  with _Ctx():
+    _check(_cuda.cuCtxSetLimit(0, ctypes.c_size_t(value)), "cuCtxSetLimit(STACK_SIZE)")
+
+
+def main():
+  tokenizer = train_tokenizer([SYSTEM_PROMPT, bench_infer.QUESTION], vocab_size=300)
+  model = bench_infer.build_model(ap.PRESET, "bfloat16", "bfloat16", "auto",
+                                  vocab_size(tokenizer))
+  sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer), step_impl="fused_mixed")
+  zero = model.llm.init_states(1)
+  logits = jax.random.normal(jax.random.key(1), (model.llm.config.padded_vocab_size,))
+  results, keep = [], {}
+  first = limits()
+  print(f"limits at the start: {first}", flush=True)
+  ap.rates(sampler, zero, logits, "A before anything", results)
+  print(f"limits after the first answers: {limits()}", flush=True)
+  llm_graphdef, llm_params = nnx.split(model.llm)
+
+  def layers(p, ids, s):
+    llm = nnx.merge(llm_graphdef, p)
+    return llm.apply_layers(llm.embed(ids), s)
+
+  ids = jax.random.randint(jax.random.key(3), (1, ap.LM_TOKENS), 0, 250)
+  for stage in os.environ.get("ORDER", "lmdel,stack_reset").split(","):
+    start = time.perf_counter()
+    if stage == "lm":
+      fn = jax.jit(layers)
+      for _ in range(4):
+        out = fn(llm_params, ids, zero)
+      jax.block_until_ready(out)
+      del out
+      keep["lm"] = fn
+    elif stage == "lmdel":
+      compiled = jax.jit(layers).lower(llm_params, ids, zero).compile()
+      for _ in range(4):
+        out = compiled(llm_params, ids, zero)
+      jax.block_until_ready(out)
+      del out
+      print(f"  limits with the LM executable loaded: {limits()}", flush=True)
+      del compiled
+      gc.collect()
+    elif stage == "stack_reset":
+      set_stack(first.get("stack", 1024))
+    elif stage == "stack_big":
+      set_stack(16384)
+    elif stage == "tiny":
+      small = jnp.ones((1024,), jnp.float32)
+      for i in range(200):
+        fn = jax.jit(lambda v, i=i: jnp.sin(v * (i + 1)) + i)
+        jax.block_until_ready(fn(small))
+        keep[f"tiny{i}"] = fn
+    elif stage == "alloc":
+      big = jnp.zeros((5 * 1024 ** 3,), jnp.float32) + 1.0
+      jax.block_until_ready(big)
+      del big
+      gc.collect()
+    elif stage == "clear":
+      jax.clear_caches()
+      gc.collect()
+    else:
+      raise ValueError(f"unknown stage {stage!r}")
+    print(f"stage {stage}: {time.perf_counter() - start:.1f} s; limits {limits()}", flush=True)
+    ap.rates(sampler, zero, logits, f"after {stage}", results)
+
+
+if __name__ == "__main__":
+  main()
