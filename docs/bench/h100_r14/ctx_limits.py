@@ -13,6 +13,9 @@ marginal ms a token) after each. Stages (env ORDER, comma-separated, in order):
   stack_big   cuCtxSetLimit(STACK_SIZE, 16 KiB) with no large executable
   tiny, alloc after_prefill's stages (many small executables; a 20 GiB make-and-free)
   clear       jax.clear_caches() and gc
+  mm_cublas / mm_triton / mm_auto  a [9216, 2560] @ [2560, 10752] bf16 matmul 4 times,
+              XLA's Triton GEMMs off (cuBLAS), cuBLAS fallback off (Triton), or as XLA picks
+  cumsum      exp(cumsum) over [9216, 80, 256] f32 and its sum (XLA fusions, no matmul)
 
   ORDER=lmdel,stack_reset python docs/bench/h100_r14/ctx_limits.py
 """
@@ -136,6 +139,28 @@ def main():
       jax.block_until_ready(big)
       del big
       gc.collect()
+    elif stage.startswith("mm_"):
+      options = {"mm_cublas": {"xla_gpu_enable_triton_gemm": False},
+                 "mm_triton": {"xla_gpu_cublas_fallback": False},
+                 "mm_auto": None}[stage]
+      a = jax.random.normal(jax.random.key(5), (9216, 2560), jnp.bfloat16)
+      b = jax.random.normal(jax.random.key(6), (2560, 10752), jnp.bfloat16)
+      fn = jax.jit(lambda a, b: a @ b, compiler_options=options)
+      for _ in range(4):
+        out = fn(a, b)
+      jax.block_until_ready(out)
+      text = fn.lower(a, b).compile().as_text()
+      print(f"  cublas call: {'cublas' in text}, triton gemm fusion: {'triton_gemm' in text}")
+      del out, a, b
+      keep[stage] = fn
+    elif stage == "cumsum":
+      x = jax.random.normal(jax.random.key(7), (9216, 80, 256), jnp.float32) * 1e-3
+      fn = jax.jit(lambda x: jnp.sum(jnp.exp(jnp.cumsum(x, axis=0)), axis=0))
+      for _ in range(4):
+        out = fn(x)
+      jax.block_until_ready(out)
+      del out, x
+      keep[stage] = fn
     elif stage == "clear":
       jax.clear_caches()
       gc.collect()
