@@ -16,6 +16,9 @@ marginal ms a token) after each. Stages (env ORDER, comma-separated, in order):
   mm_cublas / mm_triton / mm_auto  a [9216, 2560] @ [2560, 10752] bf16 matmul 4 times,
               XLA's Triton GEMMs off (cuBLAS), cuBLAS fallback off (Triton), or as XLA picks
   cumsum      exp(cumsum) over [9216, 80, 256] f32 and its sum (XLA fusions, no matmul)
+  loop_small / loop_big  a lax.fori_loop of 64 steps (an XLA while loop, as the LM's scan
+              over layers and the plain-XLA SSD's scan over chunks have): a [64, 64] f32
+              update a step, or a [2048, 2560] @ [2560, 2560] bf16 matmul a step
 
   ORDER=lmdel,stack_reset python docs/bench/h100_r14/ctx_limits.py
 """
@@ -160,6 +163,17 @@ def main():
         out = fn(x)
       jax.block_until_ready(out)
       del out, x
+      keep[stage] = fn
+    elif stage.startswith("loop_"):
+      n = 64 if stage == "loop_small" else 2048
+      w = jax.random.normal(jax.random.key(8), (n if n == 64 else 2560,) * 2, jnp.bfloat16)
+      x = jax.random.normal(jax.random.key(9), (n, w.shape[0]), jnp.bfloat16)
+      fn = jax.jit(lambda x, w: jax.lax.fori_loop(
+          0, 64, lambda i, x: jnp.tanh(x @ w).astype(x.dtype), x))
+      for _ in range(4):
+        out = fn(x, w)
+      jax.block_until_ready(out)
+      del out, x, w
       keep[stage] = fn
     elif stage == "clear":
       jax.clear_caches()
