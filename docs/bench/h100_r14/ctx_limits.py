@@ -11,6 +11,9 @@ marginal ms a token) after each. Stages (env ORDER, comma-separated, in order):
               executable deleted and gc'd (its module unloaded if nothing else holds it)
   stack_reset cuCtxSetLimit(STACK_SIZE, the value at the start)
   stack_big   cuCtxSetLimit(STACK_SIZE, 16 KiB) with no large executable
+              (call a ran lmdel,stack_reset and stack_big,stack_reset; a process ended in
+              CUDA_ERROR_LAUNCH_FAILED and its output was lost: setting the limit under
+              XLA's live CUDA graphs may be what failed. Calls b-g only read the limits.)
   tiny, alloc after_prefill's stages (many small executables; a 20 GiB make-and-free)
   clear       jax.clear_caches() and gc
   mm_cublas / mm_triton / mm_auto  a [9216, 2560] @ [2560, 10752] bf16 matmul 4 times,
