@@ -19,6 +19,8 @@ marginal ms a token) after each. Stages (env ORDER, comma-separated, in order):
   mm_cublas / mm_triton / mm_auto  a [9216, 2560] @ [2560, 10752] bf16 matmul 4 times,
               XLA's Triton GEMMs off (cuBLAS), cuBLAS fallback off (Triton), or as XLA picks
   cumsum      exp(cumsum) over [9216, 80, 256] f32 and its sum (XLA fusions, no matmul)
+  ssd_IMPL_T  the SSD forward alone (kernels.ssd.api.ssd, impl=IMPL) at the 2.7B shapes on T
+              tokens, 4 times (after_prefill's ssd_IMPL at 9,216 tokens slowed the decode)
   loop_small / loop_big  a lax.fori_loop of 64 steps (an XLA while loop, as the LM's scan
               over layers and the plain-XLA SSD's scan over chunks have): a [64, 64] f32
               update a step, or a [2048, 2560] @ [2560, 2560] bf16 matmul a step
@@ -42,6 +44,7 @@ from ma2mba_jax.bench import infer as bench_infer  # noqa: E402
 from ma2mba_jax.data.template import SYSTEM_PROMPT  # noqa: E402
 from ma2mba_jax.data.tokenizer import train_tokenizer, vocab_size  # noqa: E402
 from ma2mba_jax.infer.sample import Sampler  # noqa: E402
+from ma2mba_jax.kernels.ssd.api import ssd  # noqa: E402
 
 LIMITS = {"stack": 0, "printf": 1, "heap": 2, "persisting_l2": 6}
 try:
@@ -166,6 +169,21 @@ def main():
         out = fn(x)
       jax.block_until_ready(out)
       del out, x
+      keep[stage] = fn
+    elif stage.startswith("ssd_"):
+      _, impl, tokens = stage.split("_")
+      keys = jax.random.split(jax.random.key(4), 5)
+      t = int(tokens)
+      args = (jax.random.normal(keys[0], (1, t, 80, 64), jnp.bfloat16),
+              jax.random.normal(keys[1], (1, t, 80), jnp.float32),
+              -jnp.exp(jax.random.normal(keys[2], (80,), jnp.float32)),
+              jax.random.normal(keys[3], (1, t, 1, 128), jnp.bfloat16),
+              jax.random.normal(keys[4], (1, t, 1, 128), jnp.bfloat16))
+      fn = jax.jit(lambda *a: ssd(*a, impl=impl))
+      for _ in range(4):
+        out = fn(*args)
+      jax.block_until_ready(out)
+      del out, args
       keep[stage] = fn
     elif stage.startswith("loop_"):
       n = 64 if stage == "loop_small" else 2048
