@@ -21,6 +21,12 @@ marginal ms a token) after each. Stages (env ORDER, comma-separated, in order):
   cumsum      exp(cumsum) over [9216, 80, 256] f32 and its sum (XLA fusions, no matmul)
   ssd_IMPL_T  the SSD forward alone (kernels.ssd.api.ssd, impl=IMPL) at the 2.7B shapes on T
               tokens, 4 times (after_prefill's ssd_IMPL at 9,216 tokens slowed the decode)
+  segsum_T    exp(segsum(dA)) of the plain-XLA SSD alone (reference.segsum) on T tokens in
+              chunks of 256, 80 heads, and its sum
+  bmm_T       the plain-XLA SSD's two batched einsums of the diagonal blocks alone (scores
+              = C B^T per chunk, then scores @ x) on T tokens
+  lmssd_IMPL  the LM layers (a 2.7B LM, random weights) with ssd_impl=IMPL on 9,216 tokens,
+              4 times (the lm stage's LM runs ssd_impl "auto", which is "triton" on GPU)
   loop_small / loop_big  a lax.fori_loop of 64 steps (an XLA while loop, as the LM's scan
               over layers and the plain-XLA SSD's scan over chunks have): a [64, 64] f32
               update a step, or a [2048, 2560] @ [2560, 2560] bf16 matmul a step
@@ -184,6 +190,43 @@ def main():
         out = fn(*args)
       jax.block_until_ready(out)
       del out, args
+      keep[stage] = fn
+    elif stage.startswith(("segsum_", "bmm_")):
+      from ma2mba_jax.kernels.ssd.reference import segsum
+      t = int(stage.split("_")[1])
+      c, q = t // 256, 256
+      keys = jax.random.split(jax.random.key(10), 3)
+      if stage.startswith("segsum_"):
+        da = -jnp.abs(jax.random.normal(keys[0], (1, 80, c, q), jnp.float32)) * 1e-2
+        fn = jax.jit(lambda a: jnp.sum(jnp.exp(segsum(a)), axis=-1))
+        args = (da,)
+      else:
+        cc = jax.random.normal(keys[0], (1, c, q, 80, 128), jnp.float32)
+        bb = jax.random.normal(keys[1], (1, c, q, 80, 128), jnp.float32)
+        xx = jax.random.normal(keys[2], (1, c, q, 80, 64), jnp.float32)
+        fn = jax.jit(lambda cc, bb, xx: jnp.einsum(
+            "bhcls,bcshp->bclhp", jnp.einsum("bclhn,bcshn->bhcls", cc, bb), xx))
+        args = (cc, bb, xx)
+      for _ in range(4):
+        out = fn(*args)
+      jax.block_until_ready(out)
+      del out, args
+      keep[stage] = fn
+    elif stage.startswith("lmssd_"):
+      from ma2mba_jax.models.mamba2 import Mamba2LM
+      other = Mamba2LM(model.llm.config.replace(ssd_impl=stage.split("_")[1]),
+                       rngs=nnx.Rngs(0))
+      other_graphdef, other_params = nnx.split(other)
+
+      def other_layers(p, ids, s):
+        llm = nnx.merge(other_graphdef, p)
+        return llm.apply_layers(llm.embed(ids), s)
+
+      fn = jax.jit(other_layers)
+      for _ in range(4):
+        out = fn(other_params, ids, zero)
+      jax.block_until_ready(out)
+      del out, other, other_params
       keep[stage] = fn
     elif stage.startswith("loop_"):
       n = 64 if stage == "loop_small" else 2048
