@@ -14,9 +14,9 @@ these stages, in order (env ORDER, comma-separated):
         (jax._src.util.clear_all_caches; the C++ dispatch caches, which hold the decode
         loops' executables, are kept), then gc
   tiny  200 distinct small executables compiled, run once and kept (many loaded modules,
-        little work: for a next session; not run in session 13)
+        little work; not run in session 13; no slowdown in session 14, call e)
   alloc  a 20 GiB array made, written and freed (memory traffic and allocator churn, no
-        large executable: for a next session; not run in session 13)
+        large executable; not run in session 13; no slowdown in session 14, call e)
   newsampler  a new Sampler (its loops compiled afresh) times the answers from then on
 NOGRAPH=1 compiles the enc/lm/full executables without XLA command buffers (CUDA graphs).
 BOTH=1 (needs reuse_buffers.patch, applied in call c only and not committed: it changed
@@ -65,6 +65,23 @@ def median_seconds(sampler, states, logits, n, repeats=3):
     assert len(sampler.generate(states, logits, params).sampled) == n
     times.append(time.perf_counter() - start)
   return statistics.median(times)
+
+
+def tiny_executables(keep: dict, jit=jax.jit, count: int = 200) -> None:
+  """The 'tiny' stage: `count` distinct small executables compiled, run once and kept."""
+  small = jnp.ones((1024,), jnp.float32)
+  for i in range(count):
+    fn = jit(lambda v, i=i: jnp.sin(v * (i + 1)) + i)
+    jax.block_until_ready(fn(small))
+    keep[f"tiny{i}"] = fn
+
+
+def make_and_free(gib: int = 20) -> None:
+  """The 'alloc' stage: a `gib` GiB f32 array made, written and freed."""
+  big = jnp.zeros((gib * 1024 ** 3 // 4,), jnp.float32) + 1.0
+  jax.block_until_ready(big)
+  del big
+  gc.collect()
 
 
 def rates(sampler, states, logits, label, results):
@@ -134,16 +151,9 @@ def main():
       keep["lmc"] = jit(layers).lower(llm_params, ids, zero).compile()
       del llm_params, ids
     elif stage == "tiny":
-      small = jnp.ones((1024,), jnp.float32)
-      for i in range(200):
-        fn = jit(lambda v, i=i: jnp.sin(v * (i + 1)) + i)
-        jax.block_until_ready(fn(small))
-        keep[f"tiny{i}"] = fn
+      tiny_executables(keep, jit)
     elif stage == "alloc":
-      big = jnp.zeros((5 * 1024 ** 3,), jnp.float32) + 1.0
-      jax.block_until_ready(big)
-      del big
-      gc.collect()
+      make_and_free()
     elif stage == "dropall":
       from jax._src import util
       keep.clear()

@@ -144,16 +144,9 @@ def main():
     elif stage == "stack_big":
       set_stack(16384)
     elif stage == "tiny":
-      small = jnp.ones((1024,), jnp.float32)
-      for i in range(200):
-        fn = jax.jit(lambda v, i=i: jnp.sin(v * (i + 1)) + i)
-        jax.block_until_ready(fn(small))
-        keep[f"tiny{i}"] = fn
+      ap.tiny_executables(keep)
     elif stage == "alloc":
-      big = jnp.zeros((5 * 1024 ** 3,), jnp.float32) + 1.0
-      jax.block_until_ready(big)
-      del big
-      gc.collect()
+      ap.make_and_free()
     elif stage.startswith("mm_"):
       options = {"mm_cublas": {"xla_gpu_enable_triton_gemm": False},
                  "mm_triton": {"xla_gpu_cublas_fallback": False},
