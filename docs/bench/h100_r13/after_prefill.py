@@ -84,6 +84,36 @@ def make_and_free(gib: int = 20) -> None:
   gc.collect()
 
 
+def run_four(fn, *args):
+  """fn(*args) four times (the first compiles it), waited for; returns fn (to be kept)."""
+  for _ in range(4):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return fn
+
+
+def layers_of(llm):
+  """(layers(params, ids, states): the LM layers on the embedded ids, llm's params)."""
+  graphdef, params = nnx.split(llm)
+
+  def layers(p, ids, s):
+    merged = nnx.merge(graphdef, p)
+    return merged.apply_layers(merged.embed(ids), s)
+
+  return layers, params
+
+
+def ssd_inputs(tokens: int) -> tuple:
+  """Random (x, dt, A, B, C) for kernels.ssd.api.ssd at the 2.7B shapes (80 heads of 64,
+  one group, state 128) on `tokens` tokens."""
+  keys = jax.random.split(jax.random.key(4), 5)
+  return (jax.random.normal(keys[0], (1, tokens, 80, 64), jnp.bfloat16),
+          jax.random.normal(keys[1], (1, tokens, 80), jnp.float32),
+          -jnp.exp(jax.random.normal(keys[2], (80,), jnp.float32)),
+          jax.random.normal(keys[3], (1, tokens, 1, 128), jnp.bfloat16),
+          jax.random.normal(keys[4], (1, tokens, 1, 128), jnp.bfloat16))
+
+
 def rates(sampler, states, logits, label, results):
   if isinstance(sampler, dict):
     for name, one in sampler.items():
@@ -130,23 +160,10 @@ def main():
   for stage in os.environ.get("ORDER", "enc,lm,full,clear").split(","):
     start = time.perf_counter()
     if stage.startswith("ssd_"):
-      keys = jax.random.split(jax.random.key(4), 5)
-      x = jax.random.normal(keys[0], (1, LM_TOKENS, 80, 64), jnp.bfloat16)
-      dt = jax.random.normal(keys[1], (1, LM_TOKENS, 80), jnp.float32)
-      a = -jnp.exp(jax.random.normal(keys[2], (80,), jnp.float32))
-      b = jax.random.normal(keys[3], (1, LM_TOKENS, 1, 128), jnp.bfloat16)
-      c = jax.random.normal(keys[4], (1, LM_TOKENS, 1, 128), jnp.bfloat16)
-      scan = jit(lambda *args: ssd(*args, impl=stage[4:]))
-      for _ in range(4):
-        out = scan(x, dt, a, b, c)
-      jax.block_until_ready(out)
-      del out, x, dt, a, b, c
-      keep[stage] = scan
+      keep[stage] = run_four(jit(lambda *args: ssd(*args, impl=stage[4:])),
+                             *ssd_inputs(LM_TOKENS))
     elif stage == "lmcompile":
-      llm_graphdef, llm_params = nnx.split(model.llm)
-      def layers(p, ids, s):
-        llm = nnx.merge(llm_graphdef, p)
-        return llm.apply_layers(llm.embed(ids), s)
+      layers, llm_params = layers_of(model.llm)
       ids = jax.random.randint(jax.random.key(3), (1, LM_TOKENS), 0, 250)
       keep["lmc"] = jit(layers).lower(llm_params, ids, zero).compile()
       del llm_params, ids
@@ -165,23 +182,12 @@ def main():
     elif stage == "newsampler":
       sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer), step_impl="fused_mixed")
     elif stage == "enc":
-      encode = jit(lambda p, f: nnx.merge(graphdef, p).encode_images(f))
-      for _ in range(4):
-        out = encode(params, frames)
-      jax.block_until_ready(out)
-      del out
+      run_four(jit(lambda p, f: nnx.merge(graphdef, p).encode_images(f)), params, frames)
     elif stage == "lm":
-      llm_graphdef, llm_params = nnx.split(model.llm)
-      def layers(p, ids, s):
-        llm = nnx.merge(llm_graphdef, p)
-        return llm.apply_layers(llm.embed(ids), s)
-      layers = jit(layers)
+      layers, llm_params = layers_of(model.llm)
       embeds = jax.random.randint(jax.random.key(3), (1, LM_TOKENS), 0, 250)
-      for _ in range(4):
-        out = layers(llm_params, embeds, zero)
-      jax.block_until_ready(out)
-      del out, embeds, llm_params
-      keep["lm"] = layers
+      keep["lm"] = run_four(jit(layers), llm_params, embeds, zero)
+      del embeds, llm_params
     elif stage == "full":
       streamer = Streamer(model, tokenizer, frames_per_step=64)
       if NOGRAPH:

@@ -114,28 +114,15 @@ def main():
   print(f"limits at the start: {first}", flush=True)
   ap.rates(sampler, zero, logits, "A before anything", results)
   print(f"limits after the first answers: {limits()}", flush=True)
-  llm_graphdef, llm_params = nnx.split(model.llm)
-
-  def layers(p, ids, s):
-    llm = nnx.merge(llm_graphdef, p)
-    return llm.apply_layers(llm.embed(ids), s)
-
+  layers, llm_params = ap.layers_of(model.llm)
   ids = jax.random.randint(jax.random.key(3), (1, ap.LM_TOKENS), 0, 250)
   for stage in os.environ.get("ORDER", "lmdel,stack_reset").split(","):
     start = time.perf_counter()
     if stage == "lm":
-      fn = jax.jit(layers)
-      for _ in range(4):
-        out = fn(llm_params, ids, zero)
-      jax.block_until_ready(out)
-      del out
-      keep["lm"] = fn
+      keep["lm"] = ap.run_four(jax.jit(layers), llm_params, ids, zero)
     elif stage == "lmdel":
-      compiled = jax.jit(layers).lower(llm_params, ids, zero).compile()
-      for _ in range(4):
-        out = compiled(llm_params, ids, zero)
-      jax.block_until_ready(out)
-      del out
+      compiled = ap.run_four(jax.jit(layers).lower(llm_params, ids, zero).compile(),
+                          llm_params, ids, zero)
       print(f"  limits with the LM executable loaded: {limits()}", flush=True)
       del compiled
       gc.collect()
@@ -153,37 +140,19 @@ def main():
                  "mm_auto": None}[stage]
       a = jax.random.normal(jax.random.key(5), (9216, 2560), jnp.bfloat16)
       b = jax.random.normal(jax.random.key(6), (2560, 10752), jnp.bfloat16)
-      fn = jax.jit(lambda a, b: a @ b, compiler_options=options)
-      for _ in range(4):
-        out = fn(a, b)
-      jax.block_until_ready(out)
-      text = fn.lower(a, b).compile().as_text()
+      keep[stage] = ap.run_four(jax.jit(lambda a, b: a @ b, compiler_options=options), a, b)
+      text = keep[stage].lower(a, b).compile().as_text()
       print(f"  cublas call: {'cublas' in text}, triton gemm fusion: {'triton_gemm' in text}")
-      del out, a, b
-      keep[stage] = fn
+      del a, b
     elif stage == "cumsum":
       x = jax.random.normal(jax.random.key(7), (9216, 80, 256), jnp.float32) * 1e-3
-      fn = jax.jit(lambda x: jnp.sum(jnp.exp(jnp.cumsum(x, axis=0)), axis=0))
-      for _ in range(4):
-        out = fn(x)
-      jax.block_until_ready(out)
-      del out, x
-      keep[stage] = fn
+      keep[stage] = ap.run_four(
+          jax.jit(lambda x: jnp.sum(jnp.exp(jnp.cumsum(x, axis=0)), axis=0)), x)
+      del x
     elif stage.startswith("ssd_"):
       _, impl, tokens = stage.split("_")
-      keys = jax.random.split(jax.random.key(4), 5)
-      t = int(tokens)
-      args = (jax.random.normal(keys[0], (1, t, 80, 64), jnp.bfloat16),
-              jax.random.normal(keys[1], (1, t, 80), jnp.float32),
-              -jnp.exp(jax.random.normal(keys[2], (80,), jnp.float32)),
-              jax.random.normal(keys[3], (1, t, 1, 128), jnp.bfloat16),
-              jax.random.normal(keys[4], (1, t, 1, 128), jnp.bfloat16))
-      fn = jax.jit(lambda *a: ssd(*a, impl=impl))
-      for _ in range(4):
-        out = fn(*args)
-      jax.block_until_ready(out)
-      del out, args
-      keep[stage] = fn
+      keep[stage] = ap.run_four(jax.jit(lambda *a: ssd(*a, impl=impl)),
+                                *ap.ssd_inputs(int(tokens)))
     elif stage.startswith(("segsum_", "bmm_")):
       from ma2mba_jax.kernels.ssd.reference import segsum
       t = int(stage.split("_")[1])
@@ -200,38 +169,21 @@ def main():
         fn = jax.jit(lambda cc, bb, xx: jnp.einsum(
             "bhcls,bcshp->bclhp", jnp.einsum("bclhn,bcshn->bhcls", cc, bb), xx))
         args = (cc, bb, xx)
-      for _ in range(4):
-        out = fn(*args)
-      jax.block_until_ready(out)
-      del out, args
-      keep[stage] = fn
+      keep[stage] = ap.run_four(fn, *args)
+      del args
     elif stage.startswith("lmssd_"):
       from ma2mba_jax.models.mamba2 import Mamba2LM
-      other = Mamba2LM(model.llm.config.replace(ssd_impl=stage.split("_")[1]),
-                       rngs=nnx.Rngs(0))
-      other_graphdef, other_params = nnx.split(other)
-
-      def other_layers(p, ids, s):
-        llm = nnx.merge(other_graphdef, p)
-        return llm.apply_layers(llm.embed(ids), s)
-
-      fn = jax.jit(other_layers)
-      for _ in range(4):
-        out = fn(other_params, ids, zero)
-      jax.block_until_ready(out)
-      del out, other, other_params
-      keep[stage] = fn
+      other_layers, other_params = ap.layers_of(Mamba2LM(
+          model.llm.config.replace(ssd_impl=stage.split("_")[1]), rngs=nnx.Rngs(0)))
+      keep[stage] = ap.run_four(jax.jit(other_layers), other_params, ids, zero)
+      del other_params
     elif stage.startswith("loop_"):
       n = 64 if stage == "loop_small" else 2048
       w = jax.random.normal(jax.random.key(8), (n if n == 64 else 2560,) * 2, jnp.bfloat16)
       x = jax.random.normal(jax.random.key(9), (n, w.shape[0]), jnp.bfloat16)
-      fn = jax.jit(lambda x, w: jax.lax.fori_loop(
-          0, 64, lambda i, x: jnp.tanh(x @ w).astype(x.dtype), x))
-      for _ in range(4):
-        out = fn(x, w)
-      jax.block_until_ready(out)
-      del out, x, w
-      keep[stage] = fn
+      keep[stage] = ap.run_four(jax.jit(lambda x, w: jax.lax.fori_loop(
+          0, 64, lambda i, x: jnp.tanh(x @ w).astype(x.dtype), x)), x, w)
+      del x, w
     elif stage == "clear":
       jax.clear_caches()
       gc.collect()
