@@ -6,7 +6,7 @@ question is answered by recurrent decoding, follow-ups continuing the same state
       --question="What colour is the triangle?" --followup="Which way does it move?"
 
 Flags shared with evaluate (--checkpoint, --tokenizer, --fps, --max_frames,
---frames_per_step, --compute_dtype, --param_dtype): infer/model_flags.py.
+--frames_per_step, --compute_dtype, --param_dtype, --ssd_impl): infer/model_flags.py.
 --checkpoint is a trainer workdir (its model/ export and the tokenizer its config.json names)
 or a model export folder (then --tokenizer, unless the parent workdir names it). Greedy by
 default; --temperature > 0 samples (with --top_p, --top_k, --min_p, --seed);

@@ -25,6 +25,7 @@ from flax import nnx
 
 from ma2mba_jax.convert import io as model_io
 from ma2mba_jax.data.tokenizer import load_tokenizer, vocab_size
+from ma2mba_jax.kernels.ssd.registry import IMPLS
 from ma2mba_jax.models.video_lm import VideoMa2mba
 
 MODEL_EXPORT = "model"  # the trainer's export folder inside a workdir
@@ -130,15 +131,20 @@ def cast_matrices(model: nnx.Module, dtype: Any) -> nnx.Module:
 
 
 def load(checkpoint: str, *, tokenizer: str = "", compute_dtype: str = "",
-         param_dtype: str = "") -> tuple[VideoMa2mba, tokenizers.Tokenizer]:
+         param_dtype: str = "", ssd_impl: str = "") -> tuple[VideoMa2mba, tokenizers.Tokenizer]:
   """The VideoMa2mba and tokenizer of a checkpoint (see the module docstring).
 
   compute_dtype: '' keeps the checkpoint's; 'float32' | 'bfloat16' overrides it.
   param_dtype: '' keeps f32 weights; 'bfloat16' stores the matrices in bf16.
+  ssd_impl: '' keeps the checkpoint's SSD backend; else one of kernels/ssd/registry.IMPLS.
   """
+  if ssd_impl and ssd_impl not in IMPLS:
+    raise ValueError(f"ssd_impl={ssd_impl!r} is not one of {IMPLS}")
   model_dir, tokenizer_path = resolve(checkpoint, tokenizer)
   add_missing = adds_special_tokens(locate(checkpoint)[1])
   overrides = {"compute_dtype": compute_dtype} if compute_dtype else {}
+  if ssd_impl:
+    overrides["ssd_impl"] = ssd_impl
   model = model_io.restore_model(model_dir, **overrides)
   if not isinstance(model, VideoMa2mba):
     raise ValueError(f"{model_dir} holds a {type(model).__name__}, not a VideoMa2mba")

@@ -8,6 +8,7 @@ from typing import Any
 from absl import flags
 
 from ma2mba_jax.infer import checkpoint
+from ma2mba_jax.kernels.ssd.registry import IMPLS
 
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Trainer workdir or model export folder.")
 TOKENIZER = flags.DEFINE_string("tokenizer", "", "tokenizer.json (default: from the "
@@ -24,8 +25,18 @@ COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "", ["", "float32", "bfloat16
 PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "", ["", "bfloat16"],
                                 "Store weight matrices in bf16 (default: f32).")
 
+SSD_IMPL = flags.DEFINE_enum(
+    "ssd_impl", "", ["", *IMPLS], "The SSD backend of the video and question reads (default: "
+    "the checkpoint's, 'auto': triton with jax-triton on a GPU). On an H100 with the 3.1B "
+    "model, 'pallas' reads a 131K-token video ~2% slower (44.8K against 45.7K tokens/s) "
+    "but the answers after it decode ~2.7% faster (413 against 402 tokens/s): the decode "
+    "loop runs slower after the jax-triton SSD kernels (BENCHMARKS.md, \"Decoding, session "
+    "15\").")
+
 
 def load_model() -> tuple[Any, Any]:
-  """(model, tokenizer) of --checkpoint with --tokenizer, --compute_dtype, --param_dtype."""
+  """(model, tokenizer) of --checkpoint with --tokenizer, --compute_dtype, --param_dtype,
+  --ssd_impl."""
   return checkpoint.load(CHECKPOINT.value, tokenizer=TOKENIZER.value,
-                         compute_dtype=COMPUTE_DTYPE.value, param_dtype=PARAM_DTYPE.value)
+                         compute_dtype=COMPUTE_DTYPE.value, param_dtype=PARAM_DTYPE.value,
+                         ssd_impl=SSD_IMPL.value)

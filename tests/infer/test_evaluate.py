@@ -355,6 +355,16 @@ def test_checkpoint_load_from_workdir_and_export(tiny_model, tokenizer, tmp_path
   with pytest.raises(ValueError, match="--tokenizer"):
     checkpoint.resolve(str(workdir))
   assert isinstance(model, type(tiny_model)) and nnx.graphdef(model) == nnx.graphdef(tiny_model)
+  # --ssd_impl: the same weights, another SSD backend; an unknown name is refused first.
+  other, _ = checkpoint.load(str(workdir / "model"), tokenizer=str(tmp_path / "tok.json"),
+                             ssd_impl="pallas")
+  assert other.config.ssd_impl == "pallas" and other.llm.config.ssd_impl == "pallas"
+  assert model.llm.config.ssd_impl == tiny_model.llm.config.ssd_impl
+  np.testing.assert_array_equal(np.asarray(other.llm.embedding[...]),
+                                np.asarray(tiny_model.llm.embedding[...]))
+  with pytest.raises(ValueError, match="'cuda'"):
+    checkpoint.load(str(workdir / "model"), tokenizer=str(tmp_path / "tok.json"),
+                    ssd_impl="cuda")
 
 
 TOY_BENCHMARK = '''"""A toy benchmark written by the test: a JSON list of {"id", "clip", "question",

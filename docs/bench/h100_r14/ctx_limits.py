@@ -27,6 +27,15 @@ marginal ms a token) after each. Stages (env ORDER, comma-separated, in order):
               = C B^T per chunk, then scores @ x) on T tokens
   lmssd_IMPL  the LM layers (a 2.7B LM, random weights) with ssd_impl=IMPL on 9,216 tokens,
               4 times (the lm stage's LM runs ssd_impl "auto", which is "triton" on GPU)
+  l2reset     cuCtxResetPersistingL2Cache (L2 lines kept as persisting, e.g. by evict_last
+              loads, back to normal; session 15)
+  flush       a 1 GiB bf16 array read and written twice (every normal L2 line replaced;
+              session 15)
+  carve_shared / carve_l1  a no-op kernel (our own PTX, through the driver API) launched on
+              every SM: with 200 KiB of dynamic shared memory (the SMs' shared memory
+              carveout at its largest, as large Triton kernels need), or with the carveout
+              preference 0 (the most L1); does the decode's speed follow the carveout
+              the last kernel left? (session 15)
   loop_small / loop_big  a lax.fori_loop of 64 steps (an XLA while loop, as the LM's scan
               over layers and the plain-XLA SSD's scan over chunks have): a [64, 64] f32
               update a step, or a [2048, 2560] @ [2560, 2560] bf16 matmul a step
@@ -100,6 +109,40 @@ def set_stack(value: int) -> None:
     return
   with _Ctx():
     _check(_cuda.cuCtxSetLimit(0, ctypes.c_size_t(value)), "cuCtxSetLimit(STACK_SIZE)")
+
+
+_NOOP_PTX = b""".version 8.0
+.target sm_90
+.address_size 64
+.visible .entry noop()
+{
+  ret;
+}
+"""
+
+
+def launch_noop(shared_bytes: int, carveout: int | None) -> None:
+  """Launches the no-op kernel on 132 x 4 blocks with `shared_bytes` of dynamic shared
+  memory and the preferred carveout `carveout` (percent of the most shared memory; None:
+  unset), then waits for the context."""
+  if _cuda is None:
+    return
+  with _Ctx():
+    module, func = ctypes.c_void_p(), ctypes.c_void_p()
+    _check(_cuda.cuModuleLoadData(ctypes.byref(module), ctypes.c_char_p(_NOOP_PTX)),
+           "cuModuleLoadData")
+    _check(_cuda.cuModuleGetFunction(ctypes.byref(func), module, b"noop"),
+           "cuModuleGetFunction")
+    if shared_bytes > 48 * 1024:   # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+      _check(_cuda.cuFuncSetAttribute(func, 8, ctypes.c_int(shared_bytes)),
+             "cuFuncSetAttribute(max dynamic shared)")
+    if carveout is not None:       # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+      _check(_cuda.cuFuncSetAttribute(func, 9, ctypes.c_int(carveout)),
+             "cuFuncSetAttribute(carveout)")
+    for _ in range(4):
+      _check(_cuda.cuLaunchKernel(func, 528, 1, 1, 128, 1, 1, ctypes.c_uint(shared_bytes),
+                                  None, None, None), "cuLaunchKernel")
+    _check(_cuda.cuCtxSynchronize(), "cuCtxSynchronize")
 
 
 def main():
@@ -184,6 +227,18 @@ def main():
       keep[stage] = ap.run_four(jax.jit(lambda x, w: jax.lax.fori_loop(
           0, 64, lambda i, x: jnp.tanh(x @ w).astype(x.dtype), x)), x, w)
       del x, w
+    elif stage == "l2reset":
+      if _cuda is not None:
+        with _Ctx():
+          _check(_cuda.cuCtxResetPersistingL2Cache(), "cuCtxResetPersistingL2Cache")
+    elif stage == "flush":
+      big = jnp.ones((2 ** 29,), jnp.bfloat16)
+      keep[stage] = ap.run_four(jax.jit(lambda x: x * 1.5 + 1.0), big)
+      del big
+    elif stage == "carve_shared":
+      launch_noop(200 * 1024, None)
+    elif stage == "carve_l1":
+      launch_noop(0, 0)
     elif stage == "clear":
       jax.clear_caches()
       gc.collect()
