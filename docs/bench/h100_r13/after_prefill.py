@@ -84,6 +84,17 @@ def make_and_free(gib: int = 20) -> None:
   gc.collect()
 
 
+def decode_setup(preset: str = PRESET):
+  """(tokenizer, model, zero states, logits): a small BPE tokenizer, the preset's VideoMa2mba
+  (random bf16 weights), the LM's zero states (batch 1) and random first-token logits: what
+  the session 13-15 scripts decode from."""
+  tokenizer = train_tokenizer([SYSTEM_PROMPT, bench_infer.QUESTION], vocab_size=300)
+  model = bench_infer.build_model(preset, "bfloat16", "bfloat16", "auto", vocab_size(tokenizer))
+  zero = model.llm.init_states(1)
+  logits = jax.random.normal(jax.random.key(1), (model.llm.config.padded_vocab_size,))
+  return tokenizer, model, zero, logits
+
+
 def run_four(fn, *args):
   """fn(*args) four times (the first compiles it), waited for; returns fn (to be kept)."""
   for _ in range(4):
@@ -139,15 +150,12 @@ def profiled(sampler, states, logits, tag):
 
 
 def main():
-  tokenizer = train_tokenizer([SYSTEM_PROMPT, bench_infer.QUESTION], vocab_size=300)
-  model = bench_infer.build_model(PRESET, "bfloat16", "bfloat16", "auto", vocab_size(tokenizer))
+  tokenizer, model, zero, logits = decode_setup()
   sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer), step_impl="fused_mixed")
   if os.environ.get("BOTH") == "1":
     sampler = {"reuse": sampler,
                "fresh": Sampler(model.llm, vocab_size=vocab_size(tokenizer),
                                 step_impl="fused_mixed", reuse_buffers=False)}
-  zero = model.llm.init_states(1)
-  logits = jax.random.normal(jax.random.key(1), (model.llm.config.padded_vocab_size,))
   results = []
   print(f"NOGRAPH={NOGRAPH}", flush=True)
   before = profiled(sampler, zero, logits, "first") if os.environ.get("PROFILE") == "1" else None

@@ -22,10 +22,8 @@ import jax
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "h100_r13"))
 import after_prefill as ap  # noqa: E402
 
-from ma2mba_jax.bench import infer as bench_infer  # noqa: E402
 from ma2mba_jax.bench import kernel_profile  # noqa: E402
-from ma2mba_jax.data.template import SYSTEM_PROMPT  # noqa: E402
-from ma2mba_jax.data.tokenizer import train_tokenizer, vocab_size  # noqa: E402
+from ma2mba_jax.data.tokenizer import vocab_size  # noqa: E402
 from ma2mba_jax.infer.sample import Sampler, SamplingParams  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -81,12 +79,8 @@ def summarise(trace: dict, tag: str, calls: int, top: int = 40) -> None:
 
 
 def main():
-  tokenizer = train_tokenizer([SYSTEM_PROMPT, bench_infer.QUESTION], vocab_size=300)
-  model = bench_infer.build_model(ap.PRESET, "bfloat16", "bfloat16", "auto",
-                                  vocab_size(tokenizer))
+  tokenizer, model, zero, logits = ap.decode_setup()
   sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer), step_impl="fused_mixed")
-  zero = model.llm.init_states(1)
-  logits = jax.random.normal(jax.random.key(1), (model.llm.config.padded_vocab_size,))
   long_n = ap.LENGTHS[0]
   results = []
   ap.rates(sampler, zero, logits, "before", results)
