@@ -36,6 +36,10 @@ marginal ms a token) after each. Stages (env ORDER, comma-separated, in order):
               carveout at its largest, as large Triton kernels need), or with the carveout
               preference 0 (the most L1); does the decode's speed follow the carveout
               the last kernel left? (session 15)
+  lmunrolled  the LM layers on 9,216 tokens as the Streamer's layer_loop="unrolled" runs them
+              (models/decode.apply_layers on per-layer weights: no XLA while loop over the
+              layers; ssd_impl "auto"), 4 times (session 15: is the scan's while loop around
+              the jax-triton custom calls the trigger?)
   loop_small / loop_big  a lax.fori_loop of 64 steps (an XLA while loop, as the LM's scan
               over layers and the plain-XLA SSD's scan over chunks have): a [64, 64] f32
               update a step, or a [2048, 2560] @ [2560, 2560] bf16 matmul a step
@@ -214,6 +218,14 @@ def main():
           model.llm.config.replace(ssd_impl=stage.split("_")[1]), rngs=nnx.Rngs(0)))
       keep[stage] = ap.run_four(jax.jit(other_layers), other_params, ids, zero)
       del other_params
+    elif stage == "lmunrolled":
+      from ma2mba_jax.models.decode import apply_layers, decode_weights
+      weights = jax.jit(decode_weights)(model.llm)
+      block_graphdef = model.llm.split_layers()[0]
+      keep[stage] = ap.run_four(
+          jax.jit(lambda w, ids, s: apply_layers(block_graphdef, w, model.llm.embed(ids), s)),
+          weights, ids, zero)
+      del weights
     elif stage.startswith("loop_"):
       n = 64 if stage == "loop_small" else 2048
       w = jax.random.normal(jax.random.key(8), (n if n == 64 else 2560,) * 2, jnp.bfloat16)
