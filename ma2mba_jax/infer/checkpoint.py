@@ -25,7 +25,7 @@ from flax import nnx
 
 from ma2mba_jax.convert import io as model_io
 from ma2mba_jax.data.tokenizer import load_tokenizer, vocab_size
-from ma2mba_jax.kernels.ssd.registry import IMPLS
+from ma2mba_jax.kernels.ssd.registry import resolve_impl
 from ma2mba_jax.models.video_lm import VideoMa2mba
 
 MODEL_EXPORT = "model"  # the trainer's export folder inside a workdir
@@ -136,10 +136,11 @@ def load(checkpoint: str, *, tokenizer: str = "", compute_dtype: str = "",
 
   compute_dtype: '' keeps the checkpoint's; 'float32' | 'bfloat16' overrides it.
   param_dtype: '' keeps f32 weights; 'bfloat16' stores the matrices in bf16.
-  ssd_impl: '' keeps the checkpoint's SSD backend; else one of kernels/ssd/registry.IMPLS.
+  ssd_impl: '' keeps the checkpoint's SSD backend; else a backend name `ssd` accepts (checked
+  here, by kernels/ssd/registry.resolve_impl, before anything is read).
   """
-  if ssd_impl and ssd_impl not in IMPLS:
-    raise ValueError(f"ssd_impl={ssd_impl!r} is not one of {IMPLS}")
+  if ssd_impl:
+    resolve_impl(ssd_impl)
   model_dir, tokenizer_path = resolve(checkpoint, tokenizer)
   add_missing = adds_special_tokens(locate(checkpoint)[1])
   overrides = {"compute_dtype": compute_dtype} if compute_dtype else {}

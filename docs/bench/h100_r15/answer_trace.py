@@ -9,8 +9,6 @@ the last relative to the answer's host span).
 
   STAGE=lm python docs/bench/h100_r15/answer_trace.py
 """
-import gzip
-import json
 import os
 import shutil
 import sys
