@@ -302,7 +302,7 @@ def _evaluate_checkpoint() -> None:
               "fps": model_flags.FPS.value, "max_frames": model_flags.MAX_FRAMES.value,
               "max_new_tokens": max_new, "compute_dtype": model_flags.COMPUTE_DTYPE.value,
               "param_dtype": model_flags.PARAM_DTYPE.value,
-              "ssd_impl": model_flags.SSD_IMPL.value,
+              "ssd_impl": model.config.ssd_impl,  # the backend it runs (auto read)
               "tokenizer": model_flags.TOKENIZER.value}
   evaluate_items(_BENCHMARK.value, _ANNOTATIONS.value, items, answerer=answerer,
                  methods=methods, json_path=_JSON.value,

@@ -74,7 +74,7 @@ from flax import nnx
 from ma2mba_jax.bench import common, kernel_profile
 from ma2mba_jax.data.template import SYSTEM_PROMPT
 from ma2mba_jax.data.tokenizer import train_tokenizer, vocab_size
-from ma2mba_jax.infer.checkpoint import cast_matrices
+from ma2mba_jax.infer.checkpoint import cast_matrices, inference_ssd_impl
 from ma2mba_jax.infer.sample import Sampler, SamplingParams
 from ma2mba_jax.infer.stream import Streamer
 from ma2mba_jax.models.decode import decode_step
@@ -96,7 +96,9 @@ _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "bfloat16", ["float32", "bfl
                                    "Matmul / SSD input dtype.")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "bfloat16", ["float32", "bfloat16"],
                                  "Dtype of the weight matrices (vectors stay f32).")
-_SSD_IMPL = flags.DEFINE_string("ssd_impl", "auto", "SSD backend: auto | xla | pallas | triton.")
+_SSD_IMPL = flags.DEFINE_string("ssd_impl", "", "SSD backend: auto | xla | pallas | triton "
+                                "(default: what generate and evaluate run, "
+                                "infer.checkpoint.inference_ssd_impl: pallas on a GPU).")
 _DECODE_IMPLS = flags.DEFINE_list("decode_impls", ["host", "device"], "Decoding loops to "
                                   "time (infer/sample.py), each from the same state: host, "
                                   "device, host_scan, device_scan, host_fused, device_fused.")
@@ -287,7 +289,8 @@ def run_length(streamer: Streamer, samplers: dict[str, Sampler], tokens: int,
 def write_results(rows: list[dict], parts: dict, impls: list[str]) -> None:
   common.write_json(_JSON.value, {
       "bench": "infer", "preset": _PRESET.value, "compute_dtype": _COMPUTE_DTYPE.value,
-      "param_dtype": _PARAM_DTYPE.value, "frames_per_step": _FRAMES_PER_STEP.value,
+      "param_dtype": _PARAM_DTYPE.value, "ssd_impl": inference_ssd_impl("auto", _SSD_IMPL.value),
+      "frames_per_step": _FRAMES_PER_STEP.value,
       "layer_loops": _LAYER_LOOPS.value, "decode_tokens": _DECODE_TOKENS.value,
       "decode_impls": impls, "step_parts": parts, "rows": rows,
       "environment": common.environment()})
@@ -300,7 +303,8 @@ def main(argv):
   lengths = sorted(int(x) for x in lengths)
   # Random weights need no real tokenizer: a tiny one provides the chat template's ids.
   tokenizer = train_tokenizer([SYSTEM_PROMPT, QUESTION], vocab_size=300)
-  model = build_model(_PRESET.value, _COMPUTE_DTYPE.value, _PARAM_DTYPE.value, _SSD_IMPL.value,
+  model = build_model(_PRESET.value, _COMPUTE_DTYPE.value, _PARAM_DTYPE.value,
+                      inference_ssd_impl("auto", _SSD_IMPL.value),
                       vocab_size(tokenizer))
   impls = _DECODE_IMPLS.value
   sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer), step_impl="unrolled")

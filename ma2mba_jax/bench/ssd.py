@@ -7,7 +7,8 @@
 
 Shapes follow the Mamba-2 models (P=64, N=128, G=1, batch 1, chunk 256, bf16 x/B/C, f32 dt,
 with D and dt_bias as in the model). An impl may carry backend options after colons
-(`name:key=value:...`; ints or strings), e.g. block sizes, to compare variants in one run.
+(`name:key=value:...`; ints or strings), e.g. block sizes, to compare variants in one run;
+they apply over the backend's own tuned settings (pallas: `TUNED_OPTIONS`).
 
 Timing: each measurement runs the jitted function `--inner` times back to back (JAX
 dispatches asynchronously, so the launch overhead hides behind the device work), waits
@@ -142,8 +143,11 @@ def breakdown(spec: str, t: int, h: int, inputs) -> list[dict]:
   from ma2mba_jax.kernels.ssd import api
   from ma2mba_jax.kernels.ssd import chunked
   impl, options = parse_impl(spec)
-  kernels = importlib.import_module(f"ma2mba_jax.kernels.ssd.{impl}.kernels")
-  opts = chunked.Options(chunk_len=_CHUNK.value, **options)
+  backend = importlib.import_module(f"ma2mba_jax.kernels.ssd.{impl}")
+  kernels = backend.kernels
+  # The backend's own tuned settings (as its registry core applies them), then the spec's.
+  opts = chunked.Options(chunk_len=_CHUNK.value,
+                         **{**getattr(backend, "TUNED_OPTIONS", {}), **options})
   q, p, n = opts.chunk_len, _HEAD_DIM.value, _D_STATE.value
   x, B, C = inputs["x"], inputs["B"], inputs["C"]
   dt = api.process_dt(inputs["dt"], inputs["dt_bias"], True, (0.0, float("inf")))
@@ -168,7 +172,8 @@ def breakdown(spec: str, t: int, h: int, inputs) -> list[dict]:
       "state_pass": (lambda *a: kernels.state_pass(*a, reverse=False, out_dtype=state_dtype,
                                                    **opts.kernel_args("pass")),
                      (inc, decay, init)),
-      "chunk_scan_fwd": (functools.partial(kernels.chunk_scan_fwd, **opts.kernel_args("chunk")),
+      "chunk_scan_fwd": (functools.partial(kernels.chunk_scan_fwd,
+                                           **opts.kernel_args("chunk_fwd")),
                          (x, dt_t, cs, cb, C, states, D)),
       "state_pass (reverse)": (
           lambda *a: kernels.state_pass(*a, reverse=True, out_dtype=state_dtype,

@@ -130,22 +130,46 @@ def cast_matrices(model: nnx.Module, dtype: Any) -> nnx.Module:
   return nnx.merge(graphdef, state)
 
 
+# The SSD backend that inference gives a checkpoint saved with ssd_impl "auto", per platform
+# (elsewhere "auto" stays: kernels/ssd/registry picks). On a GPU the Pallas kernels, with
+# their tuned forward settings, read a video as fast as jax-triton's or faster, and the
+# decode loop after them runs ~3% faster than after jax-triton's (H100, 3.1B, 131K-token
+# video: prefill 47.4K against 46.3K tokens/s, decode 412-416 against 396-401 tokens/s;
+# BENCHMARKS.md, "Prefill and decoding, session 16"). Training keeps "auto" (registry order).
+INFERENCE_AUTO_SSD = {"gpu": "pallas"}
+
+
+def inference_ssd_impl(saved: str, requested: str = "", platform: str | None = None) -> str:
+  """The SSD backend a checkpoint runs with for inference: `requested` if given (checked by
+  kernels/ssd/registry.resolve_impl, as `ssd` checks it), else the checkpoint's `saved`
+  one, where "auto" becomes INFERENCE_AUTO_SSD's pick for `platform` (default: JAX's)."""
+  if requested:
+    resolve_impl(requested)
+    return requested
+  if saved != "auto":
+    return saved
+  return INFERENCE_AUTO_SSD.get(platform or jax.default_backend(), saved)
+
+
 def load(checkpoint: str, *, tokenizer: str = "", compute_dtype: str = "",
          param_dtype: str = "", ssd_impl: str = "") -> tuple[VideoMa2mba, tokenizers.Tokenizer]:
   """The VideoMa2mba and tokenizer of a checkpoint (see the module docstring).
 
   compute_dtype: '' keeps the checkpoint's; 'float32' | 'bfloat16' overrides it.
   param_dtype: '' keeps f32 weights; 'bfloat16' stores the matrices in bf16.
-  ssd_impl: '' keeps the checkpoint's SSD backend; else a backend name `ssd` accepts (checked
-  here, by kernels/ssd/registry.resolve_impl, before anything is read).
+  ssd_impl: '' keeps the checkpoint's SSD backend, its "auto" read as inference's pick
+  (`inference_ssd_impl`: pallas on a GPU); else a backend name `ssd` accepts (checked here,
+  by kernels/ssd/registry.resolve_impl, before anything is read).
   """
   if ssd_impl:
     resolve_impl(ssd_impl)
   model_dir, tokenizer_path = resolve(checkpoint, tokenizer)
   add_missing = adds_special_tokens(locate(checkpoint)[1])
   overrides = {"compute_dtype": compute_dtype} if compute_dtype else {}
-  if ssd_impl:
-    overrides["ssd_impl"] = ssd_impl
+  saved_impl = getattr(model_io.read_model_config(model_dir)[1], "ssd_impl", "auto")
+  impl = inference_ssd_impl(saved_impl, ssd_impl)
+  if impl != saved_impl:
+    overrides["ssd_impl"] = impl
   model = model_io.restore_model(model_dir, **overrides)
   if not isinstance(model, VideoMa2mba):
     raise ValueError(f"{model_dir} holds a {type(model).__name__}, not a VideoMa2mba")

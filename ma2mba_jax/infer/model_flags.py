@@ -27,11 +27,11 @@ PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "", ["", "bfloat16"],
 
 SSD_IMPL = flags.DEFINE_enum(
     "ssd_impl", "", ["", *IMPLS], "The SSD backend of the video and question reads (default: "
-    "the checkpoint's, 'auto': triton with jax-triton on a GPU). On an H100 with the 3.1B "
-    "model, 'pallas' reads a 131K-token video ~2% slower (44.8K against 45.7K tokens/s) "
-    "but the answers after it decode ~2.7% faster (413 against 402 tokens/s): the decode "
-    "loop runs slower after the jax-triton SSD kernels (BENCHMARKS.md, \"Decoding, session "
-    "15\").")
+    "the checkpoint's; its 'auto' is read as 'pallas' on a GPU, infer/checkpoint."
+    "inference_ssd_impl). On an H100 with the 3.1B model the Pallas kernels read a "
+    "131K-token video as fast as jax-triton's ('triton', which training's 'auto' picks) or "
+    "faster, and the answers after them decode ~3% faster (412-416 against 396-401 tokens/s; "
+    "BENCHMARKS.md, \"Prefill and decoding, session 16\").")
 
 
 def load_model() -> tuple[Any, Any]:

@@ -367,6 +367,19 @@ def test_checkpoint_load_from_workdir_and_export(tiny_model, tokenizer, tmp_path
                     ssd_impl="cuda")
 
 
+def test_inference_ssd_impl_reads_auto_as_pallas_on_a_gpu_only():
+  """A checkpoint saved with ssd_impl 'auto' runs inference on the Pallas SSD on a GPU
+  (infer/checkpoint.INFERENCE_AUTO_SSD); elsewhere 'auto' stays; a named backend, saved or
+  asked for, is kept; an unknown name asked for is refused."""
+  assert checkpoint.inference_ssd_impl("auto", platform="gpu") == "pallas"
+  assert checkpoint.inference_ssd_impl("auto", platform="cpu") == "auto"
+  assert checkpoint.inference_ssd_impl("triton", platform="gpu") == "triton"
+  assert checkpoint.inference_ssd_impl("auto", "triton", platform="gpu") == "triton"
+  assert checkpoint.inference_ssd_impl("pallas", "auto", platform="gpu") == "auto"
+  with pytest.raises(ValueError, match="'cuda'"):
+    checkpoint.inference_ssd_impl("auto", "cuda", platform="gpu")
+
+
 TOY_BENCHMARK = '''"""A toy benchmark written by the test: a JSON list of {"id", "clip", "question",
 "choices": [str], "answer": index}; clips are relative to the file's folder."""
 

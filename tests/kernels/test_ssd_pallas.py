@@ -100,3 +100,32 @@ def test_gpu_shape_check_names_the_problem():
   inputs = make_inputs(Case(head_dim=24, chunk_len=32, seqlen=40), seed=0)
   with pytest.raises(ValueError, match="head_dim P=24 must be a power of 2"):
     ssd(**inputs, chunk_len=32, impl="pallas", interpret=False)
+
+
+def test_tuned_options_reach_the_kernels_and_yield_to_the_caller(monkeypatch):
+  """The backend's TUNED_OPTIONS (4 warps for chunk_state, no pipelining in chunk_scan_fwd)
+  reach the kernels; the backward's chunk_scan_bwd_dx keeps num_stages; an option the caller
+  passes wins over the tuned one."""
+  from ma2mba_jax.kernels.ssd import pallas as backend
+  seen: dict[str, list[dict]] = {}
+  for name in ("chunk_state", "chunk_scan_fwd", "chunk_scan_bwd_dx"):
+    original = getattr(backend.kernels, name)
+
+    def record(*args, _name=name, _original=original, **kwargs):
+      seen.setdefault(_name, []).append(kwargs)
+      return _original(*args, **kwargs)
+    monkeypatch.setattr(backend.kernels, name, record)
+  assert backend.TUNED_OPTIONS == {"warps_state": 4, "stages_chunk_fwd": 1}
+  inputs = make_inputs(Case(), seed=0)
+
+  def loss(x, **options):
+    y, state = ssd(**dict(inputs, x=x), chunk_len=8, impl="pallas", interpret=True, **options)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(state)
+
+  jax.grad(loss)(inputs["x"])
+  assert seen["chunk_state"][-1]["num_warps"] == 4
+  assert seen["chunk_scan_fwd"][-1]["num_stages"] == 1
+  assert seen["chunk_scan_bwd_dx"][-1]["num_stages"] == 2
+  jax.grad(functools.partial(loss, warps_state=8, stages_chunk_fwd=3))(inputs["x"])
+  assert seen["chunk_state"][-1]["num_warps"] == 8
+  assert seen["chunk_scan_fwd"][-1]["num_stages"] == 3

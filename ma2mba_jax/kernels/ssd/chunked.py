@@ -89,17 +89,23 @@ class Options:
   warps_dcb: int = 8
   warps_contract: int = 8
   num_stages: int = 2
+  # chunk_scan_fwd's pipelining depth (None: num_stages). Apart from the backward's
+  # chunk_scan_bwd_dx, which shares its blocks and warps: a backend tunes them separately.
+  stages_chunk_fwd: int | None = None
 
   def kernel_args(self, kind: str) -> dict[str, Any]:
     args = {"state": {"block_p": self.block_p, "num_warps": self.warps_state},
             "fused": {"block_p": self.block_p, "num_warps": self.warps_state},
             "pass": {"block_s": self.block_s, "num_warps": self.warps_pass},
             "chunk": {"block_l": self.block_l, "num_warps": self.warps_chunk},
+            "chunk_fwd": {"block_l": self.block_l, "num_warps": self.warps_chunk},
             "dcb": {"block_l": self.block_l, "heads": self.dcb_heads,
                     "num_warps": self.warps_dcb},
             "contract": {"block_r": self.block_r, "heads": self.contract_heads,
                          "num_warps": self.warps_contract}}[kind]
-    args.update(num_stages=self.num_stages, interpret=self.interpret)
+    stages = self.stages_chunk_fwd if kind == "chunk_fwd" else None
+    args.update(num_stages=self.num_stages if stages is None else stages,
+                interpret=self.interpret)
     if kind != "pass":
       args["chunk_len"] = self.chunk_len
     return args
@@ -217,7 +223,7 @@ def _forward(kernels, opts: Options, x, dt, A, B, C, D, initial_state, reset):
   states, final, _ = _states(kernels, opts, xp, Bp, w_state, decay_chunk, init,
                              reverse=False, out_dtype=state_dtype)
   y = kernels.chunk_scan_fwd(xp, dt_t, cs, cb, c_carried, states, D,
-                             **opts.kernel_args("chunk"))
+                             **opts.kernel_args("chunk_fwd"))
   return y[:, :seqlen], final, states
 
 
@@ -313,18 +319,22 @@ def run(kernels, opts: Options, x, dt, A, B, C, D, initial_state, reset):
   return _ssd(kernels, opts, x, dt, A, B, C, D, initial_state, reset)
 
 
-def make_core(kernels, backend: str, *, default_interpret: bool | None = None):
+def make_core(kernels, backend: str, *, default_interpret: bool | None = None,
+              defaults: dict[str, Any] | None = None):
   """A registry core (see registry.py) running `kernels` (a module with the six kernels).
 
   `interpret=None` (the default) runs the Pallas interpreter off GPU; `default_interpret`
-  fixes it instead (the triton backend has no interpreter).
+  fixes it instead (the triton backend has no interpreter). `defaults`: this backend's own
+  Options values (tuned block sizes, warps, stages), under any option the caller passes.
   """
+  defaults = dict(defaults or {})
+
   def core(x, dt, A, B, C, D, initial_state, *, chunk_len: int, interpret: bool | None = None,
            reset: jax.Array | None = None, **options):
     if interpret is None:
       interpret = (default_interpret if default_interpret is not None
                    else jax.default_backend() != "gpu")
-    opts = Options(chunk_len=chunk_len, interpret=bool(interpret), **options)
+    opts = Options(chunk_len=chunk_len, interpret=bool(interpret), **{**defaults, **options})
     _check_options(opts, backend)
     _check_shapes(x, B, opts, backend)
     return _ssd(kernels, opts, x, dt, A, B, C, D, initial_state, reset)

@@ -5,6 +5,12 @@ interpreter elsewhere). `kernels.py` holds the kernels; the algorithm around the
 from ma2mba_jax.kernels.ssd.pallas import kernels
 from ma2mba_jax.kernels.ssd.chunked import Options, make_core
 
-ssd_pallas = make_core(kernels, "pallas")
+# The Pallas lowering's own best settings where they differ from Options' (which suit the
+# jax-triton kernels), from a sweep of each forward kernel alone at the 3.1B prefill step's
+# shape (T 9,216, 80 heads; H100, BENCHMARKS.md "Prefill, session 16"): chunk_state with 4
+# warps (0.181 -> 0.127 ms), chunk_scan_fwd without software pipelining (0.313 -> 0.258).
+TUNED_OPTIONS = {"warps_state": 4, "stages_chunk_fwd": 1}
 
-__all__ = ["ssd_pallas", "Options", "kernels"]
+ssd_pallas = make_core(kernels, "pallas", defaults=TUNED_OPTIONS)
+
+__all__ = ["ssd_pallas", "Options", "TUNED_OPTIONS", "kernels"]
