@@ -53,7 +53,7 @@ from ma2mba_jax.data import synthetic
 from ma2mba_jax.data.tokenizer import load_tokenizer, vocab_size
 from ma2mba_jax.infer import model_flags
 from ma2mba_jax.infer.answering import ModelAnswerer, make_sampler
-from ma2mba_jax.infer.checkpoint import cast_matrices
+from ma2mba_jax.infer.checkpoint import cast_matrices, inference_ssd_impl
 from ma2mba_jax.infer.stream import Streamer
 from ma2mba_jax.models.video_lm import VideoMa2mba
 from ma2mba_jax.models.video_presets import video_config
@@ -95,8 +95,10 @@ def main(argv):
   if not os.path.isfile(os.path.join(data, "manifest.json")):
     synthetic.generate(data, seed=0, size="tiny", eval_videos=_EVAL_VIDEOS.value)
   tokenizer = load_tokenizer(os.path.join(data, "tokenizer.json"), add_missing=True)
+  # The SSD backend evaluate would run (--ssd_impl, else pallas on a GPU).
   config = video_config(_PRESET.value, llm_vocab_size=vocab_size(tokenizer),
-                        compute_dtype=_COMPUTE_DTYPE.value)
+                        compute_dtype=_COMPUTE_DTYPE.value,
+                        ssd_impl=inference_ssd_impl("auto", model_flags.SSD_IMPL.value))
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: VideoMa2mba(config, rngs=nnx.Rngs(0))))
   param_dtype = jnp.dtype(model_flags.PARAM_DTYPE.value or "float32")
   model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(cast_matrices(
@@ -146,6 +148,7 @@ def main(argv):
         f"{common.environment()['device']}")
   common.print_table(rows, list(rows[0]))
   common.write_json(_JSON.value, {"bench": "eval_throughput", "preset": _PRESET.value,
+                                  "ssd_impl": config.ssd_impl,
                                   "rows": rows, "environment": common.environment()})
 
 
