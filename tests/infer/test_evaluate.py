@@ -7,6 +7,7 @@ import math
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -336,7 +337,7 @@ def test_text_target_is_a_cloze_test_on_the_bare_question(streamer, sampler, vid
         float(streamer.token_logprobs(conv, ids).sum()), abs=1e-5)
 
 
-def test_checkpoint_load_from_workdir_and_export(tiny_model, tokenizer, tmp_path):
+def test_checkpoint_load_from_workdir_and_export(tiny_model, tokenizer, tmp_path, monkeypatch):
   workdir = tmp_path / "work"
   save_model(tiny_model, workdir / "model")
   tokenizer.save(str(tmp_path / "tok.json"))
@@ -365,6 +366,15 @@ def test_checkpoint_load_from_workdir_and_export(tiny_model, tokenizer, tmp_path
   with pytest.raises(ValueError, match="'cuda'"):
     checkpoint.load(str(workdir / "model"), tokenizer=str(tmp_path / "tok.json"),
                     ssd_impl="cuda")
+  # A checkpoint saved with "auto" gets inference's pick for the platform (pallas on a GPU;
+  # here the CPU's pick is set to it); one saved with a backend's name keeps it.
+  config_file = workdir / "model" / "model_config.json"
+  config_file.write_text(config_file.read_text().replace('"ssd_impl": "xla"',
+                                                         '"ssd_impl": "auto"'))
+  monkeypatch.setitem(checkpoint.INFERENCE_AUTO_SSD, jax.default_backend(), "pallas")
+  picked, _ = checkpoint.load(str(workdir / "model"), tokenizer=str(tmp_path / "tok.json"))
+  assert picked.config.ssd_impl == "pallas" and picked.llm.config.ssd_impl == "pallas"
+  assert model.config.ssd_impl == "xla"
 
 
 def test_inference_ssd_impl_reads_auto_as_pallas_on_a_gpu_only():
