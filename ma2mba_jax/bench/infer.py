@@ -60,7 +60,6 @@ inflates the device peak. There are no allocator stats on CPU ('-').
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import math
@@ -75,6 +74,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from ma2mba_jax.bench import common, kernel_profile
+from ma2mba_jax.bench.frames import frame_batches, frame_pool
 from ma2mba_jax.data.template import SYSTEM_PROMPT
 from ma2mba_jax.data.tokenizer import train_tokenizer, vocab_size
 from ma2mba_jax.infer.checkpoint import cast_matrices, inference_ssd_impl
@@ -149,27 +149,6 @@ def build_model(preset: str, compute_dtype: str, param_dtype: str, ssd_impl: str
   logging.info("random %s weights made on the host and moved in %.1f s", preset,
                time.perf_counter() - start)
   return model
-
-
-@functools.cache
-def frame_pool(m: int, size: int, seed: int = 0) -> tuple[np.ndarray, ...]:
-  """Four random uint8 [m, S, S, 3] batches (read-only), made once per (m, S, seed): making
-  them takes the host 0.4-0.6 s at M = 64, S = 336 (2-core CPU), which a prefill timed
-  from its first frame must not include (the GPU would idle meanwhile; a real video is
-  decoded by a background thread while the device works)."""
-  rng = np.random.default_rng(seed)
-  pool = tuple(rng.integers(0, 256, (m, size, size, 3), dtype=np.uint8) for _ in range(4))
-  for batch in pool:
-    batch.flags.writeable = False
-  return pool
-
-
-def frame_batches(total: int, m: int, size: int, seed: int = 0) -> Iterator[np.ndarray]:
-  """`total` random frames as uint8 [m, S, S, 3] batches (the last may be shorter), cycling
-  through `frame_pool`'s batches so the host does no per-frame work."""
-  pool = frame_pool(m, size, seed)
-  for i, start in enumerate(range(0, total, m)):
-    yield pool[i % len(pool)][:min(m, total - start)]
 
 
 def time_step_parts(model: VideoMa2mba, m: int, repeats: int, attentions: list[str],

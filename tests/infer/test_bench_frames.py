@@ -1,9 +1,9 @@
-"""bench/infer.py's random frames: made once per shape (outside the timed prefill), cycled,
-read-only."""
+"""bench/frames.py, bench.infer's random frames: made once per shape (outside the timed
+prefill), cycled, read-only."""
 
 import numpy as np
 
-from ma2mba_jax.bench.infer import frame_batches, frame_pool
+from ma2mba_jax.bench.frames import frame_batches, frame_pool
 
 
 def test_frame_batches_cycle_one_cached_read_only_pool():
