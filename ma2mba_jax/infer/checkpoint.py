@@ -132,10 +132,10 @@ def cast_matrices(model: nnx.Module, dtype: Any) -> nnx.Module:
 
 # The SSD backend that inference gives a checkpoint saved with ssd_impl "auto", per platform
 # (elsewhere "auto" stays: kernels/ssd/registry picks). On a GPU the Pallas kernels, with
-# their tuned forward settings, read a video as fast as jax-triton's or faster, and the
-# decode loop after them runs ~3% faster than after jax-triton's (H100, 3.1B, 131K-token
-# video: prefill 47.4K against 46.3K tokens/s, decode 412-416 against 396-401 tokens/s;
-# BENCHMARKS.md, "Prefill and decoding, session 16"). Training keeps "auto" (registry order).
+# their tuned forward settings, run the frame step's LM 1.2-1.8% faster than jax-triton's,
+# and the decode loop after them 2.5-4.3% faster (H100, 3.1B, two calls: decode medians
+# 406.3-411.5 against 393.2-400.3 tokens/s; BENCHMARKS.md, "Prefill and decoding, session
+# 16"). Training keeps "auto" (the registry's order: jax-triton first on a GPU).
 INFERENCE_AUTO_SSD = {"gpu": "pallas"}
 
 

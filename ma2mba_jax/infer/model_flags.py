@@ -28,9 +28,9 @@ PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "", ["", "bfloat16"],
 SSD_IMPL = flags.DEFINE_enum(
     "ssd_impl", "", ["", *IMPLS], "The SSD backend of the video and question reads (default: "
     "the checkpoint's; its 'auto' is read as 'pallas' on a GPU, infer/checkpoint."
-    "inference_ssd_impl). On an H100 with the 3.1B model the Pallas kernels read a "
-    "131K-token video as fast as jax-triton's ('triton', which training's 'auto' picks) or "
-    "faster, and the answers after them decode ~3% faster (412-416 against 396-401 tokens/s; "
+    "inference_ssd_impl). On an H100 with the 3.1B model the Pallas kernels run the frame "
+    "step's LM 1.2-1.8% faster than jax-triton's ('triton', which training's 'auto' picks) "
+    "and the answers after them decode 2.5-4.3% faster (406-412 against 393-400 tokens/s; "
     "BENCHMARKS.md, \"Prefill and decoding, session 16\").")
 
 
