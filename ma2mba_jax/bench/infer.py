@@ -34,7 +34,9 @@ Columns:
                             _fused_mixed: fused_reduce for one row, fused for more, the
                             Sampler's default on GPU);
   same tokens               whether the host and device loops of the same step decoded the
-                            same greedy tokens;
+                            same greedy tokens ('-': no step ran in both loops, e.g.
+                            host_fused_mixed beside device_fused_mixed; until session 17 this
+                            column said True then);
   scan parts at             the first token where the scanned step's greedy answer differs
                             from the unrolled step's ('-': nowhere; both compute the same
                             function, but XLA fuses them differently on GPU);
@@ -266,7 +268,8 @@ def run_length(streamer: Streamer, samplers: dict[str, Sampler], tokens: int,
   by_step = {}
   for impl, tokens in sampled.items():
     by_step.setdefault(impl.partition("_")[2] or "unrolled", []).append(tokens)
-  same = all(t == group[0] for group in by_step.values() for t in group)
+  pairs = [group for group in by_step.values() if len(group) > 1]   # a step in both loops
+  same = all(t == group[0] for group in pairs for t in group) if pairs else None
   parts = {}
   for step in ("scan", "fused", "fused_gemv", "fused_reduce", "fused_mixed"):
     if step in by_step and "unrolled" in by_step:
