@@ -284,10 +284,10 @@ def run_length(streamer: Streamer, samplers: dict[str, Sampler], tokens: int,
           "live GB": None if live is None else live / _GB}
 
 
-def write_results(rows: list[dict], parts: dict, impls: list[str]) -> None:
+def write_results(rows: list[dict], parts: dict, impls: list[str], ssd_impl: str) -> None:
   common.write_json(_JSON.value, {
       "bench": "infer", "preset": _PRESET.value, "compute_dtype": _COMPUTE_DTYPE.value,
-      "param_dtype": _PARAM_DTYPE.value, "ssd_impl": inference_ssd_impl("auto", _SSD_IMPL.value),
+      "param_dtype": _PARAM_DTYPE.value, "ssd_impl": ssd_impl,
       "frames_per_step": _FRAMES_PER_STEP.value,
       "layer_loops": _LAYER_LOOPS.value, "decode_tokens": _DECODE_TOKENS.value,
       "decode_impls": impls, "step_parts": parts, "rows": rows,
@@ -301,8 +301,8 @@ def main(argv):
   lengths = sorted(int(x) for x in lengths)
   # Random weights need no real tokenizer: a tiny one provides the chat template's ids.
   tokenizer = train_tokenizer([SYSTEM_PROMPT, QUESTION], vocab_size=300)
-  model = build_model(_PRESET.value, _COMPUTE_DTYPE.value, _PARAM_DTYPE.value,
-                      inference_ssd_impl("auto", _SSD_IMPL.value),
+  ssd_impl = inference_ssd_impl("auto", _SSD_IMPL.value)   # pallas on a GPU unless asked
+  model = build_model(_PRESET.value, _COMPUTE_DTYPE.value, _PARAM_DTYPE.value, ssd_impl,
                       vocab_size(tokenizer))
   impls = _DECODE_IMPLS.value
   sampler = Sampler(model.llm, vocab_size=vocab_size(tokenizer), step_impl="unrolled")
@@ -355,7 +355,7 @@ def main(argv):
                "frames": math.ceil(length / streamer.tokens_per_frame), "prefill s": "OOM"}
       logging.info("%s", row)
       rows.append(row)
-      write_results(rows, parts, impls)  # so far, should a later row not finish
+      write_results(rows, parts, impls, ssd_impl)  # so far, should a later row not finish
 
   print(f"\n{_PRESET.value}, {_COMPUTE_DTYPE.value} compute, {_PARAM_DTYPE.value} weights, "
         f"K={streamer.tokens_per_frame} tokens/frame, "
@@ -370,7 +370,7 @@ def main(argv):
              "fused parts at", "fused_gemv parts at", "fused_reduce parts at",
              "fused_mixed parts at",
              "peak GB", "live GB"]
-  write_results(rows, parts, impls)
+  write_results(rows, parts, impls, ssd_impl)
   common.print_table(rows, columns)
 
 
