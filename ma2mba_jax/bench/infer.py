@@ -67,7 +67,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
